@@ -27,8 +27,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/tunesmith demo --output-dir runs/demo
 
+# pytest exits 5 when it collected no tests: treat that as a failure, not a pass.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -1,0 +1,364 @@
+"""Typed configuration: one dataclass per component, loaded from YAML plus `key.sub=value` overrides.
+
+Every key is checked before any work starts. An unknown key or a value of the wrong type raises
+`ConfigError` naming the dotted key and, for unknown keys, the closest valid one.
+
+    cfg = load_config("configs/sft_lora.yaml", ["train.lr=1e-4", "strategy.lora.r=16"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from tunesmith.errors import ConfigError
+
+Dtype = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+@dataclass
+class ModelConfig:
+    """Which checkpoint to start from and how to load it."""
+
+    name_or_path: str = ""
+    tokenizer: Optional[str] = None  # defaults to name_or_path
+    revision: Optional[str] = None
+    dtype: Dtype = "auto"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    trust_remote_code: bool = False
+    allow_pickle: bool = False  # load .bin/.pt weights (arbitrary code on load); off by default
+
+
+@dataclass
+class DataConfig:
+    """Where the examples come from and how they become token ids and loss masks."""
+
+    train: list[str] = field(default_factory=list)
+    validation: list[str] = field(default_factory=list)
+    format: Literal["auto", "messages", "alpaca", "text"] = "auto"
+    template: Optional[Literal["chatml", "llama3", "alpaca"]] = None  # None: the tokenizer's own
+    system_prompt: Optional[str] = None
+    train_on_prompt: bool = False
+    max_seq_len: int = 1024
+    validation_fraction: float = 0.0  # split off train when no validation files are given
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: Union[str, list[str]] = "auto"  # "auto": per-architecture default, or "all-linear"
+    rslora: bool = False
+
+
+@dataclass
+class FreezeConfig:
+    last_n_layers: int = 0  # train the last N transformer blocks
+    modules: list[str] = field(default_factory=list)  # and these named modules, e.g. ["lm_head"]
+
+
+@dataclass
+class QuantConfig:
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Dtype = "auto"
+
+
+@dataclass
+class StrategyConfig:
+    """Which parameters train."""
+
+    name: Literal["full", "freeze", "lora", "dora", "qlora"] = "lora"
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop."""
+
+    output_dir: str = "runs/default"
+    objective: Literal["sft", "clm"] = "sft"
+    epochs: int = 1
+    max_steps: Optional[int] = None  # optimizer steps; overrides epochs when set
+    micro_batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    max_grad_norm: Optional[float] = 1.0
+    seed: int = 42
+    log_every: int = 1
+    save_every: Optional[int] = None
+    keep_last: int = 2
+    resume: bool = False
+
+
+@dataclass
+class EvalConfig:
+    every: Optional[int] = None  # optimizer steps between validation passes; None: only at the end
+    batch_size: int = 8
+
+
+@dataclass
+class TrackingConfig:
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    progress_bar: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML file (optional), apply `key.sub=value` overrides, validate, and return a Config.
+
+    Relative paths inside the file are kept as written (resolved against the working directory).
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = _read_yaml(Path(path))
+    for item in overrides:
+        _apply_override(raw, item)
+    cfg = build(Config, raw, prefix="")
+    check(cfg)
+    return cfg
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Validate a plain mapping (e.g. built in code) into a Config."""
+    cfg = build(Config, raw, prefix="")
+    check(cfg)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r}: expected key.sub=value")
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {part} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+# ---------------------------------------------------------------------------------------------------
+# Validation: a small typed builder over dataclasses (no silent coercion beyond int -> float and
+# numeric strings such as YAML's "1e-4" for float fields).
+
+
+def build(cls: type, raw: Any, prefix: str) -> Any:
+    """Build dataclass `cls` from mapping `raw`; errors name the dotted key at `prefix`."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {_describe(raw)}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            raise ConfigError(_unknown_key_message(f"{prefix}{key}", str(key), names, prefix))
+    values = {}
+    for name in names:
+        if name in raw:
+            values[name] = _coerce(hints[name], raw[name], f"{prefix}{name}")
+    return cls(**values)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value if value is not None else {}, prefix=f"{key}.")
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_describe(value)}")
+    if origin is Literal:
+        if value in args:
+            return value
+        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        choices = ", ".join(repr(a) for a in args)
+        raise ConfigError(f"{key}: {value!r} is not one of {choices}{hint}")
+    if origin is list:
+        if isinstance(value, (str, int, float)) and args and args[0] is str:
+            value = [value]  # a single path where a list is expected
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {_describe(value)}")
+        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif tp is Any:
+        return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_describe(value)}")
+
+
+def _unknown_key_message(key: str, name: str, siblings: list[str], prefix: str) -> str:
+    close = difflib.get_close_matches(name, siblings, n=1, cutoff=0.6)
+    if close:
+        return f"unknown config key '{key}' (did you mean '{prefix}{close[0]}'?)"
+    every = all_keys(Config)
+    close = difflib.get_close_matches(key, every, n=1, cutoff=0.5) or difflib.get_close_matches(
+        name, [k.rsplit(".", 1)[-1] for k in every], n=1, cutoff=0.8
+    )
+    if close:
+        match = close[0] if close[0] in every else next(k for k in every if k.endswith("." + close[0]))
+        return f"unknown config key '{key}' (did you mean '{match}'?)"
+    return f"unknown config key '{key}' (valid keys here: {', '.join(prefix + s for s in siblings)})"
+
+
+def all_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema, e.g. ['model.name_or_path', ..., 'strategy.lora.r', ...]."""
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys += all_keys(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _describe(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}" if value is not None else "nothing (null)"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Cross-field checks that need no I/O beyond existence of files.
+
+
+def check(cfg: Config) -> None:
+    """Checks that span several keys; raise ConfigError before any work starts."""
+    t = cfg.train
+    for key, value in (("train.micro_batch_size", t.micro_batch_size), ("train.grad_accum", t.grad_accum),
+                       ("train.epochs", t.epochs), ("train.log_every", t.log_every),
+                       ("data.max_seq_len", cfg.data.max_seq_len), ("eval.batch_size", cfg.eval.batch_size),
+                       ("train.keep_last", t.keep_last)):
+        if value < 1:
+            raise ConfigError(f"{key}: must be at least 1, got {value}")
+    for key, value in (("train.max_steps", t.max_steps), ("train.save_every", t.save_every),
+                       ("eval.every", cfg.eval.every)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{key}: must be at least 1 or null, got {value}")
+    if not 0.0 <= cfg.data.validation_fraction < 1.0:
+        raise ConfigError(f"data.validation_fraction: must be in [0, 1), got {cfg.data.validation_fraction}")
+    if not 0.0 <= t.warmup_ratio < 1.0:
+        raise ConfigError(f"train.warmup_ratio: must be in [0, 1), got {t.warmup_ratio}")
+    if len(t.betas) != 2:
+        raise ConfigError(f"train.betas: expected two numbers, got {t.betas}")
+    if t.lr <= 0:
+        raise ConfigError(f"train.lr: must be positive, got {t.lr}")
+    if cfg.strategy.name in ("lora", "dora", "qlora") and cfg.strategy.lora.r < 1:
+        raise ConfigError(f"strategy.lora.r: must be at least 1, got {cfg.strategy.lora.r}")
+    if cfg.strategy.name == "freeze" and not (cfg.strategy.freeze.last_n_layers or cfg.strategy.freeze.modules):
+        raise ConfigError("strategy.freeze: set last_n_layers and/or modules, otherwise nothing trains")
+
+
+def check_paths(cfg: Config) -> None:
+    """Checks that the files and the model a run needs exist (called by commands before any work)."""
+    if not cfg.model.name_or_path:
+        raise ConfigError("model.name_or_path: required (a local model directory or a hub id)")
+    _check_model_path("model.name_or_path", cfg.model.name_or_path)
+    if cfg.model.tokenizer:
+        _check_model_path("model.tokenizer", cfg.model.tokenizer)
+    if not cfg.data.train:
+        raise ConfigError("data.train: required (one or more data files)")
+    for key in ("train", "validation"):
+        for i, p in enumerate(getattr(cfg.data, key)):
+            if not Path(p).is_file():
+                raise ConfigError(f"data.{key}[{i}]: file not found: {p}")
+
+
+def _check_model_path(key: str, value: str) -> None:
+    """A value that looks like a filesystem path must exist; 'org/name' may be a hub id."""
+    looks_local = value.startswith((".", "/", "~")) or value.count("/") > 1 or "\\" in value
+    if looks_local and not Path(value).expanduser().is_dir():
+        raise ConfigError(f"{key}: model directory not found: {value}")

@@ -1,0 +1,1 @@
+"""Data: read files, normalise formats, apply chat templates, tokenise with loss masks, batch."""

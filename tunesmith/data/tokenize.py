@@ -1,0 +1,130 @@
+"""Tokenise normalised rows into `input_ids` and `labels` (-100 where no loss is taken).
+
+Chat rows are rendered with the tokenizer's chat template. The supervised spans are found by rendering
+growing prefixes of the conversation: for assistant turn k, everything between
+`render(messages[:k], add_generation_prompt=True)` and `render(messages[:k+1])` is the assistant's reply and
+its end-of-turn token (trailing whitespace after it is not supervised). Token ids come from tokenising the
+whole conversation once; each prefix must tokenise to a prefix of those ids, so the prompt the model is
+trained on is exactly what `apply_chat_template(..., add_generation_prompt=True)` gives at inference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from tunesmith.data.formats import Row
+from tunesmith.data.templates import end_of_turn_marker, render
+from tunesmith.errors import DataError
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]  # same length; IGNORE_INDEX where no loss is taken
+    source: str = ""
+
+    @property
+    def num_loss_tokens(self) -> int:
+        # labels[0] is never predicted (nothing precedes it), so it never counts.
+        return sum(1 for t in self.labels[1:] if t != IGNORE_INDEX)
+
+
+@dataclass
+class DataReport:
+    """What tokenisation did to the rows: nothing is dropped without being counted here."""
+
+    rows: int = 0
+    examples: int = 0
+    truncated: int = 0
+    dropped_no_loss_tokens: int = 0
+    dropped_sources: list[str] = field(default_factory=list)  # first few, for the log
+    tokens: int = 0
+    loss_tokens: int = 0
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def encode_chat(tokenizer, messages: Sequence[dict[str, str]], train_on_prompt: bool = False) -> tuple[list[int], list[int]]:
+    """Token ids and labels for one conversation (not truncated).
+
+    Raises:
+        DataError when the template is not prefix-stable (a prefix renders or tokenises differently
+        inside the whole conversation), since then no exact mask exists.
+    """
+    full_text = render(tokenizer, messages)
+    ids = _ids(tokenizer, full_text)
+    if train_on_prompt:
+        return ids, list(ids)
+    labels = [IGNORE_INDEX] * len(ids)
+    for k, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt_text = render(tokenizer, messages[:k], add_generation_prompt=True)
+        turn_text = render(tokenizer, messages[: k + 1]).rstrip()
+        if not (turn_text.startswith(prompt_text) and full_text.startswith(turn_text)):
+            raise DataError(f"the chat template renders assistant turn {k} differently inside the conversation")
+        start, end = _prefix_len(tokenizer, prompt_text, ids), _prefix_len(tokenizer, turn_text, ids)
+        labels[start:end] = ids[start:end]
+    return ids, labels
+
+
+def encode_text(tokenizer, text: str) -> tuple[list[int], list[int]]:
+    """A raw document: BOS (if the tokenizer adds one) + text + EOS, loss on every token."""
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+        ids = ids + [tokenizer.eos_token_id]
+    return ids, list(ids)
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    # The template already wrote BOS (if any) as text: adding special tokens again would double it.
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _prefix_len(tokenizer, prefix_text: str, ids: list[int]) -> int:
+    prefix = _ids(tokenizer, prefix_text)
+    if ids[: len(prefix)] != prefix:
+        raise DataError(
+            "a turn boundary falls inside a token (the template's prompt does not end on a token boundary), "
+            "so the prompt would tokenise differently at inference"
+        )
+    return len(prefix)
+
+
+def tokenize_rows(
+    tokenizer, rows: Sequence[Row], max_seq_len: int, train_on_prompt: bool = False
+) -> tuple[list[Example], DataReport]:
+    """Tokenise, truncate to `max_seq_len` (keeping the start) and drop examples left without loss tokens.
+
+    Every drop is counted in the report; none is silent.
+    """
+    report = DataReport(rows=len(rows))
+    if any(r.text is None for r in rows):
+        end_of_turn_marker(tokenizer)  # fail early on a template that never ends a turn
+    examples = []
+    for row in rows:
+        try:
+            if row.text is not None:
+                ids, labels = encode_text(tokenizer, row.text)
+            else:
+                ids, labels = encode_chat(tokenizer, row.messages, train_on_prompt)
+        except DataError as exc:
+            raise DataError(f"{row.source}: {exc}") from None
+        if len(ids) > max_seq_len:
+            report.truncated += 1
+            ids, labels = ids[:max_seq_len], labels[:max_seq_len]
+        example = Example(ids, labels, row.source)
+        if example.num_loss_tokens == 0:
+            report.dropped_no_loss_tokens += 1
+            if len(report.dropped_sources) < 10:
+                report.dropped_sources.append(row.source)
+            continue
+        examples.append(example)
+        report.tokens += len(ids)
+        report.loss_tokens += example.num_loss_tokens
+    report.examples = len(examples)
+    return examples, report

@@ -1,0 +1,115 @@
+"""Load a causal LM and its tokenizer through `transformers`, safely.
+
+Safe by default: weights only from safetensors unless the caller opts in to pickle files, and
+`trust_remote_code` off unless asked.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from tunesmith.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+PAD_TOKEN = "<|pad|>"
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """`auto`: bf16 on a CUDA device that supports it, else fp32 (CPU training stays in fp32)."""
+    if name == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return DTYPES[name]
+
+
+def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load a tokenizer from {name_or_path!r}: {_first_line(exc)}") from None
+
+
+def load_model(
+    name_or_path: str,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    quantization_config=None,
+):
+    """AutoModelForCausalLM.from_pretrained with safetensors enforced unless `allow_pickle`."""
+    from transformers import AutoModelForCausalLM
+
+    check_weight_files(name_or_path, allow_pickle)
+    kwargs = {}
+    if quantization_config is not None:
+        kwargs.update(quantization_config=quantization_config, device_map=_quantized_device_map())
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            revision=revision,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=None if allow_pickle else True,
+            **kwargs,
+        )
+    except (OSError, ValueError, ImportError) as exc:
+        raise ModelError(f"cannot load a model from {name_or_path!r}: {_first_line(exc)}") from None
+    return model
+
+
+def check_weight_files(name_or_path: str, allow_pickle: bool) -> None:
+    """A local directory with only pickle weights is refused unless the user opts in."""
+    path = Path(name_or_path)
+    if allow_pickle or not path.is_dir():
+        return
+    if any(path.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ModelError(
+            f"{path}: only pickle weights ({', '.join(pickles)}), which can run arbitrary code when loaded; "
+            "convert them to safetensors or set model.allow_pickle=true if you trust the source"
+        )
+
+
+def ensure_pad_token(tokenizer, model) -> bool:
+    """Give a tokenizer without a pad token a dedicated one, never reusing EOS.
+
+    Batches mask labels explicitly, so the pad id never hides a real EOS; a dedicated token also keeps
+    generation and other tools from confusing padding with end-of-text. Returns True if a token was added.
+    """
+    if tokenizer.pad_token is not None:
+        return False
+    tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    resize_embeddings(model, tokenizer)
+    log.info("the tokenizer had no pad token: added %s (id %d)", PAD_TOKEN, tokenizer.pad_token_id)
+    return True
+
+
+def resize_embeddings(model, tokenizer) -> None:
+    """Grow the embedding matrix only when the tokenizer no longer fits in it (many models have spare rows)."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+        log.info("resized the embeddings from %d to %d rows", rows, len(tokenizer))
+
+
+def _quantized_device_map():
+    return {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

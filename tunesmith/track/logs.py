@@ -1,0 +1,36 @@
+"""Python logging for a run: the terminal (through tqdm, so bars stay intact) and `train.log`."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class _TqdmHandler(logging.StreamHandler):
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record))
+        except Exception:  # noqa: BLE001 - logging must never crash the run
+            self.handleError(record)
+
+
+def setup_logging(run_dir: Path | None, level: str = "info") -> None:
+    """Send the `tunesmith` loggers to the terminal and, when `run_dir` is given, to `run_dir/train.log`."""
+    root = logging.getLogger("tunesmith")
+    root.setLevel(level.upper())
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        handler.close()
+    console = _TqdmHandler()
+    console.setFormatter(logging.Formatter("%(message)s"))
+    root.addHandler(console)
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        file_handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
+        file_handler.setFormatter(logging.Formatter(FORMAT))
+        root.addHandler(file_handler)
+    root.propagate = False

@@ -1,0 +1,201 @@
+"""The one training loop every objective runs on.
+
+Per optimizer step: take the step's window of `grad_accum` micro-batches, count the loss units in the whole
+window (all processes), backpropagate each micro-batch's summed loss divided by that global count, clip,
+step. The update therefore equals that of one large batch, whatever the accumulation or process count.
+
+The data position is derived from the step number alone (the order of an epoch depends only on the seed and
+the epoch), so resuming from a checkpoint at step N replays exactly the batches an uninterrupted run sees.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from tunesmith.data.batching import collate, epoch_batches
+from tunesmith.data.tokenize import Example
+from tunesmith.objectives import Objective
+from tunesmith.track.metrics import MetricsFile
+from tunesmith.train.checkpoint import save_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoopSettings:
+    total_steps: int
+    micro_batch_size: int
+    grad_accum: int
+    seed: int
+    max_grad_norm: float | None = 1.0
+    log_every: int = 1
+    save_every: int | None = None
+    eval_every: int | None = None
+    eval_batch_size: int = 8
+    keep_last: int = 2
+    progress_bar: bool = True
+
+
+def steps_per_epoch(num_examples: int, micro_batch_size: int, grad_accum: int, num_processes: int = 1) -> int:
+    """Optimizer steps in one pass over the data; a last, shorter accumulation window still counts."""
+    micro_batches = math.ceil(num_examples / (micro_batch_size * num_processes))
+    return math.ceil(micro_batches / grad_accum)
+
+
+def window(examples: Sequence[Example], step: int, s: LoopSettings, rank: int, world: int) -> list[list[Example]]:
+    """This process's micro-batches for optimizer step `step` (0-based)."""
+    per_epoch = steps_per_epoch(len(examples), s.micro_batch_size, s.grad_accum, world)
+    epoch, k = divmod(step, per_epoch)
+    batches = epoch_batches(len(examples), s.micro_batch_size * world, s.seed, epoch)
+    own = [b[rank * s.micro_batch_size : (rank + 1) * s.micro_batch_size] for b in batches]
+    return [[examples[i] for i in b] for b in own[k * s.grad_accum : (k + 1) * s.grad_accum] if b]
+
+
+def fit(
+    model: torch.nn.Module,
+    objective: Objective,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    accelerator: Accelerator,
+    train: Sequence[Example],
+    validation: Sequence[Example],
+    pad_token_id: int,
+    settings: LoopSettings,
+    run_dir: Path,
+    start_step: int = 0,
+    on_save: Callable[[int], None] | None = None,
+) -> dict:
+    """Train from `start_step` to `settings.total_steps`; returns final losses and throughput.
+
+    Writes `metrics.jsonl` records and checkpoints under `run_dir/checkpoints/`.
+    """
+    s = settings
+    metrics = MetricsFile(run_dir / "metrics.jsonl", resume_step=start_step if start_step else None)
+    per_epoch = steps_per_epoch(len(train), s.micro_batch_size, s.grad_accum, accelerator.num_processes)
+    bar = tqdm(total=s.total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+               disable=not (s.progress_bar and accelerator.is_main_process))
+    model.train()
+    interval = _Interval()
+    summary: dict = {"train_loss": None, "eval_loss": None}
+    for step in range(start_step, s.total_steps):
+        micro = [collate(b, pad_token_id) for b in window(train, step, s, accelerator.process_index,
+                                                           accelerator.num_processes)]
+        stats = train_step(model, objective, optimizer, scheduler, accelerator, micro, s.max_grad_norm)
+        interval.add(stats)
+        done = step + 1
+        bar.update(1)
+        if done % s.log_every == 0 or done == s.total_steps:
+            record = {"step": done, "epoch": round(done / per_epoch, 4), **interval.flush(), "lr": stats["lr"],
+                      "grad_norm": stats["grad_norm"]}
+            summary["train_loss"] = record["loss"]
+            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if accelerator.is_main_process:
+                metrics.write(record)
+            log.debug("step %d: %s", done, record)
+        if validation and ((s.eval_every and done % s.eval_every == 0) or done == s.total_steps):
+            eval_loss = evaluate_loss(model, objective, validation, s.eval_batch_size, pad_token_id, accelerator)
+            summary["eval_loss"] = eval_loss
+            log.info("step %d: validation loss %.4f", done, eval_loss)
+            if accelerator.is_main_process:
+                metrics.write({"step": done, "eval_loss": eval_loss})
+        if (s.save_every and done % s.save_every == 0) or done == s.total_steps:
+            _save(model, optimizer, scheduler, accelerator, run_dir, done, s.keep_last)
+            if on_save:
+                on_save(done)
+    bar.close()
+    return summary
+
+
+def train_step(model, objective: Objective, optimizer, scheduler, accelerator: Accelerator,
+               micro_batches: list[dict[str, torch.Tensor]], max_grad_norm: float | None) -> dict:
+    """One optimizer step over a window of micro-batches; the loss is normalised by the window's global units."""
+    local_units = sum(objective.count_units(b) for b in micro_batches)
+    global_units = int(accelerator.reduce(torch.tensor(local_units, device=accelerator.device), "sum"))
+    # DDP averages gradients over processes; multiplying by their number turns that into a sum.
+    scale = accelerator.num_processes / max(global_units, 1)
+    loss_sum = torch.zeros((), device=accelerator.device)
+    tokens = 0
+    for i, batch in enumerate(micro_batches):
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        sync = i == len(micro_batches) - 1
+        with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+            out = objective.loss(model, batch)
+            accelerator.backward(out.loss_sum * scale)
+        loss_sum += out.loss_sum.detach()
+        tokens += int(batch["attention_mask"].sum())
+    grad_norm = accelerator.clip_grad_norm_(
+        [p for p in model.parameters() if p.requires_grad], max_grad_norm or float("inf")
+    )
+    lr = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {
+        "loss_sum": float(accelerator.reduce(loss_sum, "sum")),
+        "units": global_units,
+        "tokens": int(accelerator.reduce(torch.tensor(tokens, device=accelerator.device), "sum")),
+        "grad_norm": float(grad_norm),
+        "lr": lr,
+    }
+
+
+@torch.no_grad()
+def evaluate_loss(model, objective: Objective, examples: Sequence[Example], batch_size: int, pad_token_id: int,
+                  accelerator: Accelerator) -> float:
+    """Loss over `examples`, weighted by loss units (not a mean of batch means); memory independent of size."""
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    units = 0
+    rank, world = accelerator.process_index, accelerator.num_processes
+    for start in range(rank * batch_size, len(examples), batch_size * world):
+        batch = collate(examples[start : start + batch_size], pad_token_id)
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        out = objective.loss(model, batch)
+        loss_sum += out.loss_sum.double()
+        units += out.num_units
+    total = accelerator.reduce(loss_sum, "sum")
+    total_units = accelerator.reduce(torch.tensor(units, device=accelerator.device), "sum")
+    model.train(was_training)
+    return float(total / total_units)
+
+
+def _save(model, optimizer, scheduler, accelerator: Accelerator, run_dir: Path, step: int, keep_last: int) -> None:
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        path = save_checkpoint(run_dir / "checkpoints", step, accelerator.unwrap_model(model), optimizer,
+                               scheduler, {}, keep_last)
+        log.debug("saved %s", path)
+    accelerator.wait_for_everyone()
+
+
+class _Interval:
+    """Sums over the steps since the last log line, so a logged loss is token-weighted over the interval."""
+
+    def __init__(self) -> None:
+        self.flush()
+
+    def add(self, stats: dict) -> None:
+        self.loss_sum += stats["loss_sum"]
+        self.units += stats["units"]
+        self.tokens += stats["tokens"]
+
+    def flush(self) -> dict:
+        now = time.perf_counter()
+        record = {}
+        if getattr(self, "units", 0):
+            elapsed = now - self.start
+            record = {"loss": self.loss_sum / self.units, "loss_tokens": self.units, "tokens": self.tokens,
+                      "tokens_per_s": self.tokens / elapsed if elapsed > 0 else 0.0}
+        self.loss_sum, self.units, self.tokens, self.start = 0.0, 0, 0, now
+        return record

@@ -1,0 +1,195 @@
+"""`tunesmith train`: turn a Config into plain objects, run the loop, save `final/` and the report.
+
+    setup (run dir, logging, config) -> load tokenizer + model -> strategy -> data -> optimizer/schedule
+      -> resume? -> fit -> final/ -> report.json + report.md
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from tunesmith.config import Config, check_paths, save_config, to_dict
+from tunesmith.data.batching import build_datasets
+from tunesmith.data.templates import end_of_turn_marker, install_template
+from tunesmith.errors import ConfigError
+from tunesmith.model.load import ensure_pad_token, load_model, load_tokenizer, resize_embeddings, resolve_dtype
+from tunesmith.model.strategies import ADAPTER_STRATEGIES, apply_strategy, parameter_counts, quantization_config
+from tunesmith.objectives import OBJECTIVES
+from tunesmith.track.logs import setup_logging
+from tunesmith.train.checkpoint import latest_checkpoint, load_checkpoint
+from tunesmith.train.loop import LoopSettings, fit, steps_per_epoch
+from tunesmith.train.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: Config) -> dict:
+    """Run one training job described by `cfg`; returns the report (also written to the run directory)."""
+    check_paths(cfg)
+    run_dir = Path(cfg.train.output_dir)
+    resume_from = _resume_point(run_dir, cfg.train.resume)
+    accelerator = Accelerator()
+    setup_logging(run_dir if accelerator.is_main_process else None, cfg.tracking.log_level)
+    if accelerator.is_main_process:
+        save_config(cfg, run_dir / "config.yaml")
+    set_seed(cfg.train.seed)
+    started = time.perf_counter()
+
+    tokenizer, model = build_model(cfg)
+    data = build_datasets(
+        tokenizer, cfg.data.train, cfg.data.validation, cfg.data.format, cfg.data.system_prompt,
+        cfg.data.max_seq_len, cfg.data.train_on_prompt, cfg.data.validation_fraction, cfg.train.seed,
+    )
+    _log_data(data)
+    settings = _loop_settings(cfg, len(data.train), accelerator.num_processes)
+    optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, tuple(cfg.train.betas), cfg.train.eps)
+    warmup = cfg.train.warmup_steps or round(cfg.train.warmup_ratio * settings.total_steps)
+    scheduler = build_scheduler(optimizer, settings.total_steps, warmup, cfg.train.scheduler)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    start_step = 0
+    if resume_from is not None:
+        start_step = load_checkpoint(resume_from, accelerator.unwrap_model(model), optimizer, scheduler)["step"]
+        log.info("resumed from %s (step %d of %d)", resume_from, start_step, settings.total_steps)
+    log.info("training %d optimizer steps (%d per epoch), %d micro-batches of %d per step",
+             settings.total_steps, steps_per_epoch(len(data.train), settings.micro_batch_size, settings.grad_accum,
+                                                   accelerator.num_processes),
+             settings.grad_accum, settings.micro_batch_size)
+    summary = fit(model, OBJECTIVES[cfg.train.objective], optimizer, scheduler, accelerator, data.train,
+                  data.validation, tokenizer.pad_token_id, settings, run_dir, start_step)
+
+    report = {}
+    if accelerator.is_main_process:
+        save_final(accelerator.unwrap_model(model), tokenizer, run_dir / "final")
+        trainable, total = parameter_counts(accelerator.unwrap_model(model))
+        report = {
+            "steps": settings.total_steps,
+            "train_loss": summary["train_loss"],
+            "eval_loss": summary["eval_loss"],
+            "trainable_parameters": trainable,
+            "total_parameters": total,
+            "seconds": round(time.perf_counter() - started, 2),
+            "data": {"train": data.train_report.as_dict(), "validation": data.validation_report.as_dict()},
+            "config": to_dict(cfg),
+        }
+        write_report(run_dir, report)
+        log.info("done: final model in %s", run_dir / "final")
+    accelerator.end_training()
+    return report
+
+
+def build_model(cfg: Config):
+    """Tokenizer with chat template and pad token, and the model wrapped for the chosen strategy."""
+    m, strategy = cfg.model, cfg.strategy
+    tokenizer = load_tokenizer(m.tokenizer or m.name_or_path, m.revision, m.trust_remote_code)
+    added = install_template(tokenizer, cfg.data.template) if cfg.train.objective == "sft" else []
+    dtype = resolve_dtype(m.dtype)
+    quant = None
+    if strategy.name == "qlora":
+        compute = resolve_dtype(strategy.quant.compute_dtype)
+        quant = quantization_config(strategy.quant.quant_type, strategy.quant.double_quant, compute)
+    model = load_model(m.name_or_path, dtype, m.attn_implementation, m.revision, m.trust_remote_code,
+                       m.allow_pickle, quant)
+    if added:
+        resize_embeddings(model, tokenizer)
+        log.info("added template tokens to the vocabulary: %s", ", ".join(added))
+    ensure_pad_token(tokenizer, model)
+    if cfg.train.objective == "sft" and not cfg.data.train_on_prompt:
+        _set_generation_eos(model, tokenizer)
+    new_ids = tokenizer.convert_tokens_to_ids(added) if strategy.name in ADAPTER_STRATEGIES else []
+    model = apply_strategy(
+        model, strategy.name,
+        lora_r=strategy.lora.r, lora_alpha=strategy.lora.alpha, lora_dropout=strategy.lora.dropout,
+        target_modules=strategy.lora.target_modules, rslora=strategy.lora.rslora,
+        freeze_last_n_layers=strategy.freeze.last_n_layers, freeze_modules=strategy.freeze.modules,
+        new_token_ids=new_ids,
+    )
+    trainable, total = parameter_counts(model)
+    log.info("strategy %s: %s trainable of %s parameters (%.4f%%)", strategy.name, f"{trainable:,}",
+             f"{total:,}", 100 * trainable / total)
+    return tokenizer, model
+
+
+def _set_generation_eos(model, tokenizer) -> None:
+    """Generation stops at the template's end-of-turn token as well as at EOS."""
+    marker_ids = tokenizer(end_of_turn_marker(tokenizer), add_special_tokens=False)["input_ids"]
+    ids = [i for i in (tokenizer.eos_token_id, marker_ids[0]) if i is not None]
+    model.generation_config.eos_token_id = sorted(set(ids)) if len(set(ids)) > 1 else ids[0]
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def _loop_settings(cfg: Config, num_examples: int, num_processes: int) -> LoopSettings:
+    t = cfg.train
+    per_epoch = steps_per_epoch(num_examples, t.micro_batch_size, t.grad_accum, num_processes)
+    return LoopSettings(
+        total_steps=t.max_steps or t.epochs * per_epoch,
+        micro_batch_size=t.micro_batch_size,
+        grad_accum=t.grad_accum,
+        seed=t.seed,
+        max_grad_norm=t.max_grad_norm,
+        log_every=t.log_every,
+        save_every=t.save_every,
+        eval_every=cfg.eval.every,
+        eval_batch_size=cfg.eval.batch_size,
+        keep_last=t.keep_last,
+        progress_bar=cfg.tracking.progress_bar,
+    )
+
+
+def _resume_point(run_dir: Path, resume: bool) -> Path | None:
+    checkpoints = run_dir / "checkpoints"
+    if not resume:
+        if (run_dir / "final").exists() or latest_checkpoint(checkpoints) is not None:
+            raise ConfigError(
+                f"train.output_dir: {run_dir} already holds a run; pass --resume to continue it "
+                "or choose another output_dir"
+            )
+        return None
+    found = latest_checkpoint(checkpoints)
+    if found is None:
+        raise ConfigError(f"--resume: no complete checkpoint in {checkpoints}")
+    return found
+
+
+def _log_data(data) -> None:
+    for name, report in (("train", data.train_report), ("validation", data.validation_report)):
+        if not report.rows:
+            continue
+        log.info("%s data: %d rows -> %d examples, %d tokens (%d with loss), %d truncated", name, report.rows,
+                 report.examples, report.tokens, report.loss_tokens, report.truncated)
+        if report.dropped_no_loss_tokens:
+            log.warning("%s data: dropped %d examples with no loss-bearing token left after truncation "
+                        "(first: %s); raise data.max_seq_len to keep them", name, report.dropped_no_loss_tokens,
+                        ", ".join(report.dropped_sources[:3]))
+
+
+def save_final(model, tokenizer, path: Path) -> None:
+    """Adapter (PEFT format) or full model (safetensors) plus tokenizer, written atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if path.exists():
+        shutil.rmtree(path)
+    os.rename(tmp, path)
+
+
+def write_report(run_dir: Path, report: dict) -> None:
+    (run_dir / "report.json").write_text(json.dumps(report, indent=2))
+    lines = ["# Training report", "", "| metric | value |", "|---|---|"]
+    for key in ("steps", "train_loss", "eval_loss", "trainable_parameters", "total_parameters", "seconds"):
+        value = report.get(key)
+        lines.append(f"| {key} | {value:.4f} |" if isinstance(value, float) else f"| {key} | {value} |")
+    d = report["data"]["train"]
+    lines += ["", f"Train data: {d['rows']} rows, {d['examples']} examples, {d['truncated']} truncated, "
+              f"{d['dropped_no_loss_tokens']} dropped for having no loss-bearing token."]
+    (run_dir / "report.md").write_text("\n".join(lines) + "\n")
