@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny tokenizers trained offline and tiny models of several families, built in code."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from tunesmith.demo.tiny import build_model, save_tiny, train_tokenizer
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(2)
+
+CORPUS = [
+    "The capital of France is Paris. The capital of Peru is Lima.",
+    "What is two plus three? It is five. What is four plus four? It is eight.",
+    "You are a helpful assistant. Answer briefly and politely.",
+    "Hello world, this is a small test corpus for a tiny tokenizer.",
+    "system user assistant Instruction Response Below is an instruction that describes a task.",
+    "Write a response that appropriately completes the request.",
+    "0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20",
+] * 10
+
+FAMILIES = ("llama", "qwen2", "gpt2")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """Byte-level BPE with BOS/EOS/pad and the chatml markers as special tokens."""
+    return train_tokenizer(CORPUS, vocab_size=400)
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory, tokenizer) -> dict[str, Path]:
+    """family -> directory holding a tiny random model (safetensors) and the shared tokenizer."""
+    root = tmp_path_factory.mktemp("models")
+    return {f: save_tiny(root / f, build_model(f, vocab_size=len(tokenizer)), tokenizer) for f in FAMILIES}
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def chat_rows(n: int, seed: int = 0) -> list[dict]:
+    """Variable-length multi-turn conversations with a system prompt (deterministic)."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        a, b = rng.randint(0, 20), rng.randint(0, 20)
+        messages = [{"role": "system", "content": "Answer briefly."}]
+        for _ in range(rng.randint(1, 2)):
+            messages.append({"role": "user", "content": f"What is {a} plus {b}?" + " Please." * rng.randint(0, 4)})
+            messages.append({"role": "assistant", "content": f"It is {a + b}." + " Indeed." * rng.randint(0, 3)})
+        rows.append({"messages": messages})
+    return rows

@@ -1,0 +1,1 @@
+"""The embedded default: synthetic world data and a tiny model, built offline."""
