@@ -15,6 +15,8 @@ import logging
 import torch
 from torch import nn
 
+from transformers.pytorch_utils import Conv1D
+
 from tunesmith.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -86,6 +88,7 @@ def apply_strategy(
         target_modules=default_target_modules(model) if target_modules == "auto" else target_modules,
         use_rslora=rslora,
         use_dora=name == "dora",
+        fan_in_fan_out=any(isinstance(m, Conv1D) for m in model.modules()),  # GPT-2 stores weights transposed
         trainable_token_indices=list(new_token_ids) or None,
         task_type="CAUSAL_LM",
     )
