@@ -18,8 +18,19 @@ class _TqdmHandler(logging.StreamHandler):
             self.handleError(record)
 
 
+def quiet_third_party() -> None:
+    """Keep the terminal for tunesmith's own progress: no per-file progress bars from transformers, and no
+    notice from bitsandbytes about an optional CPU kernel that would have to be downloaded from a hub."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_warning()
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
 def setup_logging(run_dir: Path | None, level: str = "info") -> None:
     """Send the `tunesmith` loggers to the terminal and, when `run_dir` is given, to `run_dir/train.log`."""
+    quiet_third_party()
     root = logging.getLogger("tunesmith")
     root.setLevel(level.upper())
     for handler in list(root.handlers):

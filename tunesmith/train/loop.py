@@ -93,15 +93,15 @@ def fit(
         stats = train_step(model, objective, optimizer, scheduler, accelerator, micro, s.max_grad_norm)
         interval.add(stats)
         done = step + 1
-        bar.update(1)
         if done % s.log_every == 0 or done == s.total_steps:
             record = {"step": done, "epoch": round(done / per_epoch, 4), **interval.flush(), "lr": stats["lr"],
                       "grad_norm": stats["grad_norm"]}
             summary["train_loss"] = record["loss"]
-            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
             if accelerator.is_main_process:
                 metrics.write(record)
             log.debug("step %d: %s", done, record)
+        bar.update(1)
         if validation and ((s.eval_every and done % s.eval_every == 0) or done == s.total_steps):
             eval_loss = evaluate_loss(model, objective, validation, s.eval_batch_size, pad_token_id, accelerator)
             summary["eval_loss"] = eval_loss
