@@ -10,10 +10,12 @@ import pytest
 import torch
 
 from tunesmith.demo.tiny import build_model, save_tiny, train_tokenizer
+from tunesmith.track.logs import quiet_third_party
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(2)
+quiet_third_party()
 
 CORPUS = [
     "The capital of France is Paris. The capital of Peru is Lima.",

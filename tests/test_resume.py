@@ -131,3 +131,19 @@ def test_checkpoint_manifest_lists_every_file(straight):
     manifest = json.loads((ckpt / "manifest.json").read_text())
     assert manifest["step"] == 20
     assert set(manifest["files"]) == {p.name for p in ckpt.iterdir()} - {"manifest.json"}
+
+
+def test_resume_on_changed_data_is_refused(straight, tmp_path):
+    """Resuming would silently train on other batches: a clear error instead, and nothing written."""
+    import shutil
+
+    config, reference = straight
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    other = write_jsonl(tmp_path / "other.jsonl", chat_rows(30, seed=4))
+    result = _cli(["-m", "tunesmith", "train", str(config), f"train.output_dir={run}", f"data.train={other}",
+                   "--resume"], config.parent)
+    assert result.returncode == 2
+    assert "training data" in result.stderr and "Traceback" not in result.stderr
+    for name in ("metrics.jsonl", "config.yaml"):
+        assert (run / name).read_text() == (reference / name).read_text(), name

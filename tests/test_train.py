@@ -23,11 +23,11 @@ from tunesmith.train.optim import lr_multiplier
 from tunesmith.train.run import train
 
 
-def run_config(model_dir, data, out, **sections) -> dict:
+def run_config(model_dir, data_file, out, **sections) -> dict:
     """A small SFT LoRA run config; `sections` override whole keys, e.g. train={"max_steps": 3}."""
     raw = {
         "model": {"name_or_path": str(model_dir)},
-        "data": {"train": [str(data)], "template": "chatml", "max_seq_len": 256},
+        "data": {"train": [str(data_file)], "template": "chatml", "max_seq_len": 256},
         "strategy": {"name": "lora", "lora": {"r": 4, "alpha": 8}},
         "train": {"output_dir": str(out), "max_steps": 6, "micro_batch_size": 4, "lr": 1e-3, "seed": 7},
         "tracking": {"progress_bar": False, "log_level": "warning"},

@@ -16,7 +16,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from accelerate import Accelerator
@@ -73,11 +73,12 @@ def fit(
     settings: LoopSettings,
     run_dir: Path,
     start_step: int = 0,
-    on_save: Callable[[int], None] | None = None,
+    checkpoint_state: dict | None = None,
 ) -> dict:
-    """Train from `start_step` to `settings.total_steps`; returns final losses and throughput.
+    """Train from `start_step` to `settings.total_steps`; returns the last logged train and eval losses.
 
-    Writes `metrics.jsonl` records and checkpoints under `run_dir/checkpoints/`.
+    Writes `metrics.jsonl` records and checkpoints under `run_dir/checkpoints/`; `checkpoint_state` is stored
+    in each checkpoint's state.json (e.g. a fingerprint of the data, checked on resume).
     """
     s = settings
     metrics = MetricsFile(run_dir / "metrics.jsonl", resume_step=start_step if start_step else None)
@@ -109,9 +110,7 @@ def fit(
             if accelerator.is_main_process:
                 metrics.write({"step": done, "eval_loss": eval_loss})
         if (s.save_every and done % s.save_every == 0) or done == s.total_steps:
-            _save(model, optimizer, scheduler, accelerator, run_dir, done, s.keep_last)
-            if on_save:
-                on_save(done)
+            _save(model, optimizer, scheduler, accelerator, run_dir, done, s.keep_last, checkpoint_state or {})
     bar.close()
     return summary
 
@@ -170,11 +169,12 @@ def evaluate_loss(model, objective: Objective, examples: Sequence[Example], batc
     return float(total / total_units)
 
 
-def _save(model, optimizer, scheduler, accelerator: Accelerator, run_dir: Path, step: int, keep_last: int) -> None:
+def _save(model, optimizer, scheduler, accelerator: Accelerator, run_dir: Path, step: int, keep_last: int,
+          state: dict) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         path = save_checkpoint(run_dir / "checkpoints", step, accelerator.unwrap_model(model), optimizer,
-                               scheduler, {}, keep_last)
+                               scheduler, state, keep_last)
         log.debug("saved %s", path)
     accelerator.wait_for_everyone()
 

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -39,8 +40,6 @@ def train(cfg: Config) -> dict:
     resume_from = _resume_point(run_dir, cfg.train.resume)
     accelerator = Accelerator()
     setup_logging(run_dir if accelerator.is_main_process else None, cfg.tracking.log_level)
-    if accelerator.is_main_process:
-        save_config(cfg, run_dir / "config.yaml")
     set_seed(cfg.train.seed)
     started = time.perf_counter()
 
@@ -56,16 +55,21 @@ def train(cfg: Config) -> dict:
     scheduler = build_scheduler(optimizer, settings.total_steps, warmup, cfg.train.scheduler)
     model, optimizer = accelerator.prepare(model, optimizer)
 
+    data_state = {"train_fingerprint": fingerprint(data.train), "total_steps": settings.total_steps}
     start_step = 0
     if resume_from is not None:
-        start_step = load_checkpoint(resume_from, accelerator.unwrap_model(model), optimizer, scheduler)["step"]
+        saved = load_checkpoint(resume_from, accelerator.unwrap_model(model), optimizer, scheduler)
+        _check_resumable(saved, data_state, resume_from)
+        start_step = saved["step"]
         log.info("resumed from %s (step %d of %d)", resume_from, start_step, settings.total_steps)
+    if accelerator.is_main_process:  # only now that everything checked out, so a refused resume changes nothing
+        save_config(cfg, run_dir / "config.yaml")
     log.info("training %d optimizer steps (%d per epoch), %d micro-batches of %d per step",
              settings.total_steps, steps_per_epoch(len(data.train), settings.micro_batch_size, settings.grad_accum,
                                                    accelerator.num_processes),
              settings.grad_accum, settings.micro_batch_size)
     summary = fit(model, OBJECTIVES[cfg.train.objective], optimizer, scheduler, accelerator, data.train,
-                  data.validation, tokenizer.pad_token_id, settings, run_dir, start_step)
+                  data.validation, tokenizer.pad_token_id, settings, run_dir, start_step, data_state)
 
     report = {}
     if accelerator.is_main_process:
@@ -158,6 +162,25 @@ def _resume_point(run_dir: Path, resume: bool) -> Path | None:
     if found is None:
         raise ConfigError(f"--resume: no complete checkpoint in {checkpoints}")
     return found
+
+
+def fingerprint(examples) -> str:
+    """A digest of the tokenised training data: resuming on different data would not replay the same batches."""
+    digest = hashlib.sha256()
+    for e in examples:
+        digest.update(json.dumps([e.input_ids, e.labels]).encode())
+    return digest.hexdigest()
+
+
+def _check_resumable(saved: dict, current: dict, path: Path) -> None:
+    if saved.get("train_fingerprint") != current["train_fingerprint"]:
+        raise ConfigError(
+            f"--resume: the training data (after tokenisation) differs from the data {path} was trained on; "
+            "resuming would not continue the same run. Restore the data or start a new output_dir"
+        )
+    if saved.get("total_steps") != current["total_steps"]:
+        log.warning("resuming with %d total steps instead of %d: the learning-rate schedule changes from here",
+                    current["total_steps"], saved.get("total_steps"))
 
 
 def _log_data(data) -> None:
