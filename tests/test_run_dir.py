@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -69,6 +70,7 @@ def test_validation_loss_every_n_steps(run):
 
 def test_evaluate_loss_is_token_weighted(model_dirs, tokenizer, tmp_path):
     """Whatever the batch size, the loss is total NLL / total loss tokens, computed here example by example."""
+    tokenizer = copy.deepcopy(tokenizer)  # the session fixture stays without a template
     install_template(tokenizer, "chatml")
     path = write_jsonl(tmp_path / "v.jsonl", chat_rows(7, seed=9))
     examples, _ = tokenize_rows(tokenizer, load_rows(path), 256)

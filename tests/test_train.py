@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -98,6 +99,7 @@ def test_windows_cover_each_epoch_once_with_a_short_last_window():
 
 
 def _tokenized(tokenizer, path, n=8):
+    tokenizer = copy.deepcopy(tokenizer)  # the session fixture stays without a template
     install_template(tokenizer, "chatml")
     examples, _ = tokenize_rows(tokenizer, load_rows(path)[:n], max_seq_len=256)
     lengths = {len(e.input_ids) for e in examples}

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from jinja2 import TemplateError
+
 from tunesmith.errors import ConfigError, DataError
 
 
@@ -85,18 +87,32 @@ def install_template(tokenizer, name: str | None) -> list[str]:
     template = TEMPLATES[name]
     if template.end_of_turn is None and tokenizer.eos_token is None:
         raise ConfigError(f"data.template: {name!r} ends turns with the EOS token, but the tokenizer has none")
-    vocab = tokenizer.get_vocab()
-    missing = [t for t in template.special_tokens if t not in vocab]
+    missing = [t for t in template.special_tokens if not _is_single_token(tokenizer, t)]
     if missing:
         tokenizer.add_tokens(missing, special_tokens=True)
     tokenizer.chat_template = template.jinja
     return missing
 
 
+def _is_single_token(tokenizer, token: str) -> bool:
+    # Being in the vocabulary is not enough: a plain BPE entry "<|im_end|>" is never produced, because
+    # the pre-tokenizer splits the text into "<|", "im", ... before the model sees it.
+    token_id = tokenizer.get_vocab().get(token)
+    return token_id is not None and tokenizer(token, add_special_tokens=False)["input_ids"] == [token_id]
+
+
 def render(tokenizer, messages, add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(
-        list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
-    )
+    """The conversation as text, exactly as `apply_chat_template(..., tokenize=False)` gives it.
+
+    Raises:
+        DataError when the template refuses the conversation (e.g. its `raise_exception` on a role order).
+    """
+    try:
+        return tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+    except TemplateError as exc:
+        raise DataError(f"the chat template cannot render this conversation: {exc}") from None
 
 
 def end_of_turn_marker(tokenizer) -> str:

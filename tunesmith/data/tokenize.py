@@ -53,7 +53,8 @@ def encode_chat(tokenizer, messages: Sequence[dict[str, str]], train_on_prompt: 
 
     Raises:
         DataError when the template is not prefix-stable (a prefix renders or tokenises differently
-        inside the whole conversation), since then no exact mask exists.
+        inside the whole conversation), since then no exact mask exists; or when an assistant turn
+        comes first, since no prompt can be rendered for it.
     """
     full_text = render(tokenizer, messages)
     ids = _ids(tokenizer, full_text)
@@ -63,11 +64,21 @@ def encode_chat(tokenizer, messages: Sequence[dict[str, str]], train_on_prompt: 
     for k, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
+        if k == 0:
+            raise DataError(
+                "messages[0]: the conversation starts with an assistant turn, so there is no prompt to "
+                "answer (a chat template cannot render an empty conversation); add a user or system turn first"
+            )
         prompt_text = render(tokenizer, messages[:k], add_generation_prompt=True)
         turn_text = render(tokenizer, messages[: k + 1]).rstrip()
         if not (turn_text.startswith(prompt_text) and full_text.startswith(turn_text)):
-            raise DataError(f"the chat template renders assistant turn {k} differently inside the conversation")
-        start, end = _prefix_len(tokenizer, prompt_text, ids), _prefix_len(tokenizer, turn_text, ids)
+            raise DataError(
+                f"messages[{k}]: the chat template is not prefix-stable: the conversation rendered up to this "
+                "assistant turn is not a prefix of the whole conversation (earlier turns render differently "
+                "when more turns follow), so no exact loss mask exists; use a built-in data.template"
+            )
+        start = _prefix_len(tokenizer, prompt_text, ids, k)
+        end = _prefix_len(tokenizer, turn_text, ids, k)
         labels[start:end] = ids[start:end]
     return ids, labels
 
@@ -85,12 +96,12 @@ def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _prefix_len(tokenizer, prefix_text: str, ids: list[int]) -> int:
+def _prefix_len(tokenizer, prefix_text: str, ids: list[int], turn: int) -> int:
     prefix = _ids(tokenizer, prefix_text)
     if ids[: len(prefix)] != prefix:
         raise DataError(
-            "a turn boundary falls inside a token (the template's prompt does not end on a token boundary), "
-            "so the prompt would tokenise differently at inference"
+            f"messages[{turn}]: a turn boundary falls inside a token (the template's prompt does not end on a "
+            "token boundary), so the prompt would tokenise differently at inference"
         )
     return len(prefix)
 
