@@ -3,25 +3,33 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
+import warnings
+from typing import Iterator
 
 from tunesmith.errors import TunesmithError
 
 
 def _train(args: argparse.Namespace) -> int:
-    from tunesmith.config import load_config
-    from tunesmith.train.run import train
+    from tunesmith.config import check_paths, load_config
 
     overrides = list(args.overrides) + (["train.resume=true"] if args.resume else [])
-    train(load_config(args.config, overrides))
+    cfg = load_config(args.config, overrides)
+    check_paths(cfg)  # config and file errors come before the seconds spent importing torch
+    from tunesmith.train.run import train
+
+    with warnings_to_log():
+        train(cfg)
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
     from tunesmith.demo.run import run_demo
 
-    run_demo(args.output_dir, seed=args.seed)
+    with warnings_to_log():
+        run_demo(args.output_dir, seed=args.seed)
     return 0
 
 
@@ -43,15 +51,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command; returns the exit code (2 for a usage error or a TunesmithError)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse has printed usage (or --help)
+        return 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 2
     try:
         return args.func(args)
     except TunesmithError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         logging.getLogger("tunesmith").warning("interrupted")
         return 130
+
+
+@contextlib.contextmanager
+def warnings_to_log() -> Iterator[None]:
+    """Python warnings (e.g. a library's FutureWarning) go to the run's log, so stderr carries only errors."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        logging.getLogger("tunesmith").warning("%s: %s (%s:%d)", category.__name__, message, filename, lineno)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
+
+
+def one_line(message: str) -> str:
+    """The message on one line: line breaks become '; ' (the contract is one `error:` line on stderr)."""
+    return "; ".join(part.strip() for part in message.splitlines() if part.strip()) or "unknown error"
 
 
 if __name__ == "__main__":

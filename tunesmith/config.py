@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -160,14 +161,16 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def save_config(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (invalid byte at offset {exc.start})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -179,20 +182,55 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 def _apply_override(raw: dict[str, Any], item: str) -> None:
     key, sep, text = item.partition("=")
+    key = key.strip()
     if not sep or not key:
         raise ConfigError(f"override {item!r}: expected key.sub=value")
-    try:
-        value = yaml.safe_load(text) if text else ""
-    except yaml.YAMLError:
-        value = text
+    value = _override_value(text, _field_type(key))
     node = raw
     parts = key.split(".")
-    for part in parts[:-1]:
+    for i, part in enumerate(parts[:-1]):
+        section = ".".join(parts[: i + 1])
+        tp = _field_type(section)
         child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {item!r}: {part} is a value, not a section")
+        if not isinstance(child, dict) or (tp is not None and not dataclasses.is_dataclass(tp)):
+            raise ConfigError(f"override {item!r}: {section} is a value, not a section")
         node = child
     node[parts[-1]] = value
+
+
+def _override_value(text: str, tp: Any) -> Any:
+    """The value of an override: YAML, except that a string field keeps the text as written.
+
+    Without that exception `model.revision=0123` would become "83" (YAML octal), `data.system_prompt=yes`
+    a bool and `data.system_prompt=Answer: briefly` a mapping. Quotes are removed; `null` stays null.
+    """
+    if not text:
+        return ""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if _is_text(tp) and value is not None:
+        quoted = len(text) >= 2 and text[0] == text[-1] and text[0] in "'\""
+        return value if quoted else text
+    return value
+
+
+def _field_type(key: str) -> Any:
+    """The schema type at dotted `key` (e.g. Optional[str] for 'model.tokenizer'), or None if not a field."""
+    tp: Any = Config
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(tp):
+            return None
+        tp = typing.get_type_hints(tp).get(part)
+    return tp
+
+
+def _is_text(tp: Any) -> bool:
+    """str or Optional[str]."""
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return [a for a in typing.get_args(tp) if a is not type(None)] == [str]
+    return tp is str
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -203,12 +241,12 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
 def build(cls: type, raw: Any, prefix: str) -> Any:
     """Build dataclass `cls` from mapping `raw`; errors name the dotted key at `prefix`."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {_describe(raw)}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {_describe(raw)}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for key in raw:
         if key not in names:
-            raise ConfigError(_unknown_key_message(f"{prefix}{key}", str(key), names, prefix))
+            raise ConfigError(_unknown_key_message(f"{prefix}{key}", str(key), names, prefix, raw[key]))
     values = {}
     for name in names:
         if name in raw:
@@ -224,20 +262,21 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # Optional[X]: X's own message (e.g. a Literal's suggestion)
+            return _coerce(options[0], value, key)
+        for arg in options:
             try:
                 return _coerce(arg, value, key)
-            except ConfigError as exc:
-                errors.append(exc)
+            except ConfigError:
+                continue
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_describe(value)}")
     if origin is Literal:
         if value in args:
             return value
-        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        lowered = {str(a).lower(): a for a in args}
+        close = difflib.get_close_matches(str(value).lower(), list(lowered), n=1)
+        hint = f" (did you mean {lowered[close[0]]!r}?)" if close else ""
         choices = ", ".join(repr(a) for a in args)
         raise ConfigError(f"{key}: {value!r} is not one of {choices}{hint}")
     if origin is list:
@@ -253,13 +292,18 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):
+                raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -270,18 +314,66 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_describe(value)}")
 
 
-def _unknown_key_message(key: str, name: str, siblings: list[str], prefix: str) -> str:
-    close = difflib.get_close_matches(name, siblings, n=1, cutoff=0.6)
-    if close:
-        return f"unknown config key '{key}' (did you mean '{prefix}{close[0]}'?)"
-    every = all_keys(Config)
-    close = difflib.get_close_matches(key, every, n=1, cutoff=0.5) or difflib.get_close_matches(
-        name, [k.rsplit(".", 1)[-1] for k in every], n=1, cutoff=0.8
-    )
-    if close:
-        match = close[0] if close[0] in every else next(k for k in every if k.endswith("." + close[0]))
+# What peers (HF Trainer, PEFT, Axolotl, LLaMA-Factory) call some keys -> the tunesmith key.
+KEY_ALIASES = {
+    "learning_rate": "train.lr",
+    "batch_size": "train.micro_batch_size",
+    "per_device_train_batch_size": "train.micro_batch_size",
+    "micro_batch": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "gradient_accumulation": "train.grad_accum",
+    "num_epochs": "train.epochs",
+    "num_train_epochs": "train.epochs",
+    "lr_scheduler_type": "train.scheduler",
+    "rank": "strategy.lora.r",
+    "lora_r": "strategy.lora.r",
+    "lora_alpha": "strategy.lora.alpha",
+    "lora_dropout": "strategy.lora.dropout",
+    "max_length": "data.max_seq_len",
+    "sequence_len": "data.max_seq_len",
+    "cutoff_len": "data.max_seq_len",
+    "base_model": "model.name_or_path",
+    "model_name_or_path": "model.name_or_path",
+}
+
+
+def _unknown_key_message(key: str, name: str, siblings: list[str], prefix: str, value: Any) -> str:
+    match = _closest_key(name.lower(), siblings, prefix, isinstance(value, dict))
+    if match:
         return f"unknown config key '{key}' (did you mean '{match}'?)"
     return f"unknown config key '{key}' (valid keys here: {', '.join(prefix + s for s in siblings)})"
+
+
+def _closest_key(name: str, siblings: list[str], prefix: str, is_section: bool) -> str | None:
+    """The dotted key a user most likely meant, in order: a peer's name for it (`learning_rate`), the same
+    name in another section (a misplaced key: `train.r` -> `strategy.lora.r`), a typo of a key of this
+    section (`train.lrr`), a typo of a key anywhere."""
+    if name in KEY_ALIASES:
+        return KEY_ALIASES[name]
+    paths = _schema_paths(Config)
+    same = [p for p, section in paths if p.rsplit(".", 1)[-1] == name]
+    if same:
+        return next((p for p, section in paths if p in same and section == is_section), same[0])
+    close = difflib.get_close_matches(name, siblings, n=1, cutoff=0.6)
+    if close:
+        return prefix + close[0]
+    last_parts: dict[str, str] = {}
+    for p, _ in paths:
+        last_parts.setdefault(p.rsplit(".", 1)[-1], p)
+    close = difflib.get_close_matches(name, list(last_parts), n=1, cutoff=0.75)
+    return last_parts[close[0]] if close else None
+
+
+def _schema_paths(cls: type, prefix: str = "") -> list[tuple[str, bool]]:
+    """(dotted path, is a section) for every section and key of the schema."""
+    paths = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        is_section = dataclasses.is_dataclass(hints[f.name])
+        paths.append((f"{prefix}{f.name}", is_section))
+        if is_section:
+            paths += _schema_paths(hints[f.name], f"{prefix}{f.name}.")
+    return paths
 
 
 def all_keys(cls: type, prefix: str = "") -> list[str]:
@@ -332,10 +424,17 @@ def check(cfg: Config) -> None:
         raise ConfigError(f"data.validation_fraction: must be in [0, 1), got {cfg.data.validation_fraction}")
     if not 0.0 <= t.warmup_ratio < 1.0:
         raise ConfigError(f"train.warmup_ratio: must be in [0, 1), got {t.warmup_ratio}")
-    if len(t.betas) != 2:
-        raise ConfigError(f"train.betas: expected two numbers, got {t.betas}")
-    if t.lr <= 0:
-        raise ConfigError(f"train.lr: must be positive, got {t.lr}")
+    for key, value in (("train.warmup_steps", t.warmup_steps), ("train.weight_decay", t.weight_decay),
+                       ("strategy.freeze.last_n_layers", cfg.strategy.freeze.last_n_layers)):
+        if value < 0:
+            raise ConfigError(f"{key}: must not be negative, got {value}")
+    if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):
+        raise ConfigError(f"train.betas: expected two numbers in [0, 1), got {t.betas}")
+    for key, value in (("train.lr", t.lr), ("train.eps", t.eps), ("train.max_grad_norm", t.max_grad_norm)):
+        if value is not None and value <= 0:
+            raise ConfigError(f"{key}: must be positive, got {value}")
+    if not 0.0 <= cfg.strategy.lora.dropout < 1.0:
+        raise ConfigError(f"strategy.lora.dropout: must be in [0, 1), got {cfg.strategy.lora.dropout}")
     if cfg.strategy.name in ("lora", "dora", "qlora") and cfg.strategy.lora.r < 1:
         raise ConfigError(f"strategy.lora.r: must be at least 1, got {cfg.strategy.lora.r}")
     if cfg.strategy.name == "freeze" and not (cfg.strategy.freeze.last_n_layers or cfg.strategy.freeze.modules):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass
 from typing import Sequence
@@ -83,10 +84,12 @@ def collate(examples: Sequence[Example], pad_token_id: int) -> dict[str, torch.T
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+@functools.lru_cache(maxsize=2)  # the loop asks once per step; the permutation changes once per epoch
 def epoch_batches(num_examples: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     """The micro-batches of one epoch: a seeded permutation cut into `batch_size` pieces (last may be short).
 
     The order depends only on (seed, epoch), so a resumed run sees exactly the batches it would have.
+    The result is cached: treat it as read-only.
     """
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(num_examples, generator=generator).tolist()

@@ -183,7 +183,7 @@ class _Interval:
     """Sums over the steps since the last log line, so a logged loss is token-weighted over the interval."""
 
     def __init__(self) -> None:
-        self.flush()
+        self.loss_sum, self.units, self.tokens, self.start = 0.0, 0, 0, time.perf_counter()
 
     def add(self, stats: dict) -> None:
         self.loss_sum += stats["loss_sum"]
@@ -191,11 +191,8 @@ class _Interval:
         self.tokens += stats["tokens"]
 
     def flush(self) -> dict:
-        now = time.perf_counter()
-        record = {}
-        if getattr(self, "units", 0):
-            elapsed = now - self.start
-            record = {"loss": self.loss_sum / self.units, "loss_tokens": self.units, "tokens": self.tokens,
-                      "tokens_per_s": self.tokens / elapsed if elapsed > 0 else 0.0}
-        self.loss_sum, self.units, self.tokens, self.start = 0.0, 0, 0, now
+        elapsed = time.perf_counter() - self.start
+        record = {"loss": self.loss_sum / self.units, "loss_tokens": self.units, "tokens": self.tokens,
+                  "tokens_per_s": self.tokens / elapsed if elapsed > 0 else 0.0}
+        self.__init__()
         return record
