@@ -11,10 +11,10 @@ from conftest import chat_rows, write_jsonl
 from test_train import run_config
 from tunesmith.config import config_from_dict
 from tunesmith.errors import ConfigError, ModelError
-from tunesmith.model.load import ensure_pad_token, load_model
+from tunesmith.model.load import ensure_pad_token, load_model, resize_embeddings
 from tunesmith.model.strategies import apply_strategy, parameter_counts, quantization_config
 from tunesmith.train.checkpoint import latest_checkpoint, load_trainable_state
-from tunesmith.train.run import build_model, train
+from tunesmith.train.run import build_model, build_tokenizer, train
 
 NUM_LAYERS = 2  # the tiny models of conftest
 
@@ -104,7 +104,8 @@ def data_file(tmp_path_factory):
 
 def _trained_logits(cfg, batch):
     """Logits of the model as it was at the end of training: rebuilt and loaded from the last checkpoint."""
-    _, model = build_model(cfg)
+    tokenizer, added = build_tokenizer(cfg)
+    model = build_model(cfg, tokenizer, added)
     load_trainable_state(model, load_file(latest_checkpoint(
         __import__("pathlib").Path(cfg.train.output_dir) / "checkpoints") / "trainable.safetensors"))
     model.eval()
@@ -162,10 +163,13 @@ def test_missing_pad_token_gets_a_dedicated_one(model_dirs):
     tokenizer = train_tokenizer(CORPUS, vocab_size=300, pad=False)
     model = tiny_model("llama", vocab_size=len(tokenizer))
     rows = model.get_input_embeddings().weight.shape[0]
-    assert ensure_pad_token(tokenizer, model)
+    assert ensure_pad_token(tokenizer)
     assert tokenizer.pad_token_id not in (tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.unk_token_id)
+    resize_embeddings(model, tokenizer)
     assert model.get_input_embeddings().weight.shape[0] == rows + 1 == len(tokenizer)
-    assert not ensure_pad_token(tokenizer, model), "idempotent"
+    assert not ensure_pad_token(tokenizer), "idempotent"
+    resize_embeddings(model, tokenizer)
+    assert model.get_input_embeddings().weight.shape[0] == rows + 1, "no resize when the vocabulary fits"
 
 
 def test_pickle_weights_are_refused_unless_allowed(model_dirs, tmp_path):

@@ -84,16 +84,16 @@ def check_weight_files(name_or_path: str, allow_pickle: bool) -> None:
         )
 
 
-def ensure_pad_token(tokenizer, model) -> bool:
+def ensure_pad_token(tokenizer) -> bool:
     """Give a tokenizer without a pad token a dedicated one, never reusing EOS.
 
     Batches mask labels explicitly, so the pad id never hides a real EOS; a dedicated token also keeps
-    generation and other tools from confusing padding with end-of-text. Returns True if a token was added.
+    generation and other tools from confusing padding with end-of-text. The model's embeddings must then
+    cover the tokenizer (`resize_embeddings`). Returns True if a token was added.
     """
     if tokenizer.pad_token is not None:
         return False
     tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
-    resize_embeddings(model, tokenizer)
     log.info("the tokenizer had no pad token: added %s (id %d)", PAD_TOKEN, tokenizer.pad_token_id)
     return True
 

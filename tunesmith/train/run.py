@@ -43,12 +43,13 @@ def train(cfg: Config) -> dict:
     set_seed(cfg.train.seed)
     started = time.perf_counter()
 
-    tokenizer, model = build_model(cfg)
-    data = build_datasets(
+    tokenizer, added_tokens = build_tokenizer(cfg)
+    data = build_datasets(  # before the model: a bad row is reported without waiting for the weights
         tokenizer, cfg.data.train, cfg.data.validation, cfg.data.format, cfg.data.system_prompt,
         cfg.data.max_seq_len, cfg.data.train_on_prompt, cfg.data.validation_fraction, cfg.train.seed,
     )
     _log_data(data)
+    model = build_model(cfg, tokenizer, added_tokens)
     settings = _loop_settings(cfg, len(data.train), accelerator.num_processes)
     optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, tuple(cfg.train.betas), cfg.train.eps)
     warmup = cfg.train.warmup_steps or round(cfg.train.warmup_ratio * settings.total_steps)
@@ -91,25 +92,30 @@ def train(cfg: Config) -> dict:
     return report
 
 
-def build_model(cfg: Config):
-    """Tokenizer with chat template and pad token, and the model wrapped for the chosen strategy."""
-    m, strategy = cfg.model, cfg.strategy
+def build_tokenizer(cfg: Config):
+    """The tokenizer with its chat template and a pad token; returns it and the template tokens it gained."""
+    m = cfg.model
     tokenizer = load_tokenizer(m.tokenizer or m.name_or_path, m.revision, m.trust_remote_code)
     added = install_template(tokenizer, cfg.data.template) if cfg.train.objective == "sft" else []
-    dtype = resolve_dtype(m.dtype)
+    if added:
+        log.info("added template tokens to the vocabulary: %s", ", ".join(added))
+    ensure_pad_token(tokenizer)
+    return tokenizer, added
+
+
+def build_model(cfg: Config, tokenizer, added_tokens: list[str]):
+    """The model, its embeddings grown to the tokenizer, wrapped for the chosen strategy."""
+    m, strategy = cfg.model, cfg.strategy
     quant = None
     if strategy.name == "qlora":
         compute = resolve_dtype(strategy.quant.compute_dtype)
         quant = quantization_config(strategy.quant.quant_type, strategy.quant.double_quant, compute)
-    model = load_model(m.name_or_path, dtype, m.attn_implementation, m.revision, m.trust_remote_code,
-                       m.allow_pickle, quant)
-    if added:
-        resize_embeddings(model, tokenizer)
-        log.info("added template tokens to the vocabulary: %s", ", ".join(added))
-    ensure_pad_token(tokenizer, model)
+    model = load_model(m.name_or_path, resolve_dtype(m.dtype), m.attn_implementation, m.revision,
+                       m.trust_remote_code, m.allow_pickle, quant)
+    resize_embeddings(model, tokenizer)
     if cfg.train.objective == "sft" and not cfg.data.train_on_prompt:
         _set_generation_eos(model, tokenizer)
-    new_ids = tokenizer.convert_tokens_to_ids(added) if strategy.name in ADAPTER_STRATEGIES else []
+    new_ids = tokenizer.convert_tokens_to_ids(added_tokens) if strategy.name in ADAPTER_STRATEGIES else []
     model = apply_strategy(
         model, strategy.name,
         lora_r=strategy.lora.r, lora_alpha=strategy.lora.alpha, lora_dropout=strategy.lora.dropout,
@@ -120,7 +126,7 @@ def build_model(cfg: Config):
     trainable, total = parameter_counts(model)
     log.info("strategy %s: %s trainable of %s parameters (%.4f%%)", strategy.name, f"{trainable:,}",
              f"{total:,}", 100 * trainable / total)
-    return tokenizer, model
+    return model
 
 
 def _set_generation_eos(model, tokenizer) -> None:
