@@ -180,3 +180,33 @@ def test_pickle_weights_are_refused_unless_allowed(model_dirs, tmp_path):
         load_model(str(tmp_path))
     loaded = load_model(str(tmp_path), allow_pickle=True)
     assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+
+
+def test_added_template_tokens_train_with_adapters_and_reload(tmp_path, data_file):
+    """A base tokenizer with neither pad nor chatml markers: the markers and a pad token are added, the
+    embeddings grow, the new rows train through PEFT trainable tokens, and plain peft reloads the result
+    onto the base resized to the saved tokenizer."""
+    from peft import PeftModel
+
+    from conftest import CORPUS
+    from tunesmith.demo.tiny import build_model as tiny_model, save_tiny, train_tokenizer
+
+    tokenizer = train_tokenizer(CORPUS, vocab_size=300, pad=False, extra_special_tokens=())
+    base_dir = save_tiny(tmp_path / "base", tiny_model("llama", vocab_size=len(tokenizer)), tokenizer)
+    cfg = config_from_dict(run_config(base_dir, data_file, tmp_path / "run", train={"max_steps": 3, "lr": 1e-2}))
+    train(cfg)
+    final = tmp_path / "run" / "final"
+    saved = AutoTokenizer.from_pretrained(final)
+    assert len(saved) == len(tokenizer) + 3  # <|im_start|>, <|im_end|>, <|pad|>
+    new_ids = saved.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    base.resize_token_embeddings(len(saved))
+    reloaded = PeftModel.from_pretrained(base, final).eval()
+    batch = saved(["<|im_start|>user\nWhat is 2 plus 3?<|im_end|>\n"], return_tensors="pt")
+    with torch.no_grad():
+        got = reloaded(**batch).logits
+        embedded = reloaded.get_input_embeddings()(torch.tensor(new_ids))
+    assert (got - _trained_logits(cfg, batch)).abs().max().item() < 1e-6
+    fresh = AutoModelForCausalLM.from_pretrained(base_dir)
+    fresh.resize_token_embeddings(len(saved))
+    assert not torch.allclose(embedded, fresh.get_input_embeddings()(torch.tensor(new_ids))), "new rows trained"

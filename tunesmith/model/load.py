@@ -99,11 +99,20 @@ def ensure_pad_token(tokenizer) -> bool:
 
 
 def resize_embeddings(model, tokenizer) -> None:
-    """Grow the embedding matrix only when the tokenizer no longer fits in it (many models have spare rows)."""
+    """Grow the embedding matrix only when the tokenizer no longer fits in it (many models have spare rows).
+
+    New rows (input embeddings, and the output head when untied) start at the mean of the existing rows:
+    deterministic, so a model rebuilt on resume or for evaluation has exactly the rows it was trained with.
+    """
     rows = model.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) > rows:
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
-        log.info("resized the embeddings from %d to %d rows", rows, len(tokenizer))
+    if len(tokenizer) <= rows:
+        return
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    with torch.no_grad():
+        for layer in {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings())
+                      if m is not None}.values():
+            layer.weight[rows:] = layer.weight[:rows].mean(dim=0, keepdim=True)
+    log.info("resized the embeddings from %d to %d rows", rows, len(tokenizer))
 
 
 def _quantized_device_map():
