@@ -202,7 +202,7 @@ MALFORMED = {
     "non_utf8": ([GOOD, GOOD, b'{"text": "caf\xe9"}'], "auto", "3: invalid UTF-8"),
     "json_array": ([["not", "an", "object"]], "auto", "1: expected a JSON object, got list"),
     "json_string": ([GOOD, '"just a string"'], "auto", "2: expected a JSON object, got str"),
-    "unknown_format": ([{"prompt": "x", "completion": "y"}], "auto", "1: cannot tell the format"),
+    "unknown_format": ([{"question": "x", "answer": "y"}], "auto", "1: cannot tell the format"),
     "missing_messages": ([GOOD, {"text": "x"}], "messages", "2: messages: missing field"),
     "messages_not_list": ([{"messages": "hi"}], "auto", "1: messages: expected a non-empty list"),
     "messages_empty": ([{"messages": []}], "auto", "1: messages: expected a non-empty list"),

@@ -1,0 +1,220 @@
+"""Read the files people have, one record at a time, each with the place it came from.
+
+    for where, record in iter_records("data/*.csv"):   # where = "data/a.csv:12"
+        ...
+
+Supported: JSON Lines (.jsonl, .ndjson), JSON (an array of objects or an object of columns), CSV and TSV,
+Parquet, plain text (.txt, .md: one document per file or per line), folders of those, globs, and directories
+written by `datasets.save_to_disk`. Every reader streams except JSON, whose format has no record boundaries.
+A location is `file:line` for line-based formats and `file:row N` (0-based) for columnar ones.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+from tunesmith.errors import DataError
+
+JSONL = (".jsonl", ".ndjson")
+TEXT = (".txt", ".md", ".text")
+SUFFIXES = JSONL + TEXT + (".json", ".csv", ".tsv", ".parquet")
+
+Record = dict[str, Any]
+
+
+def resolve_paths(pattern: str) -> list[Path]:
+    """A file, a folder (its data files, recursively, sorted) or a glob; an empty match is an error."""
+    path = Path(pattern)
+    if is_saved_dataset(path):
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
+        if not files:
+            raise DataError(f"{pattern}: the folder holds no data files ({', '.join(SUFFIXES)})")
+        return files
+    if path.is_file():
+        return [path]
+    if any(ch in pattern for ch in "*?["):
+        files = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+        if not files:
+            raise DataError(f"{pattern}: no file matches")
+        return files
+    raise DataError(f"{pattern}: data file not found")
+
+
+def is_saved_dataset(path: Path) -> bool:
+    """A directory written by `datasets` (`Dataset.save_to_disk` or `DatasetDict.save_to_disk`)."""
+    return path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file())
+
+
+def iter_records(pattern: str, text_unit: str = "file") -> Iterator[tuple[str, Record]]:
+    """(location, record) for every record of every file `pattern` names.
+
+    Args:
+        text_unit: for plain text files, "file" (one document per file) or "line" (one per non-blank line);
+            text records are `{"text": ...}`.
+    """
+    for path in resolve_paths(pattern):
+        yield from _reader(path, text_unit)
+
+
+def _reader(path: Path, text_unit: str) -> Iterator[tuple[str, Record]]:
+    if is_saved_dataset(path):
+        return _saved_dataset(path)
+    suffix = path.suffix.lower()
+    if suffix in JSONL:
+        return ((f"{path}:{n}", obj) for n, obj in read_jsonl(path))
+    if suffix == ".json":
+        return _json(path)
+    if suffix in (".csv", ".tsv"):
+        return _csv(path, "\t" if suffix == ".tsv" else ",")
+    if suffix == ".parquet":
+        return _parquet(path)
+    if suffix in TEXT:
+        return _text(path, text_unit)
+    raise DataError(f"{path}: unsupported file type {suffix or '(none)'} (supported: {', '.join(SUFFIXES)})")
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, Record]]:
+    """Yield (line number, object) for each non-blank line; invalid JSON or UTF-8 names the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: data file not found")
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark (Windows editors)
+                raw = raw[3:]
+            line = _decode(raw, f"{path}:{lineno}")
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+            if not isinstance(obj, dict):
+                hint = " (JSON Lines: one object per line, not an array)" if isinstance(obj, list) else ""
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}{hint}")
+            yield lineno, obj
+
+
+def _decode(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{where}: invalid UTF-8 at byte {exc.start}") from None
+
+
+def _json(path: Path) -> Iterator[tuple[str, Record]]:
+    """An array of objects (each located by its line), or an object of equal-length columns."""
+    text = _decode(path.read_bytes(), str(path)).lstrip("\ufeff")
+    decoder = json.JSONDecoder()
+    start = len(text) - len(text.lstrip())
+    if text[start : start + 1] == "{":
+        try:
+            columns = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+        yield from _columns(path, columns)
+        return
+    if text[start : start + 1] != "[":
+        raise DataError(f"{path}:1: expected a JSON array of objects or an object of columns")
+    pos = start + 1
+    index = 0
+    while True:
+        pos = _skip_space(text, pos)
+        if text[pos : pos + 1] == "]":
+            return
+        line = text.count("\n", 0, pos) + 1
+        try:
+            obj, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}:{line}: item {index}: expected a JSON object, got {type(obj).__name__}")
+        yield f"{path}:{line}", obj
+        index += 1
+        pos = _skip_space(text, pos)
+        if text[pos : pos + 1] == ",":
+            pos += 1
+        elif text[pos : pos + 1] != "]":
+            line = text.count("\n", 0, pos) + 1
+            raise DataError(f"{path}:{line}: invalid JSON: expected ',' or ']' after item {index - 1}")
+
+
+def _skip_space(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
+
+
+def _columns(path: Path, columns: Any) -> Iterator[tuple[str, Record]]:
+    if not isinstance(columns, dict) or not all(isinstance(v, list) for v in columns.values()):
+        raise DataError(f"{path}: a JSON object must map column names to lists of values")
+    lengths = {k: len(v) for k, v in columns.items()}
+    if len(set(lengths.values())) > 1:
+        raise DataError(f"{path}: columns have different lengths: {lengths}")
+    for i in range(next(iter(lengths.values()), 0)):
+        yield f"{path}:row {i}", {k: v[i] for k, v in columns.items()}
+
+
+def _csv(path: Path, delimiter: str) -> Iterator[tuple[str, Record]]:
+    """Header row first; empty cells become None. Locations are the line a record starts on."""
+    with path.open("rb") as raw:
+        for n, line in enumerate(raw, start=1):  # CSV has no byte-level error location: check UTF-8 first
+            _decode(line, f"{path}:{n}")
+    with path.open(newline="", encoding="utf-8-sig") as fh:
+        reader = csv.reader(fh, delimiter=delimiter)
+        header = next(reader, None)
+        if header is None:
+            return
+        start = reader.line_num + 1
+        for row in reader:
+            where = f"{path}:{start}"
+            start = reader.line_num + 1
+            if not any(cell.strip() for cell in row):
+                continue
+            if len(row) != len(header):
+                raise DataError(f"{where}: expected {len(header)} fields ({', '.join(header)}), got {len(row)}")
+            yield where, {k: (v if v != "" else None) for k, v in zip(header, row)}
+
+
+def _parquet(path: Path) -> Iterator[tuple[str, Record]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
+    index = 0
+    for batch in table.iter_batches(batch_size=4096):
+        for record in batch.to_pylist():
+            yield f"{path}:row {index}", record
+            index += 1
+
+
+def _text(path: Path, unit: str) -> Iterator[tuple[str, Record]]:
+    text = _decode(path.read_bytes(), str(path)).lstrip("\ufeff")
+    if unit == "file":
+        if text.strip():
+            yield f"{path}:1", {"text": text}
+        return
+    for n, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            yield f"{path}:{n}", {"text": line}
+
+
+def _saved_dataset(path: Path) -> Iterator[tuple[str, Record]]:
+    from datasets import DatasetDict, load_from_disk
+
+    dataset = load_from_disk(str(path))
+    if isinstance(dataset, DatasetDict):
+        if "train" not in dataset:
+            raise DataError(f"{path}: a saved DatasetDict without a 'train' split (has {', '.join(dataset)})")
+        dataset = dataset["train"]
+    for i, record in enumerate(dataset):
+        yield f"{path}:row {i}", record
