@@ -70,18 +70,30 @@ def collate(examples: Sequence[Example], pad_token_id: int) -> dict[str, torch.T
     """Right-pad to the longest example. Padding never carries loss, whatever the pad id is.
 
     Returns:
-        input_ids (B, T), attention_mask (B, T), labels (B, T) with IGNORE_INDEX on padding.
+        input_ids, labels (IGNORE_INDEX on padding) and token_mask (1 on real tokens), each (B, T); plus
+        attention_mask (B, T) for ordinary batches, or position_ids (B, T) for packed ones, where they restart
+        at every document (padding forms a segment of its own) and the model builds the block-diagonal mask.
     """
     width = max(len(e.input_ids) for e in examples)
     input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    token_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    packed = examples[0].position_ids is not None
+    positions = torch.zeros((len(examples), width), dtype=torch.long)
     for i, e in enumerate(examples):
         n = len(e.input_ids)
         input_ids[i, :n] = torch.tensor(e.input_ids)
         labels[i, :n] = torch.tensor(e.labels)
-        attention_mask[i, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        token_mask[i, :n] = 1
+        if packed:
+            positions[i, :n] = torch.tensor(e.position_ids)
+            positions[i, n:] = torch.arange(width - n)
+    batch = {"input_ids": input_ids, "labels": labels, "token_mask": token_mask}
+    if packed:
+        batch["position_ids"] = positions
+    else:
+        batch["attention_mask"] = token_mask
+    return batch
 
 
 @functools.lru_cache(maxsize=2)  # the loop asks once per step; the permutation changes once per epoch

@@ -25,6 +25,7 @@ class Example:
     input_ids: list[int]
     labels: list[int]  # same length; IGNORE_INDEX where no loss is taken
     source: str = ""
+    position_ids: list[int] | None = None  # set for packed sequences: restart at 0 for every document
 
     @property
     def num_loss_tokens(self) -> int:

@@ -6,6 +6,16 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
+    """What the model is called with: a padded batch passes attention_mask, a packed one position_ids.
+
+    No KV cache: besides being useless in a full forward pass, a cache stops `transformers` from reading
+    packed documents out of the position ids.
+    """
+    return {**{k: batch[k] for k in MODEL_INPUTS if k in batch}, "use_cache": False}
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:

@@ -131,7 +131,7 @@ def train_step(model, objective: Objective, optimizer, scheduler, accelerator: A
             out = objective.loss(model, batch)
             accelerator.backward(out.loss_sum * scale)
         loss_sum += out.loss_sum.detach()
-        tokens += int(batch["attention_mask"].sum())
+        tokens += int(batch["token_mask"].sum())
     grad_norm = accelerator.clip_grad_norm_(
         [p for p in model.parameters() if p.requires_grad], max_grad_norm or float("inf")
     )
