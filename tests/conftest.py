@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from tunesmith.track.logs import quiet_third_party
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ["TUNESMITH_CACHE"] = tempfile.mkdtemp(prefix="tunesmith-test-cache-")  # never the user's cache
 torch.set_num_threads(2)
 quiet_third_party()
 

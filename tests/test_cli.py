@@ -80,7 +80,7 @@ def test_missing_config_file(tmp_path):
 def test_missing_data_file(tmp_path, model_dirs):
     """A data file that does not exist names its key and path."""
     cfg = write_config(tmp_path, model_dirs["llama"], tmp_path / "absent.jsonl")
-    assert_one_error_line(run_cli("train", cfg, cwd=tmp_path), "data.train[0]: file not found", "absent.jsonl")
+    assert_one_error_line(run_cli("train", cfg, cwd=tmp_path), "data.train[0]:", "absent.jsonl: data file not found")
 
 
 def test_missing_model_dir(tmp_path, data_file):

@@ -231,7 +231,7 @@ def test_wrong_type_in_yaml(tmp_path):
     (["train.grad_accum=0"], "train.grad_accum: must be at least 1, got 0"),
     (["train.max_steps=0"], "train.max_steps: must be at least 1 or null, got 0"),
     (["eval.every=-1"], "eval.every: must be at least 1 or null, got -1"),
-    (["data.validation_fraction=1"], "data.validation_fraction: must be in [0, 1), got 1.0"),
+    (["data.split.validation=1.5"], "data.split.validation: a fraction below 1 or a whole count, got 1.5"),
     (["train.warmup_ratio=-0.1"], "train.warmup_ratio: must be in [0, 1), got -0.1"),
     (["train.warmup_steps=-1"], "train.warmup_steps: must not be negative, got -1"),
     (["train.weight_decay=-0.1"], "train.weight_decay: must not be negative, got -0.1"),
@@ -251,7 +251,7 @@ def test_check_rejects(overrides, message):
 def test_check_accepts_valid_edges():
     """The limits themselves are fine; lora.r is not checked when LoRA is not used."""
     cfg = load_config(None, ["strategy.name=full", "strategy.lora.r=0", "train.max_grad_norm=null",
-                             "data.validation_fraction=0", "strategy.name=freeze", "strategy.freeze.last_n_layers=1"])
+                             "data.split.validation=0", "strategy.name=freeze", "strategy.freeze.last_n_layers=1"])
     assert cfg.strategy.name == "freeze" and cfg.train.max_grad_norm is None
 
 
@@ -308,9 +308,9 @@ def test_check_paths_missing_data_file(tmp_path):
     cfg = config_from_dict({"model": {"name_or_path": "org/name"}, "data": {"train": [str(data), str(missing)]}})
     with pytest.raises(ConfigError) as info:
         check_paths(cfg)
-    assert str(info.value) == f"data.train[1]: file not found: {missing}"
+    assert str(info.value) == f"data.train[1]: {missing}: data file not found"
     cfg.data.train, cfg.data.validation = [str(data)], [str(missing)]
-    with pytest.raises(ConfigError, match=r"^data\.validation\[0\]: file not found"):
+    with pytest.raises(ConfigError, match=r"^data\.validation\[0\]: .*: data file not found"):
         check_paths(cfg)
 
 

@@ -37,18 +37,52 @@ class ModelConfig:
     allow_pickle: bool = False  # load .bin/.pt weights (arbitrary code on load); off by default
 
 
+DataFormat = Literal["auto", "messages", "alpaca", "completion", "text", "classification", "preference", "unpaired"]
+
+
+@dataclass
+class SourceConfig:
+    """One data source: a file, a folder or a glob, with its own format, weight and field names."""
+
+    path: str = ""
+    format: Optional[DataFormat] = None  # None: data.format
+    weight: float = 1.0  # rows taken per row read: 0.5 samples half (seeded), 2 repeats every row twice
+    fields: dict[str, str] = field(default_factory=dict)  # internal name -> name in the file; None: data.fields
+    text_unit: Optional[Literal["file", "line"]] = None  # plain text: one document per file or per line
+
+
+@dataclass
+class SplitConfig:
+    """Held-out rows taken from the training sources when no separate files are given."""
+
+    validation: float = 0.0  # below 1: a fraction of the rows; 1 or more: a count
+    test: float = 0.0
+    stratify_by: Optional[Literal["label", "task"]] = None
+
+
+Sources = list[Union[str, SourceConfig]]
+
+
 @dataclass
 class DataConfig:
     """Where the examples come from and how they become token ids and loss masks."""
 
-    train: list[str] = field(default_factory=list)
-    validation: list[str] = field(default_factory=list)
-    format: Literal["auto", "messages", "alpaca", "text"] = "auto"
+    train: Sources = field(default_factory=list)
+    validation: Sources = field(default_factory=list)
+    test: Sources = field(default_factory=list)
+    format: DataFormat = "auto"
+    fields: dict[str, str] = field(default_factory=dict)  # default field mapping for every source
+    text_unit: Literal["file", "line"] = "file"
+    on_error: Literal["error", "skip"] = "error"  # a bad row stops the run, or is dropped and counted
     template: Optional[Literal["chatml", "llama3", "alpaca"]] = None  # None: the tokenizer's own
     system_prompt: Optional[str] = None
     train_on_prompt: bool = False
     max_seq_len: int = 1024
-    validation_fraction: float = 0.0  # split off train when no validation files are given
+    truncation: Literal["right", "left", "drop"] = "right"  # keep the start, keep the end, or drop
+    pack: bool = False  # SFT: best-fit packing into max_seq_len; clm: fixed blocks of max_seq_len
+    split: SplitConfig = field(default_factory=SplitConfig)
+    num_proc: int = 1  # processes for tokenisation
+    cache_dir: Optional[str] = None  # prepared data cached by fingerprint; None: ~/.cache/tunesmith/data
 
 
 @dataclass
@@ -265,6 +299,9 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         options = [a for a in args if a is not type(None)]
         if len(options) == 1:  # Optional[X]: X's own message (e.g. a Literal's suggestion)
             return _coerce(options[0], value, key)
+        sections = [a for a in options if dataclasses.is_dataclass(a)]
+        if isinstance(value, dict) and sections:  # the section's own messages (unknown key, wrong type)
+            return _coerce(sections[0], value, key)
         for arg in options:
             try:
                 return _coerce(arg, value, key)
@@ -279,9 +316,14 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         hint = f" (did you mean {lowered[close[0]]!r}?)" if close else ""
         choices = ", ".join(repr(a) for a in args)
         raise ConfigError(f"{key}: {value!r} is not one of {choices}{hint}")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {_describe(value)}")
+        key_type, value_type = args
+        return {_coerce(key_type, k, f"{key}.{k}"): _coerce(value_type, v, f"{key}.{k}") for k, v in value.items()}
     if origin is list:
-        if isinstance(value, (str, int, float)) and args and args[0] is str:
-            value = [value]  # a single path where a list is expected
+        if isinstance(value, (str, dict)) and _item_accepts(args[0], value):
+            value = [value]  # a single path (or source) where a list is expected
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {_describe(value)}")
         return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
@@ -335,6 +377,14 @@ KEY_ALIASES = {
     "base_model": "model.name_or_path",
     "model_name_or_path": "model.name_or_path",
 }
+
+
+def _item_accepts(tp: Any, value: Any) -> bool:
+    try:
+        _coerce(tp, value, "")
+    except ConfigError:
+        return False
+    return True
 
 
 def _unknown_key_message(key: str, name: str, siblings: list[str], prefix: str, value: Any) -> str:
@@ -420,8 +470,16 @@ def check(cfg: Config) -> None:
                        ("eval.every", cfg.eval.every)):
         if value is not None and value < 1:
             raise ConfigError(f"{key}: must be at least 1 or null, got {value}")
-    if not 0.0 <= cfg.data.validation_fraction < 1.0:
-        raise ConfigError(f"data.validation_fraction: must be in [0, 1), got {cfg.data.validation_fraction}")
+    for name in ("validation", "test"):
+        size = getattr(cfg.data.split, name)
+        if size < 0 or (size >= 1 and size != int(size)):
+            raise ConfigError(f"data.split.{name}: a fraction below 1 or a whole count, got {size}")
+    if cfg.data.num_proc < 1:
+        raise ConfigError(f"data.num_proc: must be at least 1, got {cfg.data.num_proc}")
+    for key in ("train", "validation", "test"):
+        for i, source in enumerate(getattr(cfg.data, key)):
+            if isinstance(source, SourceConfig) and (not source.path or source.weight <= 0):
+                raise ConfigError(f"data.{key}[{i}]: a source needs a path and a positive weight")
     if not 0.0 <= t.warmup_ratio < 1.0:
         raise ConfigError(f"train.warmup_ratio: must be in [0, 1), got {t.warmup_ratio}")
     for key, value in (("train.warmup_steps", t.warmup_steps), ("train.weight_decay", t.weight_decay),
@@ -450,10 +508,16 @@ def check_paths(cfg: Config) -> None:
         _check_model_path("model.tokenizer", cfg.model.tokenizer)
     if not cfg.data.train:
         raise ConfigError("data.train: required (one or more data files)")
-    for key in ("train", "validation"):
-        for i, p in enumerate(getattr(cfg.data, key)):
-            if not Path(p).is_file():
-                raise ConfigError(f"data.{key}[{i}]: file not found: {p}")
+    from tunesmith.data.sources import resolve_paths  # imported here: config stays free of data code at import
+    from tunesmith.errors import DataError
+
+    for key in ("train", "validation", "test"):
+        for i, source in enumerate(getattr(cfg.data, key)):
+            path = source.path if isinstance(source, SourceConfig) else source
+            try:
+                resolve_paths(path)
+            except DataError as exc:
+                raise ConfigError(f"data.{key}[{i}]: {exc}") from None
 
 
 def _check_model_path(key: str, value: str) -> None:

@@ -1,69 +1,13 @@
-"""Build the train/validation examples of a run and turn them into padded batches."""
+"""Turn examples into padded (or packed) batches, and the order batches come in."""
 
 from __future__ import annotations
 
 import functools
-import random
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
-from tunesmith.data.formats import Row, load_rows
-from tunesmith.data.tokenize import IGNORE_INDEX, DataReport, Example, tokenize_rows
-from tunesmith.errors import DataError
-
-
-@dataclass
-class Datasets:
-    train: list[Example]
-    validation: list[Example]
-    train_report: DataReport
-    validation_report: DataReport
-
-
-def build_datasets(
-    tokenizer,
-    train_files: Sequence[str],
-    validation_files: Sequence[str] = (),
-    fmt: str = "auto",
-    system_prompt: str | None = None,
-    max_seq_len: int = 1024,
-    train_on_prompt: bool = False,
-    validation_fraction: float = 0.0,
-    seed: int = 0,
-) -> Datasets:
-    """Read, normalise and tokenise the files of a run; split off validation rows when asked."""
-    train_rows = _read(train_files, fmt, system_prompt)
-    validation_rows = _read(validation_files, fmt, system_prompt)
-    if validation_fraction and not validation_rows:
-        train_rows, validation_rows = split_rows(train_rows, validation_fraction, seed)
-    train, train_report = tokenize_rows(tokenizer, train_rows, max_seq_len, train_on_prompt)
-    validation, validation_report = tokenize_rows(tokenizer, validation_rows, max_seq_len, train_on_prompt)
-    if not train:
-        raise DataError(
-            f"{', '.join(train_files)}: no example has a loss-bearing token left after truncation to "
-            f"data.max_seq_len={max_seq_len} ({train_report.dropped_no_loss_tokens} dropped)"
-        )
-    return Datasets(train, validation, train_report, validation_report)
-
-
-def _read(files: Sequence[str], fmt: str, system_prompt: str | None) -> list[Row]:
-    rows: list[Row] = []
-    for path in files:
-        rows += load_rows(path, fmt, system_prompt)
-    return rows
-
-
-def split_rows(rows: list[Row], fraction: float, seed: int) -> tuple[list[Row], list[Row]]:
-    """A seeded random split; at least one row on each side."""
-    if len(rows) < 2:
-        raise DataError(f"{rows[0].source if rows else 'data'}: too few rows to split off a validation set")
-    order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
-    n_val = min(max(1, round(len(rows) * fraction)), len(rows) - 1)
-    val_idx = set(order[:n_val])
-    return [r for i, r in enumerate(rows) if i not in val_idx], [r for i, r in enumerate(rows) if i in val_idx]
+from tunesmith.data.tokenize import IGNORE_INDEX, Example
 
 
 def collate(examples: Sequence[Example], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -44,9 +44,24 @@ class DataReport:
     dropped_sources: list[str] = field(default_factory=list)  # first few, for the log
     tokens: int = 0
     loss_tokens: int = 0
+    lengths: list[int] = field(default_factory=list, repr=False)  # tokens per kept example
 
     def as_dict(self) -> dict:
-        return dict(self.__dict__)
+        summary = {k: v for k, v in self.__dict__.items() if k != "lengths"}
+        return {**summary, "length": length_stats(self.lengths)}
+
+
+def length_stats(lengths: Sequence[int]) -> dict:
+    """min / mean / percentiles / max of token lengths (empty dict for no examples)."""
+    if not lengths:
+        return {}
+    ordered = sorted(lengths)
+
+    def pct(q: float) -> int:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    return {"min": ordered[0], "mean": round(sum(ordered) / len(ordered), 1), "p50": pct(0.5), "p90": pct(0.9),
+            "p99": pct(0.99), "max": ordered[-1]}
 
 
 def encode_chat(tokenizer, messages: Sequence[dict[str, str]], train_on_prompt: bool = False) -> tuple[list[int], list[int]]:
@@ -107,36 +122,81 @@ def _prefix_len(tokenizer, prefix_text: str, ids: list[int], turn: int) -> int:
     return len(prefix)
 
 
+TRUNCATION = ("right", "left", "drop")
+
+
+def encode_row(tokenizer, row: Row, train_on_prompt: bool = False) -> tuple[list[int], list[int]]:
+    """Token ids and labels for any row a supervised objective trains on (chat, completion, text)."""
+    kind = row.kind
+    if kind == "chat":
+        return encode_chat(tokenizer, row.messages, train_on_prompt)
+    if kind == "text":
+        return encode_text(tokenizer, row.text)
+    if kind == "completion":
+        return encode_completion(tokenizer, row.prompt, row.completion, train_on_prompt)
+    if kind == "classification":
+        raise DataError("a classification row (text + label) has no answer to train on: turn it into instruction "
+                        "data with data.instruct, or use a classification strategy")
+    raise DataError(f"a {kind} row needs an alignment objective, not supervised fine-tuning")
+
+
+def encode_completion(tokenizer, prompt: str, completion: str, train_on_prompt: bool = False):
+    """Prompt (BOS if the tokenizer adds one) + completion + EOS, loss on the completion and EOS.
+
+    Prompt and completion are tokenised separately, so the prompt ids are exactly what inference feeds.
+    """
+    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        completion_ids = completion_ids + [tokenizer.eos_token_id]
+    ids = prompt_ids + completion_ids
+    labels = list(ids) if train_on_prompt else [IGNORE_INDEX] * len(prompt_ids) + completion_ids
+    return ids, labels
+
+
+def truncate(ids: list[int], labels: list[int], max_seq_len: int, policy: str):
+    """Fit an example into `max_seq_len` tokens, or None when the policy drops it.
+
+    right: keep the start (a long answer is cut); left: keep the end (the prompt loses its oldest tokens);
+    drop: drop the example.
+    """
+    if len(ids) <= max_seq_len:
+        return ids, labels
+    if policy == "drop":
+        return None
+    if policy == "left":
+        return ids[-max_seq_len:], labels[-max_seq_len:]
+    return ids[:max_seq_len], labels[:max_seq_len]
+
+
 def tokenize_rows(
-    tokenizer, rows: Sequence[Row], max_seq_len: int, train_on_prompt: bool = False
+    tokenizer, rows: Sequence[Row], max_seq_len: int, train_on_prompt: bool = False, truncation: str = "right"
 ) -> tuple[list[Example], DataReport]:
-    """Tokenise, truncate to `max_seq_len` (keeping the start) and drop examples left without loss tokens.
+    """Tokenise, fit to `max_seq_len` by the truncation policy, and drop examples without loss tokens.
 
     Every drop is counted in the report; none is silent.
     """
     report = DataReport(rows=len(rows))
-    if any(r.text is None for r in rows):
+    if any(r.kind == "chat" for r in rows):
         end_of_turn_marker(tokenizer)  # fail early on a template that never ends a turn
     examples = []
     for row in rows:
         try:
-            if row.text is not None:
-                ids, labels = encode_text(tokenizer, row.text)
-            else:
-                ids, labels = encode_chat(tokenizer, row.messages, train_on_prompt)
+            ids, labels = encode_row(tokenizer, row, train_on_prompt)
         except DataError as exc:
             raise DataError(f"{row.source}: {exc}") from None
+        fitted = truncate(ids, labels, max_seq_len, truncation)
         if len(ids) > max_seq_len:
             report.truncated += 1
-            ids, labels = ids[:max_seq_len], labels[:max_seq_len]
-        example = Example(ids, labels, row.source)
-        if example.num_loss_tokens == 0:
+        example = Example(*fitted, row.source) if fitted else None
+        if example is None or example.num_loss_tokens == 0:
             report.dropped_no_loss_tokens += 1
             if len(report.dropped_sources) < 10:
                 report.dropped_sources.append(row.source)
             continue
         examples.append(example)
-        report.tokens += len(ids)
+        report.lengths.append(len(example.input_ids))
+        report.tokens += len(example.input_ids)
         report.loss_tokens += example.num_loss_tokens
     report.examples = len(examples)
     return examples, report

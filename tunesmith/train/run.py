@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -19,7 +18,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from tunesmith.config import Config, check_paths, save_config, to_dict
-from tunesmith.data.batching import build_datasets
+from tunesmith.data.build import prepare_from_config, write_data_report
 from tunesmith.data.templates import end_of_turn_marker, install_template
 from tunesmith.errors import ConfigError
 from tunesmith.model.load import ensure_pad_token, load_model, load_tokenizer, resize_embeddings, resolve_dtype
@@ -44,19 +43,18 @@ def train(cfg: Config) -> dict:
     started = time.perf_counter()
 
     tokenizer, added_tokens = build_tokenizer(cfg)
-    data = build_datasets(  # before the model: a bad row is reported without waiting for the weights
-        tokenizer, cfg.data.train, cfg.data.validation, cfg.data.format, cfg.data.system_prompt,
-        cfg.data.max_seq_len, cfg.data.train_on_prompt, cfg.data.validation_fraction, cfg.train.seed,
-    )
-    _log_data(data)
+    # The data before the model: a bad row is reported without waiting for the weights.
+    data = prepare_from_config(cfg, tokenizer)
+    train_set, validation_set = data.splits["train"], data.splits["validation"]
+    _log_data(data.report)
     model = build_model(cfg, tokenizer, added_tokens)
-    settings = _loop_settings(cfg, len(data.train), accelerator.num_processes)
+    settings = _loop_settings(cfg, len(train_set), accelerator.num_processes)
     optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, tuple(cfg.train.betas), cfg.train.eps)
     warmup = cfg.train.warmup_steps or round(cfg.train.warmup_ratio * settings.total_steps)
     scheduler = build_scheduler(optimizer, settings.total_steps, warmup, cfg.train.scheduler)
     model, optimizer = accelerator.prepare(model, optimizer)
 
-    data_state = {"train_fingerprint": fingerprint(data.train), "total_steps": settings.total_steps}
+    data_state = {"train_fingerprint": data.fingerprint, "total_steps": settings.total_steps}
     start_step = 0
     if resume_from is not None:
         saved = load_checkpoint(resume_from, accelerator.unwrap_model(model), optimizer, scheduler)
@@ -65,12 +63,13 @@ def train(cfg: Config) -> dict:
         log.info("resumed from %s (step %d of %d)", resume_from, start_step, settings.total_steps)
     if accelerator.is_main_process:  # only now that everything checked out, so a refused resume changes nothing
         save_config(cfg, run_dir / "config.yaml")
+        write_data_report(data, run_dir)
     log.info("training %d optimizer steps (%d per epoch), %d micro-batches of %d per step",
-             settings.total_steps, steps_per_epoch(len(data.train), settings.micro_batch_size, settings.grad_accum,
+             settings.total_steps, steps_per_epoch(len(train_set), settings.micro_batch_size, settings.grad_accum,
                                                    accelerator.num_processes),
              settings.grad_accum, settings.micro_batch_size)
-    summary = fit(model, OBJECTIVES[cfg.train.objective], optimizer, scheduler, accelerator, data.train,
-                  data.validation, tokenizer.pad_token_id, settings, run_dir, start_step, data_state)
+    summary = fit(model, OBJECTIVES[cfg.train.objective], optimizer, scheduler, accelerator, train_set,
+                  validation_set, tokenizer.pad_token_id, settings, run_dir, start_step, data_state)
 
     report = {}
     if accelerator.is_main_process:
@@ -83,7 +82,7 @@ def train(cfg: Config) -> dict:
             "trainable_parameters": trainable,
             "total_parameters": total,
             "seconds": round(time.perf_counter() - started, 2),
-            "data": {"train": data.train_report.as_dict(), "validation": data.validation_report.as_dict()},
+            "data": data.report["splits"],
             "config": to_dict(cfg),
         }
         write_report(run_dir, report)
@@ -170,14 +169,6 @@ def _resume_point(run_dir: Path, resume: bool) -> Path | None:
     return found
 
 
-def fingerprint(examples) -> str:
-    """A digest of the tokenised training data: resuming on different data would not replay the same batches."""
-    digest = hashlib.sha256()
-    for e in examples:
-        digest.update(json.dumps([e.input_ids, e.labels]).encode())
-    return digest.hexdigest()
-
-
 def _check_resumable(saved: dict, current: dict, path: Path) -> None:
     if saved.get("train_fingerprint") != current["train_fingerprint"]:
         raise ConfigError(
@@ -189,16 +180,23 @@ def _check_resumable(saved: dict, current: dict, path: Path) -> None:
                     current["total_steps"], saved.get("total_steps"))
 
 
-def _log_data(data) -> None:
-    for name, report in (("train", data.train_report), ("validation", data.validation_report)):
-        if not report.rows:
+def _log_data(report: dict) -> None:
+    for name, sources in report["sources"].items():
+        for path, r in sources.items():
+            if r["skipped"]:
+                log.warning("%s: skipped %d bad rows (data.on_error=skip), e.g. %s", path, r["skipped"], r["errors"][0])
+    for name, s in report["splits"].items():
+        if not s.get("rows"):
             continue
-        log.info("%s data: %d rows -> %d examples, %d tokens (%d with loss), %d truncated", name, report.rows,
-                 report.examples, report.tokens, report.loss_tokens, report.truncated)
-        if report.dropped_no_loss_tokens:
+        log.info("%s data: %d rows -> %d examples, %d tokens (%d with loss), %d truncated", name, s["rows"],
+                 s["examples"], s["tokens"], s["loss_tokens"], s["truncated"])
+        if s["dropped_no_loss_tokens"]:
             log.warning("%s data: dropped %d examples with no loss-bearing token left after truncation "
-                        "(first: %s); raise data.max_seq_len to keep them", name, report.dropped_no_loss_tokens,
-                        ", ".join(report.dropped_sources[:3]))
+                        "(first: %s); raise data.max_seq_len to keep them", name, s["dropped_no_loss_tokens"],
+                        ", ".join(s["dropped_sources"][:3]))
+        if "packing" in s:
+            log.info("%s data packed into %d sequences (%.1f%% of token slots used)", name,
+                     s["packing"]["sequences"], 100 * s["packing"]["efficiency"])
 
 
 def save_final(model, tokenizer, path: Path) -> None:
@@ -220,5 +218,5 @@ def write_report(run_dir: Path, report: dict) -> None:
         lines.append(f"| {key} | {value:.4f} |" if isinstance(value, float) else f"| {key} | {value} |")
     d = report["data"]["train"]
     lines += ["", f"Train data: {d['rows']} rows, {d['examples']} examples, {d['truncated']} truncated, "
-              f"{d['dropped_no_loss_tokens']} dropped for having no loss-bearing token."]
+              f"{d['dropped_no_loss_tokens']} dropped for having no loss-bearing token (see data_report.md)."]
     (run_dir / "report.md").write_text("\n".join(lines) + "\n")

@@ -1,0 +1,322 @@
+"""The data pipeline `tunesmith prepare` runs and `tunesmith train` reuses:
+
+    read sources (policy error|skip, weights) -> clean -> split -> tokenise + mask (datasets.map, num_proc)
+      -> pack -> Arrow datasets cached by fingerprint, and a report of what every step did
+
+The result is keyed by a fingerprint of everything that shapes it (files' sizes and modification times,
+options, tokenizer, package version), so a second run on the same inputs loads the prepared Arrow tables
+instead of recomputing them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from tunesmith import __version__
+from tunesmith.data.formats import Row, iter_rows
+from tunesmith.data.pack import pack_blocks, pack_examples, packing_efficiency
+from tunesmith.data.sources import resolve_paths
+from tunesmith.data.split import split_indices
+from tunesmith.data.tokenize import Example, encode_row, length_stats, truncate
+from tunesmith.errors import DataError
+
+log = logging.getLogger(__name__)
+
+SPLIT_NAMES = ("train", "validation", "test")
+MAX_LISTED_ERRORS = 20
+
+
+@dataclass(frozen=True)
+class Source:
+    path: str
+    format: str = "auto"
+    weight: float = 1.0
+    fields: tuple[tuple[str, str], ...] = ()  # (internal name, name in the file)
+    text_unit: str = "file"
+
+
+@dataclass(frozen=True)
+class Options:
+    """Everything besides the sources and the tokenizer that shapes the prepared data."""
+
+    system_prompt: str | None = None
+    on_error: str = "error"
+    max_seq_len: int = 1024
+    truncation: str = "right"
+    train_on_prompt: bool = False
+    pack: bool = False
+    objective: str = "sft"  # clm packs into fixed blocks, sft into best-fit sequences
+    validation: float = 0.0
+    test: float = 0.0
+    stratify_by: str | None = None
+    seed: int = 0
+    num_proc: int = 1
+
+
+@dataclass
+class Prepared:
+    splits: dict[str, Sequence[Example]]
+    report: dict[str, Any]
+    fingerprint: str
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading
+
+
+@dataclass
+class ReadReport:
+    rows_read: int = 0
+    rows_kept: int = 0
+    skipped: int = 0
+    errors: list[str] = field(default_factory=list)  # the first few, verbatim
+
+
+def read_sources(sources: Sequence[Source], options: Options) -> tuple[list[Row], dict[str, dict]]:
+    """Rows of every source, with its weight applied; returns them and a report per source."""
+    rows: list[Row] = []
+    reports = {}
+    for source in sources:
+        report = ReadReport()
+        rng = random.Random(f"{options.seed}:{source.path}")
+
+        def skip(where: str, exc: DataError, report: ReadReport = report) -> None:
+            report.skipped += 1
+            if len(report.errors) < MAX_LISTED_ERRORS:
+                report.errors.append(str(exc))
+
+        handler = skip if options.on_error == "skip" else None
+        for row in iter_rows(source.path, source.format, options.system_prompt, dict(source.fields),
+                             source.text_unit, on_error=handler):
+            report.rows_read += 1
+            copies = _copies(source.weight, rng)
+            rows += [row] * copies
+            report.rows_kept += copies
+        if report.rows_read == 0:
+            if report.skipped:
+                raise DataError(f"{source.path}: no usable rows ({report.skipped} skipped; first: {report.errors[0]})")
+            raise DataError(f"{source.path}: no examples (the file is empty)")
+        reports[source.path] = dataclasses.asdict(report)
+    return rows, reports
+
+
+def _copies(weight: float, rng: random.Random) -> int:
+    """How many times a row is taken: the integer part of the weight, plus one more with the fraction's odds."""
+    whole = int(weight)
+    return whole + (1 if rng.random() < weight - whole else 0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tokenising (on datasets, in parallel) and packing
+
+
+def _row_record(row: Row) -> dict[str, Any]:
+    record = dataclasses.asdict(row)
+    record["messages"] = list(record["messages"])
+    return record
+
+
+def _tokenize_batch(batch: dict[str, list], tokenizer, options: Options) -> dict[str, list]:
+    """datasets.map function: rows -> ids, labels and what happened to each (kept / truncated / dropped)."""
+    out: dict[str, list] = {"input_ids": [], "labels": [], "source": [], "status": []}
+    for i in range(len(batch["source"])):
+        row = Row(**{k: batch[k][i] for k in batch})
+        row = dataclasses.replace(row, messages=tuple(row.messages or ()))
+        try:
+            ids, labels = encode_row(tokenizer, row, options.train_on_prompt)
+        except DataError as exc:
+            raise DataError(f"{row.source}: {exc}") from None
+        fitted = truncate(ids, labels, options.max_seq_len, options.truncation)
+        status = "kept" if len(ids) <= options.max_seq_len else "truncated"
+        if fitted is None or not any(t != -100 for t in fitted[1][1:]):
+            fitted, status = ([], []), "dropped"
+        out["input_ids"].append(fitted[0])
+        out["labels"].append(fitted[1])
+        out["source"].append(row.source)
+        out["status"].append(status)
+    return out
+
+
+def tokenize(rows: Sequence[Row], tokenizer, options: Options) -> tuple[list[Example], dict[str, Any]]:
+    """Tokenise with `datasets.map` (batched, `num_proc` processes); count truncated and dropped rows."""
+    from datasets import Dataset
+
+    if not rows:
+        return [], {"rows": 0, "examples": 0}
+    table = Dataset.from_list([_row_record(r) for r in rows])
+    table = table.map(_tokenize_batch, batched=True, batch_size=256, num_proc=_procs(options, len(rows)),
+                      remove_columns=table.column_names, fn_kwargs={"tokenizer": tokenizer, "options": options},
+                      load_from_cache_file=False, desc="tokenise")
+    status = table["status"]
+    examples = [Example(ids, labels, source) for ids, labels, source, st in
+                zip(table["input_ids"], table["labels"], table["source"], status) if st != "dropped"]
+    dropped = [source for source, st in zip(table["source"], status) if st == "dropped"]
+    report = {
+        "rows": len(rows),
+        "examples": len(examples),
+        "truncated": status.count("truncated"),
+        "dropped_no_loss_tokens": len(dropped),
+        "dropped_sources": dropped[:10],
+        "tokens": sum(len(e.input_ids) for e in examples),
+        "loss_tokens": sum(e.num_loss_tokens for e in examples),
+        "length": length_stats([len(e.input_ids) for e in examples]),
+    }
+    return examples, report
+
+
+def _procs(options: Options, num_rows: int) -> int | None:
+    # Forking processes costs more than it saves on small inputs.
+    return options.num_proc if options.num_proc > 1 and num_rows >= 2000 else None
+
+
+def pack(examples: list[Example], options: Options) -> tuple[list[Example], dict[str, Any]]:
+    if not options.pack or not examples:
+        return examples, {}
+    if options.objective == "clm":
+        packed = pack_blocks(examples, options.max_seq_len)
+    else:
+        packed = pack_examples(examples, options.max_seq_len)
+    report = {"sequences": len(packed), "documents": len(examples),
+              "efficiency": round(packing_efficiency(packed, options.max_seq_len), 4)}
+    return packed, report
+
+
+# ---------------------------------------------------------------------------------------------------
+# The whole pipeline
+
+
+def prepare(
+    tokenizer,
+    sources: dict[str, Sequence[Source]],
+    options: Options,
+    cache_dir: Path | None = None,
+    clean: Callable[[list[Row]], tuple[list[Row], list[Any] | None, dict]] | None = None,
+) -> Prepared:
+    """Run the pipeline (or load its cached result) for the sources of each split.
+
+    Args:
+        sources: split name -> sources; "validation"/"test" may be empty, then `options.validation` /
+            `options.test` rows are split off the training rows.
+        clean: rows -> (kept rows, near-duplicate group per kept row or None, report); None: no cleaning.
+    """
+    key = fingerprint(tokenizer, sources, options, clean)
+    if cache_dir is not None and (cached := _load_cached(cache_dir / key)) is not None:
+        log.info("prepared data loaded from the cache (%s)", cache_dir / key)
+        return Prepared(cached[0], cached[1], key)
+    report: dict[str, Any] = {"fingerprint": key, "sources": {}, "splits": {}}
+    rows = {}
+    for name in SPLIT_NAMES:
+        rows[name], report["sources"][name] = read_sources(sources.get(name, ()), options)
+    groups = None
+    if clean is not None:
+        rows["train"], groups, report["clean"] = clean(rows["train"])
+    rows.update(_split_off(rows, groups, options, report))
+    splits = {}
+    for name in SPLIT_NAMES:
+        examples, report["splits"][name] = tokenize(rows[name], tokenizer, options)
+        splits[name], packing = pack(examples, options) if name != "test" else (examples, {})
+        if packing:
+            report["splits"][name]["packing"] = packing
+    if cache_dir is not None:
+        _save_cached(cache_dir / key, splits, report)
+    return Prepared(splits, report, key)
+
+
+def _split_off(rows: dict[str, list[Row]], groups, options: Options, report: dict) -> dict[str, list[Row]]:
+    wanted = {name: getattr(options, name) for name in ("validation", "test") if getattr(options, name)}
+    wanted = {name: size for name, size in wanted.items() if not rows[name]}  # files given: nothing split off
+    if not wanted:
+        return {}
+    train = rows["train"]
+    strata = [_stratum(r, options.stratify_by) for r in train] if options.stratify_by else None
+    parts = split_indices(len(train), wanted.get("validation", 0), wanted.get("test", 0), options.seed, strata,
+                          groups)
+    report["split"] = {name: len(parts[name]) for name in parts}
+    return {name: [train[i] for i in parts[name]] for name in SPLIT_NAMES if name == "train" or name in wanted}
+
+
+def _stratum(row: Row, by: str) -> str:
+    if by == "label":
+        if row.label is None:
+            raise DataError(f"{row.source}: data.split.stratify_by=label, but the row has no label")
+        return row.label
+    return getattr(row, "task", None) or row.kind
+
+
+def fingerprint(tokenizer, sources: dict[str, Sequence[Source]], options: Options, clean=None) -> str:
+    """A digest of everything that shapes the prepared data."""
+    files = {}
+    for name, split_sources in sources.items():
+        for source in split_sources:
+            for path in resolve_paths(source.path):
+                stat = path.stat()
+                files[str(path)] = [stat.st_size, stat.st_mtime_ns]
+    parts = {
+        "version": __version__,
+        "sources": {k: [dataclasses.asdict(s) for s in v] for k, v in sources.items()},
+        "files": files,
+        "options": dataclasses.asdict(options),
+        "clean": getattr(clean, "fingerprint", None) if clean is not None else None,
+        "tokenizer": _tokenizer_digest(tokenizer),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _tokenizer_digest(tokenizer) -> str:
+    state = json.dumps({"vocab": sorted(tokenizer.get_vocab().items()), "template": tokenizer.chat_template,
+                        "special": tokenizer.all_special_tokens, "class": type(tokenizer).__name__})
+    return hashlib.sha256(state.encode()).hexdigest()
+
+
+def _save_cached(path: Path, splits: dict[str, Sequence[Example]], report: dict) -> None:
+    """Arrow tables per split + the report, written to a temporary name and renamed when complete."""
+    import shutil
+
+    from datasets import Dataset
+
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name, examples in splits.items():
+        if not examples:  # an empty Arrow table does not load back; a missing split reads as empty
+            continue
+        columns = {"input_ids": [e.input_ids for e in examples], "labels": [e.labels for e in examples],
+                   "source": [e.source for e in examples],
+                   "position_ids": [e.position_ids for e in examples]}
+        Dataset.from_dict(columns).save_to_disk(str(tmp / name))
+    (tmp / "report.json").write_text(json.dumps(report, indent=1))
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+
+
+def _load_cached(path: Path) -> tuple[dict[str, Sequence[Example]], dict] | None:
+    if not (path / "report.json").is_file():
+        return None
+    from datasets import load_from_disk
+
+    splits = {name: ExampleTable(load_from_disk(str(path / name))) if (path / name).is_dir() else []
+              for name in SPLIT_NAMES}
+    return splits, json.loads((path / "report.json").read_text())
+
+
+class ExampleTable(Sequence[Example]):
+    """A memory-mapped Arrow table of examples, read one at a time."""
+
+    def __init__(self, table) -> None:
+        self.table = table
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        row = self.table[index]
+        return Example(row["input_ids"], row["labels"], row["source"], row["position_ids"])
