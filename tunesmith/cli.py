@@ -25,6 +25,18 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare(args: argparse.Namespace) -> int:
+    from tunesmith.config import check_paths, load_config
+
+    cfg = load_config(args.config, list(args.overrides))
+    check_paths(cfg)
+    from tunesmith.data.prepare import prepare_command
+
+    with warnings_to_log():
+        prepare_command(cfg)
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from tunesmith.demo.run import run_demo
 
@@ -42,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.lr=1e-4")
     train.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
     train.set_defaults(func=_train)
+
+    prepare = commands.add_parser("prepare", help="read, clean, split, tokenise and pack the data of a config")
+    prepare.add_argument("config", help="YAML config file")
+    prepare.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    prepare.set_defaults(func=_prepare)
 
     demo = commands.add_parser("demo", help="the offline quickstart on the embedded synthetic world")
     demo.add_argument("--output-dir", default="runs/demo")

@@ -375,6 +375,12 @@ KEY_ALIASES = {
     "sequence_len": "data.max_seq_len",
     "cutoff_len": "data.max_seq_len",
     "base_model": "model.name_or_path",
+    "validation_fraction": "data.split.validation",
+    "val_set_size": "data.split.validation",
+    "val_size": "data.split.validation",
+    "test_size": "data.split.test",
+    "packing": "data.pack",
+    "sample_packing": "data.pack",
     "model_name_or_path": "model.name_or_path",
 }
 

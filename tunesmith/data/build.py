@@ -86,16 +86,17 @@ def _markdown(report: dict) -> str:
 
 
 def _histogram(prepared: Prepared, path: Path) -> None:
+    """Token lengths of the examples of each split, before packing."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for name, examples in prepared.splits.items():
-        lengths = [len(examples[i].input_ids) for i in range(len(examples))]
-        if lengths:
-            ax.hist(lengths, bins=40, alpha=0.6, label=f"{name} ({len(lengths)})")
+    for name, split in prepared.report["splits"].items():
+        hist = split.get("length_histogram") or {}
+        if hist.get("counts"):
+            ax.stairs(hist["counts"], hist["edges"], fill=True, alpha=0.6, label=f"{name} ({split['examples']})")
     ax.set_xlabel("tokens per example")
     ax.set_ylabel("examples")
     ax.legend()

@@ -167,8 +167,18 @@ def tokenize(rows: Sequence[Row], tokenizer, options: Options) -> tuple[list[Exa
         "tokens": sum(len(e.input_ids) for e in examples),
         "loss_tokens": sum(e.num_loss_tokens for e in examples),
         "length": length_stats([len(e.input_ids) for e in examples]),
+        "length_histogram": _histogram([len(e.input_ids) for e in examples]),
     }
     return examples, report
+
+
+def _histogram(lengths: list[int], bins: int = 40) -> dict[str, list]:
+    import numpy as np
+
+    if not lengths:
+        return {"edges": [], "counts": []}
+    counts, edges = np.histogram(lengths, bins=bins)
+    return {"edges": [round(float(e), 1) for e in edges], "counts": counts.tolist()}
 
 
 def _procs(options: Options, num_rows: int) -> int | None:

@@ -21,9 +21,11 @@ class _TqdmHandler(logging.StreamHandler):
 def quiet_third_party() -> None:
     """Keep the terminal for tunesmith's own progress: no per-file progress bars from transformers, and no
     notice from bitsandbytes about an optional CPU kernel that would have to be downloaded from a hub."""
+    import datasets
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()  # per-table saving bars; the pipeline reports its own progress
     transformers.utils.logging.set_verbosity_warning()
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
