@@ -43,7 +43,6 @@ _INVISIBLE = re.compile(
     "[\x00-\x08\x0b-\x1f\x7f-\x9f\u00ad\u180e\u200b\u200e\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff]"
 )
 _INNER_SPACE_RUN = re.compile(r"(?<=\S)[^\S\n]{2,}(?=\S)")  # inside a line only: indentation is code's syntax
-_TRAILING_SPACE = re.compile(r"[^\S\n]+$", re.MULTILINE)
 
 
 def normalize_text(text: str, unicode_form: str = "NFC", max_blank_lines: int = 2) -> tuple[str, bool]:
@@ -65,7 +64,7 @@ def normalize_text(text: str, unicode_form: str = "NFC", max_blank_lines: int = 
     out = _LINE_BREAK.sub("\n", out)
     out = _INVISIBLE.sub("", out)
     out = _INNER_SPACE_RUN.sub(" ", out)
-    out = _TRAILING_SPACE.sub("", out)
+    out = "\n".join(line.rstrip() for line in out.split("\n"))  # not a regex: "\s+$" is quadratic in long runs
     out = re.sub("\n{%d,}" % (max_blank_lines + 2), "\n" * (max_blank_lines + 1), out)
     out = out.lstrip("\n").rstrip()
     return out, out != text
@@ -100,6 +99,7 @@ SHINGLES = ("word", "char")
 _U64 = np.uint64
 _EMPTY = np.uint32(0xFFFFFFFF)  # the signature value of a text with no shingles
 _CHUNK = 256  # texts hashed at once: large enough for numpy, small enough to stay in the CPU cache
+_NUM_THREADS = 2
 _WORD_BASE = 0x100000001B3  # odd, so invertible modulo 2**64
 _WORD_BASE_INV = pow(_WORD_BASE, -1, 1 << 64)
 _SHINGLE_BASE = _U64(0x9E3779B97F4A7C15)
@@ -221,7 +221,7 @@ def minhash_signatures(
         raise ConfigError(f"near-dedup: ngram must be >= 1 and num_perm >= 2, got {ngram} and {num_perm}")
     perms = MinHash(num_perm=num_perm, seed=seed, scheme="affine32").permutations  # (2, num_perm) uint32
     chunks = [texts[lo : lo + _CHUNK] for lo in range(0, len(texts), _CHUNK)]
-    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:  # numpy releases the GIL
+    with ThreadPoolExecutor(max_workers=_NUM_THREADS) as pool:  # numpy releases the GIL
         parts = pool.map(lambda chunk: _chunk_signatures(chunk, shingle, ngram, perms), chunks)
         return np.concatenate([np.empty((0, num_perm), dtype=np.uint32), *parts])
 
@@ -415,7 +415,7 @@ _PII_RULES = (  # in this order: a key may hold digit runs, and phones are the l
         r"|eyJ[\w-]{8,}\.[\w-]{8,}\.[\w-]{8,}"  # JWT: base64url header.payload.signature
         r")(?![\w-])")),
     _PiiRule("EMAIL", re.compile(
-        r"(?<![\w.%+-])(?P<pii>[\w.%+-]+@(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\.)+[A-Za-z]{2,})(?![\w-])")),
+        r"(?<![\w.%+-])(?<!\w')(?P<pii>\w[\w.%+'-]*@(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\.)+[A-Za-z]{2,})(?![\w-])")),
     _PiiRule("IBAN", re.compile(r"(?<!\w)(?P<pii>[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?)(?!\w)"),
              _iban_ok),
     # contiguous, in fours (4-4-4-4, 4-4-4-4-3 ...), or Amex/Diners 4-6-5 / 4-6-4: ISBN-style groups are not cards

@@ -113,6 +113,8 @@ def iter_rows(
     detected_at = None  # where "auto" decided the format of the file
     for where, obj in iter_records(str(path), text_unit):
         try:
+            if isinstance(obj, DataError):
+                raise obj
             obj = rename_fields(obj, fields, where)
             if fmt == "auto":
                 fmt, detected_at = _detect_or_fail(obj, where), where

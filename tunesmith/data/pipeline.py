@@ -125,7 +125,7 @@ def _row_record(row: Row) -> dict[str, Any]:
 
 def _tokenize_batch(batch: dict[str, list], tokenizer, options: Options) -> dict[str, list]:
     """datasets.map function: rows -> ids, labels and what happened to each (kept / truncated / dropped)."""
-    out: dict[str, list] = {"input_ids": [], "labels": [], "source": [], "status": []}
+    out: dict[str, list] = {"input_ids": [], "labels": [], "source": [], "truncated": [], "dropped": []}
     for i in range(len(batch["source"])):
         row = Row(**{k: batch[k][i] for k in batch})
         row = dataclasses.replace(row, messages=tuple(row.messages or ()))
@@ -134,13 +134,13 @@ def _tokenize_batch(batch: dict[str, list], tokenizer, options: Options) -> dict
         except DataError as exc:
             raise DataError(f"{row.source}: {exc}") from None
         fitted = truncate(ids, labels, options.max_seq_len, options.truncation)
-        status = "kept" if len(ids) <= options.max_seq_len else "truncated"
-        if fitted is None or not any(t != -100 for t in fitted[1][1:]):
-            fitted, status = ([], []), "dropped"
+        dropped = fitted is None or not any(t != -100 for t in fitted[1][1:])
+        fitted = ([], []) if dropped else fitted
         out["input_ids"].append(fitted[0])
         out["labels"].append(fitted[1])
         out["source"].append(row.source)
-        out["status"].append(status)
+        out["truncated"].append(len(ids) > options.max_seq_len)
+        out["dropped"].append(dropped)
     return out
 
 
@@ -154,14 +154,14 @@ def tokenize(rows: Sequence[Row], tokenizer, options: Options) -> tuple[list[Exa
     table = table.map(_tokenize_batch, batched=True, batch_size=256, num_proc=_procs(options, len(rows)),
                       remove_columns=table.column_names, fn_kwargs={"tokenizer": tokenizer, "options": options},
                       load_from_cache_file=False, desc="tokenise")
-    status = table["status"]
-    examples = [Example(ids, labels, source) for ids, labels, source, st in
-                zip(table["input_ids"], table["labels"], table["source"], status) if st != "dropped"]
-    dropped = [source for source, st in zip(table["source"], status) if st == "dropped"]
+    dropped_flags = table["dropped"]
+    examples = [Example(ids, labels, source) for ids, labels, source, dropped in
+                zip(table["input_ids"], table["labels"], table["source"], dropped_flags) if not dropped]
+    dropped = [source for source, flag in zip(table["source"], dropped_flags) if flag]
     report = {
         "rows": len(rows),
         "examples": len(examples),
-        "truncated": status.count("truncated"),
+        "truncated": sum(table["truncated"]),
         "dropped_no_loss_tokens": len(dropped),
         "dropped_sources": dropped[:10],
         "tokens": sum(len(e.input_ids) for e in examples),

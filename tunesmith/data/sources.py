@@ -7,6 +7,10 @@ Supported: JSON Lines (.jsonl, .ndjson), JSON (an array of objects or an object 
 Parquet, plain text (.txt, .md: one document per file or per line), folders of those, globs, and directories
 written by `datasets.save_to_disk`. Every reader streams except JSON, whose format has no record boundaries.
 A location is `file:line` for line-based formats and `file:row N` (0-based) for columnar ones.
+
+A record that cannot be read (invalid JSON, bad UTF-8, a CSV row with the wrong number of fields) is yielded as
+a `DataError` in place of the record, so a caller with a skip policy can count it and read on; problems with a
+whole file (missing, unsupported, not a JSON array) are raised.
 """
 
 from __future__ import annotations
@@ -51,8 +55,8 @@ def is_saved_dataset(path: Path) -> bool:
     return path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file())
 
 
-def iter_records(pattern: str, text_unit: str = "file") -> Iterator[tuple[str, Record]]:
-    """(location, record) for every record of every file `pattern` names.
+def iter_records(pattern: str, text_unit: str = "file") -> Iterator[tuple[str, Record | DataError]]:
+    """(location, record or the DataError that stopped it being read) for every record `pattern` names.
 
     Args:
         text_unit: for plain text files, "file" (one document per file) or "line" (one per non-blank line);
@@ -67,7 +71,7 @@ def _reader(path: Path, text_unit: str) -> Iterator[tuple[str, Record]]:
         return _saved_dataset(path)
     suffix = path.suffix.lower()
     if suffix in JSONL:
-        return ((f"{path}:{n}", obj) for n, obj in read_jsonl(path))
+        return ((f"{path}:{n}", obj) for n, obj in _jsonl(path))
     if suffix == ".json":
         return _json(path)
     if suffix in (".csv", ".tsv"):
@@ -80,25 +84,39 @@ def _reader(path: Path, text_unit: str) -> Iterator[tuple[str, Record]]:
 
 
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, Record]]:
-    """Yield (line number, object) for each non-blank line; invalid JSON or UTF-8 names the line."""
-    path = Path(path)
+    """Yield (line number, object) for each non-blank line; invalid JSON or UTF-8 raises, naming the line."""
+    for lineno, obj in _jsonl(Path(path)):
+        if isinstance(obj, DataError):
+            raise obj
+        yield lineno, obj
+
+
+def _jsonl(path: Path) -> Iterator[tuple[int, Record | DataError]]:
     if not path.is_file():
         raise DataError(f"{path}: data file not found")
     with path.open("rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
             if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark (Windows editors)
                 raw = raw[3:]
-            line = _decode(raw, f"{path}:{lineno}")
+            try:
+                line = _decode(raw, f"{path}:{lineno}")
+            except DataError as exc:
+                yield lineno, exc
+                continue
             if not line.strip():
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
-            if not isinstance(obj, dict):
-                hint = " (JSON Lines: one object per line, not an array)" if isinstance(obj, list) else ""
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}{hint}")
-            yield lineno, obj
+            yield lineno, _json_object(line, f"{path}:{lineno}")
+
+
+def _json_object(line: str, where: str) -> Record | DataError:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return DataError(f"{where}: invalid JSON: {exc.msg} (column {exc.colno})")
+    if not isinstance(obj, dict):
+        hint = " (JSON Lines: one object per line, not an array)" if isinstance(obj, list) else ""
+        return DataError(f"{where}: expected a JSON object, got {type(obj).__name__}{hint}")
+    return obj
 
 
 def _decode(raw: bytes, where: str) -> str:
@@ -134,7 +152,7 @@ def _json(path: Path) -> Iterator[tuple[str, Record]]:
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
         if not isinstance(obj, dict):
-            raise DataError(f"{path}:{line}: item {index}: expected a JSON object, got {type(obj).__name__}")
+            obj = DataError(f"{path}:{line}: item {index}: expected a JSON object, got {type(obj).__name__}")
         yield f"{path}:{line}", obj
         index += 1
         pos = _skip_space(text, pos)
@@ -178,7 +196,8 @@ def _csv(path: Path, delimiter: str) -> Iterator[tuple[str, Record]]:
             if not any(cell.strip() for cell in row):
                 continue
             if len(row) != len(header):
-                raise DataError(f"{where}: expected {len(header)} fields ({', '.join(header)}), got {len(row)}")
+                yield where, DataError(f"{where}: expected {len(header)} fields ({', '.join(header)}), got {len(row)}")
+                continue
             yield where, {k: (v if v != "" else None) for k, v in zip(header, row)}
 
 

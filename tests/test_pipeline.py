@@ -1,0 +1,244 @@
+"""The data pipeline: every source type, error policies, weights, truncation policies, cache, `prepare`."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+
+from conftest import write_jsonl
+from tunesmith.data.formats import load_rows
+from tunesmith.data.pipeline import ExampleTable, Options, Source, prepare, read_sources
+from tunesmith.data.sources import iter_records
+from tunesmith.data.templates import install_template
+from tunesmith.data.tokenize import IGNORE_INDEX
+from tunesmith.errors import DataError
+
+CHAT = {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}
+
+
+@pytest.fixture
+def chat_tokenizer(tokenizer):
+    tok = copy.deepcopy(tokenizer)
+    install_template(tok, "chatml")
+    return tok
+
+
+# --- sources ------------------------------------------------------------------------------------------
+
+
+def test_csv_and_tsv_with_locations_and_field_mapping(tmp_path):
+    (tmp_path / "a.csv").write_text('question,answer\n"What, exactly?",Yes\n\n"multi\nline",No\n')
+    (tmp_path / "b.tsv").write_text("question\tanswer\nQ1\tA1\n")
+    rows = load_rows(tmp_path / "a.csv", "completion", fields={"prompt": "question", "completion": "answer"})
+    assert [(r.source, r.prompt, r.completion) for r in rows] == [
+        (f"{tmp_path}/a.csv:2", "What, exactly?", "Yes"), (f"{tmp_path}/a.csv:4", "multi\nline", "No")]
+    rows = load_rows(tmp_path / "b.tsv", "completion", fields={"prompt": "question", "completion": "answer"})
+    assert (rows[0].prompt, rows[0].completion) == ("Q1", "A1")
+
+
+def test_json_array_records_are_located_by_line(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text('[\n  {"text": "one"},\n\n  {"text": "two"}\n]\n')
+    assert [where for where, _ in iter_records(str(path))] == [f"{path}:2", f"{path}:4"]
+
+
+def test_json_object_of_columns(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"text": ["good film", "bad film"], "label": ["pos", "neg"]}))
+    rows = load_rows(path)
+    assert [(r.kind, r.text, r.label) for r in rows] == [("classification", "good film", "pos"),
+                                                         ("classification", "bad film", "neg")]
+
+
+def test_parquet_and_saved_dataset(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    table = Dataset.from_dict({"prompt": ["2+2=", "3+3="], "completion": ["4", "6"]})
+    table.to_parquet(str(tmp_path / "p.parquet"))
+    DatasetDict({"train": table}).save_to_disk(str(tmp_path / "saved"))
+    for path, where in ((tmp_path / "p.parquet", "p.parquet:row 1"), (tmp_path / "saved", "saved:row 1")):
+        rows = load_rows(path)
+        assert [r.completion for r in rows] == ["4", "6"] and rows[1].source.endswith(where)
+
+
+def test_text_files_folders_and_globs(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text("first document\nstill first\n")
+    (tmp_path / "docs" / "b.md").write_text("second\n\nthird line\n")
+    assert [r.text for r in load_rows(tmp_path / "docs")] == ["first document\nstill first\n", "second\n\nthird line\n"]
+    per_line = load_rows(str(tmp_path / "docs" / "*.md"), text_unit="line")
+    assert [(r.source.rsplit("/", 1)[1], r.text) for r in per_line] == [("b.md:1", "second"), ("b.md:3", "third line")]
+
+
+def test_preference_and_unpaired_rows(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [
+        {"prompt": "Capital of France?", "chosen": "Paris.", "rejected": "Lyon."},
+        {"prompt": [{"role": "user", "content": "2+2?"}],
+         "chosen": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
+         "rejected": [{"role": "assistant", "content": "5"}]},
+    ])
+    rows = load_rows(path)
+    assert [(r.kind, r.messages[-1]["content"], r.chosen, r.rejected) for r in rows] == [
+        ("preference", "Capital of France?", "Paris.", "Lyon."), ("preference", "2+2?", "4", "5")]
+    path = write_jsonl(tmp_path / "k.jsonl", [{"prompt": "Hi", "completion": "Hello", "label": True},
+                                              {"prompt": "Hi", "completion": "Go away", "label": "no"}])
+    assert [(r.kind, r.desirable) for r in load_rows(path)] == [("unpaired", True), ("unpaired", False)]
+
+
+# A malformed-input corpus for the non-JSONL readers and the newer formats (JSONL cases: test_formats.py).
+MALFORMED = {
+    "csv_wrong_field_count": ("x.csv", b"text,label\nok,pos\nonly-one\n", "auto", "x.csv:3: expected 2 fields"),
+    "csv_bad_utf8": ("x.csv", b"text\n\xff\xfe\n", "auto", "x.csv:2: invalid UTF-8 at byte 0"),
+    "csv_empty_cell": ("x.csv", b"prompt,completion\nq,\n", "auto", "x.csv:2: completion: missing field"),
+    "json_not_array": ("x.json", b'"text"', "auto", "x.json:1: expected a JSON array of objects"),
+    "json_bad_item": ("x.json", b'[{"text": "a"},\n 3]', "auto", "x.json:2: item 1: expected a JSON object, got int"),
+    "json_syntax": ("x.json", b'[{"text": "a"},\n {"text": }]', "auto", "x.json:2: invalid JSON: Expecting value"),
+    "json_missing_comma": ("x.json", b'[{"text": "a"}\n {"text": "b"}]', "auto", "x.json:2: invalid JSON: expected ','"),
+    "json_ragged_columns": ("x.json", b'{"text": ["a", "b"], "label": ["x"]}', "auto",
+                            "x.json: columns have different lengths"),
+    "label_wrong_type": ("x.jsonl", b'{"text": "a", "label": [1]}\n', "auto",
+                         "x.jsonl:1: label: expected a string or an integer, got list"),
+    "label_empty": ("x.jsonl", b'{"text": "a", "label": " "}\n', "auto", "x.jsonl:1: label: empty"),
+    "completion_empty": ("x.jsonl", b'{"prompt": "a", "completion": ""}\n', "completion",
+                         "x.jsonl:1: completion: empty"),
+    "preference_missing_rejected": ("x.jsonl", b'{"prompt": "a", "chosen": "b"}\n', "preference",
+                                    "x.jsonl:1: rejected: missing field"),
+    "preference_answer_not_assistant": ("x.jsonl",
+                                        b'{"prompt": "a", "chosen": [{"role": "user", "content": "b"}], '
+                                        b'"rejected": "c"}\n', "auto",
+                                        "x.jsonl:1: chosen: expected turns ending with the assistant's"),
+    "preference_prompt_ends_with_assistant": ("x.jsonl",
+                                              b'{"prompt": [{"role": "assistant", "content": "b"}], '
+                                              b'"chosen": "c", "rejected": "d"}\n', "auto",
+                                              "x.jsonl:1: prompt: expected turns ending with the user's"),
+    "unpaired_bad_label": ("x.jsonl", b'{"prompt": "a", "completion": "b", "label": "maybe"}\n', "auto",
+                           "x.jsonl:1: label: expected desirable yes/no"),
+    "unsupported_suffix": ("x.xml", b"<a/>", "auto", "x.xml: unsupported file type .xml"),
+    "text_bad_utf8": ("x.txt", b"caf\xe9", "auto", "x.txt: invalid UTF-8 at byte 3"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MALFORMED))
+def test_malformed_inputs_name_file_line_and_field(tmp_path, name):
+    filename, content, fmt, expected = MALFORMED[name]
+    (tmp_path / filename).write_bytes(content)
+    with pytest.raises(DataError) as info:
+        load_rows(tmp_path / filename, fmt)
+    assert str(info.value).startswith(f"{tmp_path}/{expected}"), str(info.value)
+
+
+def test_missing_file_and_empty_glob(tmp_path):
+    with pytest.raises(DataError, match="nope.jsonl: data file not found"):
+        load_rows(tmp_path / "nope.jsonl")
+    with pytest.raises(DataError, match=r"\*.parquet: no file matches"):
+        load_rows(str(tmp_path / "*.parquet"))
+
+
+# --- policies and weights -----------------------------------------------------------------------------
+
+
+def test_skip_policy_drops_and_counts_bad_rows(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text(json.dumps(CHAT) + "\n{broken\n" + json.dumps({"messages": []}) + "\n" + json.dumps(CHAT) + "\n")
+    with pytest.raises(DataError, match=":2: invalid JSON"):
+        read_sources([Source(str(path))], Options())
+    rows, report = read_sources([Source(str(path))], Options(on_error="skip"))
+    assert len(rows) == 2
+    r = report[str(path)]
+    assert (r["rows_read"], r["rows_kept"], r["skipped"]) == (2, 2, 2)
+    assert r["errors"][0].startswith(f"{path}:2: invalid JSON") and ":3: messages" in r["errors"][1]
+
+
+def test_source_weights_repeat_and_sample_deterministically(tmp_path):
+    path = write_jsonl(tmp_path / "w.jsonl", [{"text": f"doc {i}"} for i in range(200)])
+    twice, _ = read_sources([Source(str(path), weight=2.0)], Options())
+    assert len(twice) == 400 and twice[0] == twice[1]
+    half, report = read_sources([Source(str(path), weight=0.5)], Options(seed=1))
+    again, _ = read_sources([Source(str(path), weight=0.5)], Options(seed=1))
+    assert half == again and 70 < len(half) < 130
+    assert report[str(path)]["rows_kept"] == len(half)
+
+
+# --- tokenisation, truncation, packing, cache --------------------------------------------------------
+
+
+def _long_chat(n_words: int) -> dict:
+    return {"messages": [{"role": "user", "content": "word " * n_words},
+                         {"role": "assistant", "content": "It is five."}]}
+
+
+@pytest.mark.parametrize("policy,kept,truncated", [("right", 2, 1), ("left", 3, 1), ("drop", 2, 1)])
+def test_truncation_policies_count_what_they_do(tmp_path, chat_tokenizer, policy, kept, truncated):
+    """One long prompt: right truncation cuts the answer away (dropped, counted), left keeps the answer
+    (the prompt loses its start), drop drops it."""
+    path = write_jsonl(tmp_path / "t.jsonl", [CHAT, _long_chat(60), CHAT])
+    prepared = prepare(chat_tokenizer, {"train": [Source(str(path))]}, Options(max_seq_len=40, truncation=policy))
+    split = prepared.report["splits"]["train"]
+    assert (split["examples"], split["truncated"]) == (kept, truncated)
+    assert split["dropped_no_loss_tokens"] == 3 - kept
+    if policy == "left":
+        long = next(e for e in prepared.splits["train"] if len(e.input_ids) == 40)
+        supervised = chat_tokenizer.decode([t for t in long.labels if t != IGNORE_INDEX])
+        assert supervised == "It is five.<|im_end|>"
+
+
+def test_completion_rows_supervise_the_completion_and_eos(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "c.jsonl", [{"prompt": "Two plus two is", "completion": " four."}])
+    prepared = prepare(tokenizer, {"train": [Source(str(path))]}, Options())
+    (example,) = prepared.splits["train"]
+    prompt_ids = tokenizer("Two plus two is")["input_ids"]
+    assert example.input_ids[: len(prompt_ids)] == prompt_ids
+    assert tokenizer.decode([t for t in example.labels if t != IGNORE_INDEX]) == " four.<|end_of_text|>"
+
+
+def test_split_off_validation_and_test(tmp_path, chat_tokenizer):
+    path = write_jsonl(tmp_path / "s.jsonl", [CHAT] * 50)
+    prepared = prepare(chat_tokenizer, {"train": [Source(str(path))]}, Options(validation=0.1, test=5))
+    assert [len(prepared.splits[s]) for s in ("train", "validation", "test")] == [40, 5, 5]
+
+
+def test_packing_reports_efficiency(tmp_path, chat_tokenizer):
+    path = write_jsonl(tmp_path / "p.jsonl", [CHAT] * 30)
+    prepared = prepare(chat_tokenizer, {"train": [Source(str(path))]}, Options(pack=True, max_seq_len=64))
+    packing = prepared.report["splits"]["train"]["packing"]
+    assert packing["documents"] == 30 and packing["sequences"] < 30
+    assert all(e.position_ids is not None and len(e.input_ids) <= 64 for e in prepared.splits["train"])
+
+
+def test_second_run_reuses_the_cache_and_a_changed_file_invalidates_it(tmp_path, chat_tokenizer):
+    path = write_jsonl(tmp_path / "c.jsonl", [CHAT] * 5)
+    sources = {"train": [Source(str(path))]}
+    first = prepare(chat_tokenizer, sources, Options(), cache_dir=tmp_path / "cache")
+    second = prepare(chat_tokenizer, sources, Options(), cache_dir=tmp_path / "cache")
+    assert isinstance(second.splits["train"], ExampleTable) and not isinstance(first.splits["train"], ExampleTable)
+    assert second.fingerprint == first.fingerprint
+    assert [e.input_ids for e in second.splits["train"]] == [e.input_ids for e in first.splits["train"]]
+    assert second.report == json.loads(json.dumps(first.report))
+    write_jsonl(path, [CHAT] * 6)
+    os.utime(path, ns=(1, 1))
+    third = prepare(chat_tokenizer, sources, Options(), cache_dir=tmp_path / "cache")
+    assert third.fingerprint != first.fingerprint and len(third.splits["train"]) == 6
+    other_options = prepare(chat_tokenizer, sources, Options(max_seq_len=8), cache_dir=tmp_path / "cache")
+    assert other_options.fingerprint != third.fingerprint
+
+
+def test_prepare_command_writes_tables_and_reports(tmp_path, model_dirs):
+    from datasets import load_from_disk
+
+    from tunesmith.config import config_from_dict
+    from tunesmith.data.prepare import prepare_command
+
+    path = write_jsonl(tmp_path / "d.jsonl", [CHAT] * 20)
+    cfg = config_from_dict({"model": {"name_or_path": str(model_dirs["llama"])},
+                            "data": {"train": [str(path)], "template": "chatml", "split": {"validation": 4}},
+                            "train": {"output_dir": str(tmp_path / "run")}})
+    out = prepare_command(cfg)
+    assert {p.name for p in out.iterdir()} == {"train", "validation", "data_report.json", "data_report.md",
+                                              "token_lengths.png"}
+    assert len(load_from_disk(str(out / "train"))) == 16
+    report = json.loads((out / "data_report.json").read_text())
+    assert report["splits"]["validation"]["examples"] == 4
+    assert "| train | 16 | 16 |" in (out / "data_report.md").read_text()
