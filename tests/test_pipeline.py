@@ -242,3 +242,26 @@ def test_prepare_command_writes_tables_and_reports(tmp_path, model_dirs):
     report = json.loads((out / "data_report.json").read_text())
     assert report["splits"]["validation"]["examples"] == 4
     assert "| train | 16 | 16 |" in (out / "data_report.md").read_text()
+
+
+def test_labelled_records_become_instruction_data_with_train_only_exemplars(tmp_path, chat_tokenizer):
+    """A sentiment CSV with a task: each record rendered by a seeded template; 2-shot exemplars come from the
+    training split only, and only the final answer is supervised."""
+    from tunesmith.data.pipeline import InstructOptions
+
+    reviews = [(f"review number {i} was {'great' if i % 2 else 'awful'}", "positive" if i % 2 else "negative")
+               for i in range(12)]
+    path = tmp_path / "s.csv"
+    path.write_text("review,sentiment\n" + "".join(f"{t},{label}\n" for t, label in reviews))
+    source = Source(str(path), fields=(("label", "sentiment"), ("text", "review")), task="sentiment")
+    options = Options(test=3, seed=5, instruct=InstructOptions(shots=2))
+    prepared = prepare(chat_tokenizer, {"train": [source]}, options)
+    train_texts = {chat_tokenizer.decode(e.input_ids) for e in prepared.splits["train"]}
+    for example in prepared.splits["test"]:
+        text = chat_tokenizer.decode(example.input_ids)
+        query = next(t for t, _ in reviews if t in text.rsplit("<|im_start|>user", 1)[1])
+        exemplars = [t for t, _ in reviews if t in text and t != query]
+        assert len(exemplars) == 2 and all(any(t in tt for tt in train_texts) for t in exemplars)
+        assert not any(query in tt for tt in train_texts), "a test record never appears in training"
+        supervised = chat_tokenizer.decode([t for t in example.labels if t != IGNORE_INDEX])
+        assert supervised.count("<|im_end|>") == 1

@@ -49,6 +49,19 @@ class SourceConfig:
     weight: float = 1.0  # rows taken per row read: 0.5 samples half (seeded), 2 repeats every row twice
     fields: dict[str, str] = field(default_factory=dict)  # internal name -> name in the file; None: data.fields
     text_unit: Optional[Literal["file", "line"]] = None  # plain text: one document per file or per line
+    task: Optional[str] = None  # labelled records of this task type (sentiment, nli, qa ...): see data.instruct
+
+
+@dataclass
+class InstructConfig:
+    """FLAN-style templates that turn the records of sources with a `task` into instruction data."""
+
+    templates: list[str] = field(default_factory=list)  # YAML files with more task types or templates
+    template_ids: Optional[list[str]] = None  # restrict to these templates (None: all)
+    inverted: bool = True  # also use the inverted templates
+    shots: int = 0  # k-shot exemplars, drawn from the training split only
+    fewshot_format: Literal["chat", "inline"] = "chat"
+    cot: bool = False  # chain-of-thought answers (tasks with worked reasoning, e.g. arithmetic)
 
 
 @dataclass
@@ -81,6 +94,7 @@ class DataConfig:
     truncation: Literal["right", "left", "drop"] = "right"  # keep the start, keep the end, or drop
     pack: bool = False  # SFT: best-fit packing into max_seq_len; clm: fixed blocks of max_seq_len
     split: SplitConfig = field(default_factory=SplitConfig)
+    instruct: InstructConfig = field(default_factory=InstructConfig)
     num_proc: int = 1  # processes for tokenisation
     cache_dir: Optional[str] = None  # prepared data cached by fingerprint; None: ~/.cache/tunesmith/data
 

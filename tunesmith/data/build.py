@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from tunesmith.config import Config, SourceConfig
-from tunesmith.data.pipeline import Options, Prepared, Source, prepare
+from tunesmith.data.pipeline import InstructOptions, Options, Prepared, Source, prepare
 
 
 def sources_from_config(cfg: Config) -> dict[str, list[Source]]:
@@ -25,7 +25,7 @@ def _source(entry: str | SourceConfig, fmt: str, fields: dict[str, str], text_un
     if isinstance(entry, str):
         return Source(entry, fmt, 1.0, tuple(sorted(fields.items())), text_unit)
     return Source(entry.path, entry.format or fmt, entry.weight, tuple(sorted((entry.fields or fields).items())),
-                  entry.text_unit or text_unit)
+                  entry.text_unit or text_unit, entry.task)
 
 
 def options_from_config(cfg: Config) -> Options:
@@ -35,6 +35,8 @@ def options_from_config(cfg: Config) -> Options:
         train_on_prompt=d.train_on_prompt, pack=d.pack, objective=cfg.train.objective,
         validation=d.split.validation, test=d.split.test, stratify_by=d.split.stratify_by, seed=cfg.train.seed,
         num_proc=d.num_proc,
+        instruct=InstructOptions(tuple(d.instruct.templates), tuple(d.instruct.template_ids or ()),
+                                 d.instruct.inverted, d.instruct.shots, d.instruct.fewshot_format, d.instruct.cot),
     )
 
 

@@ -8,15 +8,15 @@ normalise -> PII -> quality -> exact dedup -> near dedup (dedup last, so that it
 from __future__ import annotations
 
 import hashlib
-import os
 import ipaddress
+import os
 import re
 import unicodedata
 from collections import Counter
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from functools import cache
-from typing import Callable, Sequence
 
 import numpy as np
 from datasketch import LeanMinHash, MinHash, MinHashLSH
@@ -65,7 +65,7 @@ def normalize_text(text: str, unicode_form: str = "NFC", max_blank_lines: int = 
     out = _INVISIBLE.sub("", out)
     out = _INNER_SPACE_RUN.sub(" ", out)
     out = "\n".join(line.rstrip() for line in out.split("\n"))  # not a regex: "\s+$" is quadratic in long runs
-    out = re.sub("\n{%d,}" % (max_blank_lines + 2), "\n" * (max_blank_lines + 1), out)
+    out = re.sub("\n" * (max_blank_lines + 2) + "+", "\n" * (max_blank_lines + 1), out)
     out = out.lstrip("\n").rstrip()
     return out, out != text
 
@@ -99,7 +99,8 @@ SHINGLES = ("word", "char")
 _U64 = np.uint64
 _EMPTY = np.uint32(0xFFFFFFFF)  # the signature value of a text with no shingles
 _CHUNK = 256  # texts hashed at once: large enough for numpy, small enough to stay in the CPU cache
-_NUM_THREADS = 2
+_MAX_BUCKET = 256  # LSH buckets up to this size have all their pairs verified
+_NUM_THREADS = min(4, os.cpu_count() or 1)  # numpy releases the GIL: chunks hash in parallel
 _WORD_BASE = 0x100000001B3  # odd, so invertible modulo 2**64
 _WORD_BASE_INV = pow(_WORD_BASE, -1, 1 << 64)
 _SHINGLE_BASE = _U64(0x9E3779B97F4A7C15)
@@ -221,7 +222,7 @@ def minhash_signatures(
         raise ConfigError(f"near-dedup: ngram must be >= 1 and num_perm >= 2, got {ngram} and {num_perm}")
     perms = MinHash(num_perm=num_perm, seed=seed, scheme="affine32").permutations  # (2, num_perm) uint32
     chunks = [texts[lo : lo + _CHUNK] for lo in range(0, len(texts), _CHUNK)]
-    with ThreadPoolExecutor(max_workers=_NUM_THREADS) as pool:  # numpy releases the GIL
+    with ThreadPoolExecutor(max_workers=_NUM_THREADS) as pool:
         parts = pool.map(lambda chunk: _chunk_signatures(chunk, shingle, ngram, perms), chunks)
         return np.concatenate([np.empty((0, num_perm), dtype=np.uint32), *parts])
 
@@ -292,11 +293,20 @@ def _lsh_candidate_pairs(sig: np.ndarray, rows: np.ndarray, threshold: float, se
     for table in lsh.hashtables:
         for band, count in table.itemcounts().items():
             if count > 1:
-                members = np.sort(np.fromiter(table.get(band), dtype=np.int64, count=count))
-                i, j = np.triu_indices(count, 1)
-                codes.append(members[i] * len(sig) + members[j])  # one int per pair: bands repeat pairs
+                i, j = _bucket_pairs(np.sort(np.fromiter(table.get(band), dtype=np.int64, count=count)))
+                codes.append(i * len(sig) + j)  # one int per pair, to drop pairs that several bands repeat
     unique = np.unique(np.concatenate(codes))
     return np.stack((unique // len(sig), unique % len(sig)), axis=1)
+
+
+def _bucket_pairs(members: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs of rows of one LSH bucket to verify: all of them, or in a bucket larger than _MAX_BUCKET
+    (templated texts) each row with the first and with the next, so the work stays linear."""
+    if len(members) <= _MAX_BUCKET:
+        i, j = np.triu_indices(len(members), 1)
+        return members[i], members[j]
+    rest = members[1:]
+    return np.concatenate((np.full(len(rest), members[0]), members[:-1])), np.concatenate((rest, rest))
 
 
 def _estimated_jaccard(sig: np.ndarray, pairs: np.ndarray, block: int = 65536) -> np.ndarray:
@@ -315,7 +325,8 @@ def _components(pairs: np.ndarray) -> list[list[int]]:
     def root(x: int) -> int:
         parent.setdefault(x, x)
         while parent[x] != x:
-            parent[x] = x = parent[parent[x]]
+            parent[x] = parent[parent[x]]  # path halving
+            x = parent[x]
         return x
 
     for i, j in pairs.tolist():
@@ -344,6 +355,10 @@ class _PiiRule:
     kind: str
     pattern: re.Pattern
     is_valid: Callable[[re.Match], bool] = lambda m: True
+    # Cheap pre-checks (re scans are slow, ~30 us per 1000 characters): skip the rule unless one of
+    # `needs` occurs in the text and it has at least `min_digits` ASCII digits.
+    needs: tuple[str, ...] = ()
+    min_digits: int = 0
 
 
 def _preceded_by(m: re.Match, context: re.Pattern) -> bool:
@@ -403,9 +418,11 @@ def _phone_ok(m: re.Match) -> bool:
     return 9 <= len(digits) <= 12 if phone.lstrip("(").startswith("0") else len(digits) in (10, 11)
 
 
+_API_KEY_PREFIXES = ("sk-", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_", "AKIA", "ASIA", "xox", "hf_", "eyJ")
 _PII_RULES = (  # in this order: a key may hold digit runs, and phones are the loosest shape
     _PiiRule("API_KEY", re.compile(
-        r"(?i:authorization)[\"']?\s*[:=]\s*[\"']?(?i:bearer)\s+(?P<pii>[A-Za-z0-9._~+/-]{20,}=*)")),
+        r"(?i:authorization)[\"']?\s*[:=]\s*[\"']?(?i:bearer)\s+(?P<pii>[A-Za-z0-9._~+/-]{20,}=*)"),
+        needs=("earer", "EARER")),
     _PiiRule("API_KEY", re.compile(
         r"(?<![\w-])(?P<pii>sk-[A-Za-z0-9_-]{20,}"  # OpenAI / Anthropic-style secret keys
         r"|gh[pousr]_[A-Za-z0-9]{30,}|github_pat_\w{30,}"  # GitHub tokens
@@ -413,26 +430,28 @@ _PII_RULES = (  # in this order: a key may hold digit runs, and phones are the l
         r"|xox[abposr]-[A-Za-z0-9-]{10,}"  # Slack
         r"|hf_[A-Za-z0-9]{30,}"  # Hugging Face
         r"|eyJ[\w-]{8,}\.[\w-]{8,}\.[\w-]{8,}"  # JWT: base64url header.payload.signature
-        r")(?![\w-])")),
+        r")(?![\w-])"), needs=_API_KEY_PREFIXES),
     _PiiRule("EMAIL", re.compile(
-        r"(?<![\w.%+-])(?<!\w')(?P<pii>\w[\w.%+'-]*@(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\.)+[A-Za-z]{2,})(?![\w-])")),
+        r"(?<![\w.%+-])(?<!\w')(?P<pii>\w[\w.%+'-]*@(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\.)+[A-Za-z]{2,})"
+        r"(?![\w-])"), needs=("@",)),
     _PiiRule("IBAN", re.compile(r"(?<!\w)(?P<pii>[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?)(?!\w)"),
-             _iban_ok),
+             _iban_ok, min_digits=2),
     # contiguous, in fours (4-4-4-4, 4-4-4-4-3 ...), or Amex/Diners 4-6-5 / 4-6-4: ISBN-style groups are not cards
     _PiiRule("CREDIT_CARD", re.compile(
         r"(?<![\w+.,-])(?P<pii>\d{13,19}|\d{4}(?:[ -]\d{4}){2,3}(?:[ -]\d{1,4})?|\d{4}[ -]\d{6}[ -]\d{4,5})"
-        r"(?![\w-]|[.,]\d)"), _card_ok),
+        r"(?![\w-]|[.,]\d)"), _card_ok, min_digits=13),
     _PiiRule("IP", re.compile(
         r"(?<![\w:.])(?P<pii>(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|\d{1,3}(?:\.\d{1,3}){3})?)(?![\w:]|\.\d)"),
-        _ipv6_ok),
+        _ipv6_ok, needs=(":",), min_digits=1),
     # not inside a longer dotted run (1.2.3.4.5) nor glued to letters or digits
-    _PiiRule("IP", re.compile(r"(?<![\w.])(?P<pii>\d{1,3}(?:\.\d{1,3}){3})(?!\w|\.\d)"), _ipv4_ok),
+    _PiiRule("IP", re.compile(r"(?<![\w.])(?P<pii>\d{1,3}(?:\.\d{1,3}){3})(?!\w|\.\d)"), _ipv4_ok,
+             needs=(".",), min_digits=4),
     _PiiRule("PHONE", re.compile(
         r"(?<![\w+./-])(?<!\d[ .])(?P<pii>"
         r"\+\d{1,3}(?:[ .-]?(?:\(\d{1,4}\)|\d{1,8})){1,6}"  # +44 20 7946 0958, +1 (555) 123-4567
         r"|(?:\(0\d{1,4}\)|0\d{1,4})(?:[ -]\d{2,8}){1,4}"  # national with trunk 0: 020 7946 0958
         r"|(?:1[ .-])?(?:\([2-9]\d{2}\) ?|[2-9]\d{2}[ .-])\d{3}[ .-]\d{4}"  # North American: (555) 123-4567
-        r")(?![\w-]|[ .-]?\d|[.:]\d)"), _phone_ok),
+        r")(?![\w-]|[ .-]?\d|[.:]\d)"), _phone_ok, min_digits=8),
 )
 
 
@@ -450,11 +469,16 @@ def scrub_pii(text: str, kinds: Sequence[str] = PII_KINDS) -> tuple[str, dict[st
     """
     for kind in kinds:
         _check_choice("PII kind", kind, PII_KINDS)
+    num_digits = sum(map(text.count, "0123456789"))  # replacing only removes digits: stays an upper bound
     counts: Counter[str] = Counter()
     for rule in _PII_RULES:
-        if rule.kind in kinds:
+        if rule.kind in kinds and num_digits >= rule.min_digits and _has_any(text, rule.needs):
             text, counts[rule.kind] = _apply_rule(rule, text, counts[rule.kind])
     return text, {kind: n for kind, n in counts.items() if n}
+
+
+def _has_any(text: str, needs: tuple[str, ...]) -> bool:
+    return not needs or any(map(text.__contains__, needs))
 
 
 def _apply_rule(rule: _PiiRule, text: str, count: int) -> tuple[str, int]:
@@ -473,7 +497,7 @@ def _apply_rule(rule: _PiiRule, text: str, count: int) -> tuple[str, int]:
 # 5. Quality filters
 
 BASIC_PUNCTUATION = ".,;:!?¿¡'\"()[]-‐–—…‘’“”„«»"
-_TEXT_RUN = re.compile(r"[^\W\d_]+|\s+|[%s]+" % re.escape(BASIC_PUNCTUATION))
+_TEXT_RUN = re.compile(r"[^\W\d_]+|\s+|[" + re.escape(BASIC_PUNCTUATION) + "]+")  # letters, spaces, punctuation
 
 
 @dataclass(frozen=True)
@@ -581,6 +605,14 @@ class CleanSteps:
     seed: int = 1
 
     def __post_init__(self) -> None:
+        for name, ok, expected in (
+            ("max_blank_lines", self.max_blank_lines >= 0, ">= 0"),
+            ("near_threshold", 0.0 < self.near_threshold <= 1.0, "in (0, 1]"),
+            ("ngram", self.ngram >= 1, ">= 1"),
+            ("num_perm", self.num_perm >= 2, ">= 2"),
+        ):
+            if not ok:
+                raise ConfigError(f"clean: {name} must be {expected}, got {getattr(self, name)!r}")
         _check_choice("unicode_form", self.unicode_form, UNICODE_FORMS)
         _check_choice("near_dedup", self.near_dedup, NEAR_DEDUP_MODES)
         _check_choice("shingle", self.shingle, SHINGLES)
@@ -609,6 +641,11 @@ class CleanReport:
     @property
     def num_kept(self) -> int:
         return self.num_rows - len(self.removed)
+
+    def group_ids(self, rows: Sequence[int]) -> list[int | None]:
+        """The near-duplicate group (index into near_groups) of each row, or None: what a split keeps whole."""
+        group_of = {row: g for g, group in enumerate(self.near_groups) for row in group}
+        return [group_of.get(row) for row in rows]
 
     def summary(self) -> str:
         """A few lines for the log."""

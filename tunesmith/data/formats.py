@@ -47,9 +47,14 @@ class Row:
     chosen: str | None = None
     rejected: str | None = None
     desirable: bool | None = None
+    task: str | None = None  # a labelled record's task type, or the task an instruction row was rendered from
+    # (then only its last assistant turn is supervised: earlier ones are few-shot exemplars)
+    record: dict[str, Any] | None = None  # the labelled record's fields, until templates turn it into chat
 
     @property
     def kind(self) -> str:
+        if self.record is not None:
+            return "task"
         if self.chosen is not None:
             return "preference"
         if self.desirable is not None:
@@ -105,9 +110,11 @@ def iter_rows(
     fields: dict[str, str] | None = None,
     text_unit: str = "file",
     on_error=None,
+    task: str | None = None,
 ):
     """Normalised rows, streamed. `on_error(where, DataError)` decides what a bad record does: by default
-    the error is raised; a handler that returns skips the record (the caller counts it)."""
+    the error is raised; a handler that returns skips the record (the caller counts it). With `task`, records
+    are kept as labelled records of that task type, for instruction templates to render later."""
     if fmt not in ("auto",) + FORMATS:
         raise DataError(f"{path}: unknown data format {fmt!r} (expected 'auto', {', '.join(map(repr, FORMATS))})")
     detected_at = None  # where "auto" decided the format of the file
@@ -116,6 +123,9 @@ def iter_rows(
             if isinstance(obj, DataError):
                 raise obj
             obj = rename_fields(obj, fields, where)
+            if task is not None:
+                yield Row(where, task=task, record=obj)
+                continue
             if fmt == "auto":
                 fmt, detected_at = _detect_or_fail(obj, where), where
             own = detect_format(obj)

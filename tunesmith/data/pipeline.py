@@ -11,6 +11,7 @@ instead of recomputing them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -40,6 +41,17 @@ class Source:
     weight: float = 1.0
     fields: tuple[tuple[str, str], ...] = ()  # (internal name, name in the file)
     text_unit: str = "file"
+    task: str | None = None  # labelled records of this task type, rendered by instruction templates
+
+
+@dataclass(frozen=True)
+class InstructOptions:
+    templates: tuple[str, ...] = ()  # user YAML files
+    template_ids: tuple[str, ...] = ()  # empty: all
+    inverted: bool = True
+    shots: int = 0
+    fewshot_format: str = "chat"
+    cot: bool = False
 
 
 @dataclass(frozen=True)
@@ -58,6 +70,7 @@ class Options:
     stratify_by: str | None = None
     seed: int = 0
     num_proc: int = 1
+    instruct: InstructOptions = InstructOptions()
 
 
 @dataclass
@@ -94,7 +107,7 @@ def read_sources(sources: Sequence[Source], options: Options) -> tuple[list[Row]
 
         handler = skip if options.on_error == "skip" else None
         for row in iter_rows(source.path, source.format, options.system_prompt, dict(source.fields),
-                             source.text_unit, on_error=handler):
+                             source.text_unit, on_error=handler, task=source.task):
             report.rows_read += 1
             copies = _copies(source.weight, rng)
             rows += [row] * copies
@@ -120,6 +133,7 @@ def _copies(weight: float, rng: random.Random) -> int:
 def _row_record(row: Row) -> dict[str, Any]:
     record = dataclasses.asdict(row)
     record["messages"] = list(record["messages"])
+    record["record"] = None  # labelled records were rendered into messages by now
     return record
 
 
@@ -228,6 +242,8 @@ def prepare(
     if clean is not None:
         rows["train"], groups, report["clean"] = clean(rows["train"])
     rows.update(_split_off(rows, groups, options, report))
+    if any(r.kind == "task" for split in rows.values() for r in split):
+        rows = render_tasks(rows, options)
     splits = {}
     for name in SPLIT_NAMES:
         examples, report["splits"][name] = tokenize(rows[name], tokenizer, options)
@@ -252,6 +268,45 @@ def _split_off(rows: dict[str, list[Row]], groups, options: Options, report: dic
     return {name: [train[i] for i in parts[name]] for name in SPLIT_NAMES if name == "train" or name in wanted}
 
 
+def render_tasks(rows: dict[str, list[Row]], options: Options) -> dict[str, list[Row]]:
+    """Labelled records -> instruction (chat) rows, one seeded template each; few-shot exemplars come from
+    the training records of the same source and task only."""
+    from tunesmith.data.instruct import FewShot, build_examples, builtin_tasks, load_tasks
+
+    o = options.instruct
+    tasks = load_tasks(o.templates) if o.templates else builtin_tasks()
+    pools: dict[tuple[str, str], list[dict]] = {}
+    for row in rows["train"]:
+        if row.kind == "task":
+            pools.setdefault(_task_key(row), []).append(row.record)
+    rendered = {}
+    for name, split_rows in rows.items():
+        out = []
+        for key, group in _task_groups(split_rows):
+            fewshot = FewShot(pools.get(key, []), o.shots, o.fewshot_format, source=f"{key[0]} (train)") \
+                if o.shots else None
+            examples = build_examples([r.record for r in group], key[1], tasks=tasks, seed=options.seed,
+                                      template_ids=o.template_ids or None, inverted=o.inverted, cot=o.cot,
+                                      fewshot=fewshot, system_prompt=options.system_prompt, source=key[0])
+            out += [Row(r.source, messages=tuple(e["messages"]), task=e["task"]) for r, e in zip(group, examples)]
+        out += [r for r in split_rows if r.kind != "task"]
+        rendered[name] = out
+    return rendered
+
+
+def _task_key(row: Row) -> tuple[str, str]:
+    """(file, task) of a labelled record: few-shot pools never mix datasets."""
+    return row.source.rsplit(":", 1)[0], row.task
+
+
+def _task_groups(rows: list[Row]) -> list[tuple[tuple[str, str], list[Row]]]:
+    groups: dict[tuple[str, str], list[Row]] = {}
+    for row in rows:
+        if row.kind == "task":
+            groups.setdefault(_task_key(row), []).append(row)
+    return list(groups.items())
+
+
 def _stratum(row: Row, by: str) -> str:
     if by == "label":
         if row.label is None:
@@ -270,6 +325,7 @@ def fingerprint(tokenizer, sources: dict[str, Sequence[Source]], options: Option
                 files[str(path)] = [stat.st_size, stat.st_mtime_ns]
     parts = {
         "version": __version__,
+        "code": _code_digest(),
         "sources": {k: [dataclasses.asdict(s) for s in v] for k, v in sources.items()},
         "files": files,
         "options": dataclasses.asdict(options),
@@ -277,6 +333,16 @@ def fingerprint(tokenizer, sources: dict[str, Sequence[Source]], options: Option
         "tokenizer": _tokenizer_digest(tokenizer),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=1)
+def _code_digest() -> str:
+    """The data code itself: a cache written by other code (an upgrade, a local change) is never reused."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.rglob("*")):
+        if path.suffix in (".py", ".yaml"):
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def _tokenizer_digest(tokenizer) -> str:

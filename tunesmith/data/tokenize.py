@@ -64,8 +64,14 @@ def length_stats(lengths: Sequence[int]) -> dict:
             "p99": pct(0.99), "max": ordered[-1]}
 
 
-def encode_chat(tokenizer, messages: Sequence[dict[str, str]], train_on_prompt: bool = False) -> tuple[list[int], list[int]]:
+def encode_chat(
+    tokenizer, messages: Sequence[dict[str, str]], train_on_prompt: bool = False, last_turn_only: bool = False
+) -> tuple[list[int], list[int]]:
     """Token ids and labels for one conversation (not truncated).
+
+    Args:
+        last_turn_only: supervise only the final assistant turn (few-shot rows: the exemplars' answers are
+            part of the prompt, as in FLAN).
 
     Raises:
         DataError when the template is not prefix-stable (a prefix renders or tokenises differently
@@ -78,7 +84,7 @@ def encode_chat(tokenizer, messages: Sequence[dict[str, str]], train_on_prompt: 
         return ids, list(ids)
     labels = [IGNORE_INDEX] * len(ids)
     for k, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or (last_turn_only and k != len(messages) - 1):
             continue
         if k == 0:
             raise DataError(
@@ -129,7 +135,7 @@ def encode_row(tokenizer, row: Row, train_on_prompt: bool = False) -> tuple[list
     """Token ids and labels for any row a supervised objective trains on (chat, completion, text)."""
     kind = row.kind
     if kind == "chat":
-        return encode_chat(tokenizer, row.messages, train_on_prompt)
+        return encode_chat(tokenizer, row.messages, train_on_prompt, last_turn_only=row.task is not None)
     if kind == "text":
         return encode_text(tokenizer, row.text)
     if kind == "completion":
