@@ -265,3 +265,50 @@ def test_labelled_records_become_instruction_data_with_train_only_exemplars(tmp_
         assert not any(query in tt for tt in train_texts), "a test record never appears in training"
         supervised = chat_tokenizer.decode([t for t in example.labels if t != IGNORE_INDEX])
         assert supervised.count("<|im_end|>") == 1
+
+
+# --- cleaning in the pipeline ------------------------------------------------------------------------
+
+
+def _qa(i: int, answer: str | None = None) -> dict:
+    return {"messages": [{"role": "user", "content": f"Tell me about topic {i} in a few sentences please."},
+                         {"role": "assistant", "content": answer or
+                          f"Topic {i} is about the history of river {i} and the towns that grew along its banks "
+                          f"over many centuries of trade and farming."}]}
+
+
+def test_cleaning_rewrites_every_message_and_counts_each_step(tmp_path, chat_tokenizer):
+    from tunesmith.data.clean import CleanSteps
+
+    rows = [_qa(i) for i in range(10)] + [_qa(3), _qa(11, "Write to ann@example.com  or  call +44 20 7946 0958.")]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    steps = CleanSteps(normalize=True, pii=True, exact_dedup=True)
+    prepared = prepare(chat_tokenizer, {"train": [Source(str(path))]}, Options(), clean=steps)
+    clean = prepared.report["clean"]["train"]
+    assert (clean["rows"], clean["kept"], clean["exact_dedup"]["removed"]) == (12, 11, 1)
+    assert clean["pii"] == {"changed": 1, "replaced": {"EMAIL": 1, "PHONE": 1}}
+    assert clean["normalize"]["changed"] == 1  # the doubled spaces
+    assert clean["removed_examples"] == [f"{path}:11: exact_dedup: duplicate of {path}:4"]
+    texts = [chat_tokenizer.decode(e.input_ids) for e in prepared.splits["train"]]
+    assert any("Write to [EMAIL] or call [PHONE]." in t for t in texts)
+
+
+def test_a_planted_near_duplicate_never_straddles_two_splits(tmp_path, chat_tokenizer):
+    """Row 0 and a copy with one word changed: with near-dup grouping they land in the same split, whatever
+    the seed, while without it some seed separates them."""
+    from tunesmith.data.clean import CleanSteps
+
+    rows = [_qa(i) for i in range(40)]
+    rows.append(_qa(0, rows[0]["messages"][1]["content"].replace("farming", "fishing")))
+    path = write_jsonl(tmp_path / "n.jsonl", rows)
+    marker = "river 0 and"
+
+    def sides(seed: int, clean) -> set[str]:
+        prepared = prepare(chat_tokenizer, {"train": [Source(str(path))]},
+                           Options(validation=0.25, test=0.25, seed=seed), clean=clean)
+        return {name for name, split in prepared.splits.items()
+                if any(marker in chat_tokenizer.decode(e.input_ids) for e in split)}
+
+    grouped = CleanSteps(normalize=False, exact_dedup=False, near_dedup="group", near_threshold=0.7)
+    assert all(len(sides(seed, grouped)) == 1 for seed in range(8))
+    assert any(len(sides(seed, None)) == 2 for seed in range(8))

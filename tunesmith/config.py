@@ -53,6 +53,35 @@ class SourceConfig:
 
 
 @dataclass
+class QualityConfig:
+    """Rows failing any of these are dropped (null: that check is off)."""
+
+    min_chars: Optional[int] = 1
+    max_chars: Optional[int] = None
+    min_words: Optional[int] = None
+    max_words: Optional[int] = None
+    max_repeated_line_ratio: Optional[float] = 0.3  # share of lines that repeat an earlier line
+    max_repeated_ngram_ratio: Optional[float] = 0.2  # share of characters in repeated word 5-grams
+    max_non_text_ratio: Optional[float] = 0.5  # share of characters that are not letters, spaces, punctuation
+
+
+@dataclass
+class CleanConfig:
+    """Cleaning steps, each off unless asked for and each counted in the data report."""
+
+    normalize: bool = False  # Unicode (NFC/NFKC) and whitespace normalisation
+    unicode_form: Literal["NFC", "NFKC"] = "NFC"
+    pii: bool = False  # e-mail, phone, IP, credit card (Luhn), IBAN, API keys -> typed placeholders
+    pii_kinds: list[str] = field(default_factory=lambda: ["API_KEY", "EMAIL", "IBAN", "CREDIT_CARD", "IP", "PHONE"])
+    quality: bool = False  # drop rows that fail the `quality_limits`
+    quality_limits: QualityConfig = field(default_factory=QualityConfig)
+    exact_dedup: bool = False
+    near_dedup: Literal["off", "group", "drop"] = "off"  # group: keep rows, keep each group in one split
+    near_threshold: float = 0.8  # Jaccard similarity of word 5-gram shingles (MinHash LSH)
+    num_perm: int = 128
+
+
+@dataclass
 class InstructConfig:
     """FLAN-style templates that turn the records of sources with a `task` into instruction data."""
 
@@ -94,6 +123,7 @@ class DataConfig:
     truncation: Literal["right", "left", "drop"] = "right"  # keep the start, keep the end, or drop
     pack: bool = False  # SFT: best-fit packing into max_seq_len; clm: fixed blocks of max_seq_len
     split: SplitConfig = field(default_factory=SplitConfig)
+    clean: CleanConfig = field(default_factory=CleanConfig)
     instruct: InstructConfig = field(default_factory=InstructConfig)
     num_proc: int = 1  # processes for tokenisation
     cache_dir: Optional[str] = None  # prepared data cached by fingerprint; None: ~/.cache/tunesmith/data

@@ -5,11 +5,14 @@ The pipeline itself (`pipeline.py`) never sees a config object.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
 
 from tunesmith.config import Config, SourceConfig
+from tunesmith.data.clean import CleanSteps, QualityLimits
+from tunesmith.errors import ConfigError
 from tunesmith.data.pipeline import InstructOptions, Options, Prepared, Source, prepare
 
 
@@ -47,8 +50,25 @@ def cache_dir(cfg: Config) -> Path:
     return Path(base) / "data"
 
 
+def clean_from_config(cfg: Config) -> CleanSteps | None:
+    """The cleaning steps asked for, or None when every step is off."""
+    c = cfg.data.clean
+    if not (c.normalize or c.pii or c.quality or c.exact_dedup or c.near_dedup != "off"):
+        return None
+    try:
+        return CleanSteps(
+            normalize=c.normalize, unicode_form=c.unicode_form, pii=c.pii, pii_kinds=tuple(c.pii_kinds),
+            quality=QualityLimits(**dataclasses.asdict(c.quality_limits)) if c.quality else None,
+            exact_dedup=c.exact_dedup, near_dedup=c.near_dedup, near_threshold=c.near_threshold,
+            num_perm=c.num_perm, seed=cfg.train.seed,
+        )
+    except ConfigError as exc:
+        raise ConfigError(f"data.{exc}") from None
+
+
 def prepare_from_config(cfg: Config, tokenizer) -> Prepared:
-    return prepare(tokenizer, sources_from_config(cfg), options_from_config(cfg), cache_dir(cfg))
+    return prepare(tokenizer, sources_from_config(cfg), options_from_config(cfg), cache_dir(cfg),
+                   clean_from_config(cfg))
 
 
 def write_data_report(prepared: Prepared, out_dir: Path) -> None:
@@ -70,7 +90,7 @@ def _markdown(report: dict) -> str:
     if errors:
         lines += ["", "Skipped rows (first ones):", ""] + [f"- {e}" for e in errors]
     if "clean" in report:
-        lines += ["", "## Cleaning", "", "```", json.dumps(report["clean"], indent=1), "```"]
+        lines += _clean_markdown(report["clean"])
     lines += ["", "## Splits", "", "| split | rows | examples | truncated | dropped (no loss token) | tokens | "
               "loss tokens | length p50 / p90 / max |", "|---|---|---|---|---|---|---|---|"]
     for name, s in report["splits"].items():
@@ -85,6 +105,26 @@ def _markdown(report: dict) -> str:
             lines.append(f"|  | packed: {p['documents']} documents into {p['sequences']} sequences, "
                          f"{p['efficiency']:.1%} of token slots used | | | | | | |")
     return "\n".join(lines) + "\n"
+
+
+def _clean_markdown(clean: dict) -> list[str]:
+    lines = ["", "## Cleaning", "", "| split | rows | normalised | PII rows changed | quality drops | exact dups "
+             "| near dups dropped | near-dup groups | kept |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, c in clean.items():
+        lines.append(f"| {name} | {c['rows']} | {c.get('normalize', {}).get('changed', '-')} | "
+                     f"{c.get('pii', {}).get('changed', '-')} | {c['quality']['removed']} | "
+                     f"{c['exact_dedup']['removed']} | {c['near_dedup']['removed']} | {c['near_dedup']['groups']} | "
+                     f"{c['kept']} |")
+    for name, c in clean.items():
+        if c.get("pii", {}).get("replaced"):
+            lines.append(f"\nPersonal data replaced in {name}: " +
+                         ", ".join(f"{k} {n}" for k, n in c["pii"]["replaced"].items()))
+        if c["quality"]["by_check"]:
+            lines.append(f"\nQuality drops in {name}: " +
+                         ", ".join(f"{k} {n}" for k, n in c["quality"]["by_check"].items()))
+        if c["removed_examples"]:
+            lines += [f"\nRemoved from {name} (first ones):", ""] + [f"- {e}" for e in c["removed_examples"]]
+    return lines
 
 
 def _histogram(prepared: Prepared, path: Path) -> None:

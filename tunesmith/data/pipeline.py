@@ -18,10 +18,12 @@ import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from tunesmith import __version__
+from tunesmith.data.clean import CleanSteps
 from tunesmith.data.formats import Row, iter_rows
+from tunesmith.data.rowclean import clean_rows
 from tunesmith.data.pack import pack_blocks, pack_examples, packing_efficiency
 from tunesmith.data.sources import resolve_paths
 from tunesmith.data.split import split_indices
@@ -221,14 +223,14 @@ def prepare(
     sources: dict[str, Sequence[Source]],
     options: Options,
     cache_dir: Path | None = None,
-    clean: Callable[[list[Row]], tuple[list[Row], list[Any] | None, dict]] | None = None,
+    clean: CleanSteps | None = None,
 ) -> Prepared:
     """Run the pipeline (or load its cached result) for the sources of each split.
 
     Args:
         sources: split name -> sources; "validation"/"test" may be empty, then `options.validation` /
-            `options.test` rows are split off the training rows.
-        clean: rows -> (kept rows, near-duplicate group per kept row or None, report); None: no cleaning.
+            `options.test` rows are split off the training rows, keeping near-duplicate groups whole.
+        clean: the cleaning steps, run on each split's rows before splitting; None: no cleaning.
     """
     key = fingerprint(tokenizer, sources, options, clean)
     if cache_dir is not None and (cached := _load_cached(cache_dir / key)) is not None:
@@ -240,7 +242,11 @@ def prepare(
         rows[name], report["sources"][name] = read_sources(sources.get(name, ()), options)
     groups = None
     if clean is not None:
-        rows["train"], groups, report["clean"] = clean(rows["train"])
+        report["clean"] = {}
+        for name in SPLIT_NAMES:
+            if rows[name]:
+                rows[name], split_groups, report["clean"][name] = clean_rows(rows[name], clean)
+                groups = split_groups if name == "train" else groups
     rows.update(_split_off(rows, groups, options, report))
     if any(r.kind == "task" for split in rows.values() for r in split):
         rows = render_tasks(rows, options)
@@ -329,7 +335,7 @@ def fingerprint(tokenizer, sources: dict[str, Sequence[Source]], options: Option
         "sources": {k: [dataclasses.asdict(s) for s in v] for k, v in sources.items()},
         "files": files,
         "options": dataclasses.asdict(options),
-        "clean": getattr(clean, "fingerprint", None) if clean is not None else None,
+        "clean": dataclasses.asdict(clean) if clean is not None else None,
         "tokenizer": _tokenizer_digest(tokenizer),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
