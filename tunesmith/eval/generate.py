@@ -1,0 +1,121 @@
+"""Batched greedy generation: chat conversations through the tokenizer's chat template, or plain-text prompts.
+
+The prompt of a conversation is exactly what training supervised against:
+`apply_chat_template(messages, add_generation_prompt=True)` tokenised without extra special tokens (the
+template writes BOS itself when it wants one). Prompts are left-padded so that every row's next token sits in
+the last column; generation stops at the model's `generation_config.eos_token_id` (one id or several).
+
+    answers = generate_greedy(model, tokenizer, [[{"role": "user", "content": "Hi"}]], max_new_tokens=16)
+    endings = complete_greedy(model, tokenizer, ["The capital of Veloria is"], max_new_tokens=4)
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+Conversation = Sequence[dict[str, str]]
+
+
+def prompt_ids(tokenizer, messages: Conversation) -> list[int]:
+    """Token ids of the prompt that asks the model for the next assistant turn."""
+    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def stop_token_ids(model) -> list[int]:
+    """The ids generation stops at: the model's `generation_config.eos_token_id` (an int or a list)."""
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        raise ValueError("the model's generation_config has no eos_token_id, so generation would never stop")
+    return [eos] if isinstance(eos, int) else list(eos)
+
+
+def left_pad(sequences: Sequence[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token id lists into a batch.
+
+    Returns:
+        input_ids (B, T) and attention_mask (B, T), 0 on the padding.
+    """
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        input_ids[i, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+        attention_mask[i, width - len(seq):] = 1
+    return input_ids, attention_mask
+
+
+def generate_greedy(
+    model,
+    tokenizer,
+    conversations: Sequence[Conversation],
+    max_new_tokens: int = 32,
+    batch_size: int = 32,
+) -> list[str]:
+    """The greedy continuation of each conversation, cut before the first stop token.
+
+    Args:
+        model: a causal LM (or a PEFT model around one); its generation_config.eos_token_id says where to stop.
+        conversations: lists of {"role", "content"} turns, each ending before the assistant turn to generate.
+        max_new_tokens: a continuation that has not stopped by then is returned as it is.
+    Returns:
+        One decoded string per conversation (special tokens removed), in input order.
+    """
+    prompts = [prompt_ids(tokenizer, c) for c in conversations]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_token_ids(model)[0]
+    new_ids = greedy_token_ids(model, prompts, pad, max_new_tokens, batch_size)
+    return [tokenizer.decode(ids, skip_special_tokens=True) for ids in new_ids]
+
+
+def complete_greedy(model, tokenizer, texts: Sequence[str], max_new_tokens: int = 32, batch_size: int = 32
+                    ) -> list[str]:
+    """Greedy continuations of plain-text prompts (no chat template), cut before the first stop token.
+
+    Prompts are tokenised as training tokenises a raw document (`add_special_tokens=True`: BOS where the
+    tokenizer adds one), without the EOS that ends a document.
+
+    Returns:
+        One decoded string per prompt (special tokens removed), in input order.
+    """
+    prompts = [tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_token_ids(model)[0]
+    new_ids = greedy_token_ids(model, prompts, pad, max_new_tokens, batch_size)
+    return [tokenizer.decode(ids, skip_special_tokens=True) for ids in new_ids]
+
+
+@torch.no_grad()
+def greedy_token_ids(
+    model, prompts: Sequence[list[int]], pad_token_id: int, max_new_tokens: int = 32, batch_size: int = 32
+) -> list[list[int]]:
+    """Greedy continuations of token-id prompts, each without its stop token and anything after it.
+
+    Args:
+        prompts: token ids per prompt (any lengths; batched with left padding).
+        pad_token_id: fills the left padding (masked out, so any id works).
+    Returns:
+        The new token ids per prompt, in input order.
+    """
+    from transformers import GenerationConfig
+
+    stops = stop_token_ids(model)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
+                              pad_token_id=pad_token_id)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    new_ids = []
+    for start in range(0, len(prompts), batch_size):
+        input_ids, attention_mask = left_pad(prompts[start:start + batch_size], pad_token_id)
+        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                             generation_config=config)  # (B, T + new)
+        new_ids += [_cut_at_stop(row, stops) for row in out[:, input_ids.shape[1]:].tolist()]
+    model.train(was_training)
+    return new_ids
+
+
+def _cut_at_stop(ids: list[int], stops: list[int]) -> list[int]:
+    # Rows that stopped early are padded by generate; the first stop id marks where the answer ends.
+    cut = next((i for i, t in enumerate(ids) if t in stops), len(ids))
+    return ids[:cut]
