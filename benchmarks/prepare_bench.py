@@ -66,7 +66,7 @@ def run_one(n: int, num_proc: int, workdir: Path) -> dict:
         "model": {"name_or_path": "unused"},
         "data": {"train": [str(data)], "template": "chatml", "max_seq_len": 512, "num_proc": num_proc,
                  "cache_dir": str(workdir / "cache"),
-                 "clean": {"normalize": True, "exact_dedup": True, "near_dedup": True, "pii": True}},
+                 "clean": {"normalize": True, "exact_dedup": True, "near_dedup": "drop", "pii": True}},
     })
     from tunesmith.data.templates import install_template
 
@@ -80,7 +80,8 @@ def run_one(n: int, num_proc: int, workdir: Path) -> dict:
     return {"records": n, "seconds": round(seconds, 1), "records_per_s": round(n / seconds),
             "peak_rss_mb": round(peak_kb / 1024), "examples": split["examples"],
             "tokens_per_example": round(split["tokens"] / max(1, split["examples"])),
-            "clean": prepared.report.get("clean", {})}
+            "removed": {k: v["removed"] for k, v in prepared.report["clean"]["train"].items()
+                        if isinstance(v, dict) and "removed" in v}}
 
 
 def main() -> None:

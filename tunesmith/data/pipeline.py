@@ -27,7 +27,7 @@ from tunesmith.data.rowclean import clean_rows
 from tunesmith.data.pack import pack_blocks, pack_examples, packing_efficiency
 from tunesmith.data.sources import resolve_paths
 from tunesmith.data.split import split_indices
-from tunesmith.data.tokenize import Example, encode_row, length_stats, truncate
+from tunesmith.data.tokenize import Example, encode_rows, length_stats, truncate
 from tunesmith.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -142,13 +142,12 @@ def _row_record(row: Row) -> dict[str, Any]:
 def _tokenize_batch(batch: dict[str, list], tokenizer, options: Options) -> dict[str, list]:
     """datasets.map function: rows -> ids, labels and what happened to each (kept / truncated / dropped)."""
     out: dict[str, list] = {"input_ids": [], "labels": [], "source": [], "truncated": [], "dropped": []}
-    for i in range(len(batch["source"])):
-        row = Row(**{k: batch[k][i] for k in batch})
-        row = dataclasses.replace(row, messages=tuple(row.messages or ()))
-        try:
-            ids, labels = encode_row(tokenizer, row, options.train_on_prompt)
-        except DataError as exc:
-            raise DataError(f"{row.source}: {exc}") from None
+    rows = [Row(**{k: batch[k][i] for k in batch}) for i in range(len(batch["source"]))]
+    rows = [dataclasses.replace(row, messages=tuple(row.messages or ())) for row in rows]
+    for row, encoded in zip(rows, encode_rows(tokenizer, rows, options.train_on_prompt)):
+        if isinstance(encoded, DataError):
+            raise encoded
+        ids, labels = encoded
         fitted = truncate(ids, labels, options.max_seq_len, options.truncation)
         dropped = fitted is None or not any(t != -100 for t in fitted[1][1:])
         fitted = ([], []) if dropped else fitted
