@@ -45,6 +45,17 @@ def test_run_directory_contents(run):
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "chat_template.jinja"} <= {
         p.name for p in (out / "final").iterdir()}
     assert json.loads((out / "report.json").read_text())["steps"] == 6 == report["steps"]
+    assert {"data_report.json", "data_report.md", "token_lengths.png"} <= {p.name for p in out.iterdir()}
+
+
+def test_adapter_keeps_the_end_of_turn_stop_token(run):
+    """Generation from final/ stops at <|im_end|> as well as EOS (PEFT alone would not save this)."""
+    from transformers import AutoTokenizer
+
+    out = run[0] / "final"
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    eos = json.loads((out / "generation_config.json").read_text())["eos_token_id"]
+    assert sorted(eos) == sorted([tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")])
 
 
 def test_resolved_config_reloads_to_the_same_config(run):

@@ -30,6 +30,14 @@ def quiet_third_party() -> None:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
+def close_logging() -> None:
+    """Detach the run's `train.log` (a library caller's later output must not land in it)."""
+    root = logging.getLogger("tunesmith")
+    for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+        root.removeHandler(handler)
+        handler.close()
+
+
 def setup_logging(run_dir: Path | None, level: str = "info") -> None:
     """Send the `tunesmith` loggers to the terminal and, when `run_dir` is given, to `run_dir/train.log`."""
     quiet_third_party()

@@ -24,7 +24,7 @@ from tunesmith.errors import ConfigError
 from tunesmith.model.load import ensure_pad_token, load_model, load_tokenizer, resize_embeddings, resolve_dtype
 from tunesmith.model.strategies import ADAPTER_STRATEGIES, apply_strategy, parameter_counts, quantization_config
 from tunesmith.objectives import OBJECTIVES
-from tunesmith.track.logs import setup_logging
+from tunesmith.track.logs import close_logging, setup_logging
 from tunesmith.train.checkpoint import latest_checkpoint, load_checkpoint
 from tunesmith.train.loop import LoopSettings, fit, steps_per_epoch
 from tunesmith.train.optim import build_optimizer, build_scheduler
@@ -88,6 +88,7 @@ def train(cfg: Config) -> dict:
         write_report(run_dir, report)
         log.info("done: final model in %s", run_dir / "final")
     accelerator.end_training()
+    close_logging()
     return report
 
 
@@ -205,6 +206,8 @@ def save_final(model, tokenizer, path: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    if not (tmp / "generation_config.json").exists():  # PEFT saves only the adapter: keep the stop tokens
+        model.generation_config.save_pretrained(tmp)
     if path.exists():
         shutil.rmtree(path)
     os.rename(tmp, path)
