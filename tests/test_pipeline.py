@@ -208,12 +208,18 @@ def test_packing_reports_efficiency(tmp_path, chat_tokenizer):
     assert all(e.position_ids is not None and len(e.input_ids) <= 64 for e in prepared.splits["train"])
 
 
-def test_second_run_reuses_the_cache_and_a_changed_file_invalidates_it(tmp_path, chat_tokenizer):
+def test_second_run_reuses_the_cache_and_a_changed_file_invalidates_it(tmp_path, chat_tokenizer, monkeypatch):
+    import tunesmith.data.pipeline as pipeline
+
     path = write_jsonl(tmp_path / "c.jsonl", [CHAT] * 5)
     sources = {"train": [Source(str(path))]}
     first = prepare(chat_tokenizer, sources, Options(), cache_dir=tmp_path / "cache")
+    tokenized, real_tokenize = [], pipeline.tokenize
+    monkeypatch.setattr(pipeline, "tokenize", lambda *a, **k: tokenized.append(1) or real_tokenize(*a, **k))
     second = prepare(chat_tokenizer, sources, Options(), cache_dir=tmp_path / "cache")
-    assert isinstance(second.splits["train"], ExampleTable) and not isinstance(first.splits["train"], ExampleTable)
+    assert not tokenized, "the second run read the cached tables"
+    assert isinstance(second.splits["train"], ExampleTable)
+    monkeypatch.undo()
     assert second.fingerprint == first.fingerprint
     assert [e.input_ids for e in second.splits["train"]] == [e.input_ids for e in first.splits["train"]]
     assert second.report == json.loads(json.dumps(first.report))

@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import random
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,7 +28,7 @@ from tunesmith.data.rowclean import clean_rows
 from tunesmith.data.pack import pack_blocks, pack_examples, packing_efficiency
 from tunesmith.data.sources import resolve_paths
 from tunesmith.data.split import split_indices
-from tunesmith.data.tokenize import Example, encode_rows, length_stats, truncate
+from tunesmith.data.tokenize import IGNORE_INDEX, Example, encode_rows, length_stats, truncate
 from tunesmith.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -141,7 +142,8 @@ def _row_record(row: Row) -> dict[str, Any]:
 
 def _tokenize_batch(batch: dict[str, list], tokenizer, options: Options) -> dict[str, list]:
     """datasets.map function: rows -> ids, labels and what happened to each (kept / truncated / dropped)."""
-    out: dict[str, list] = {"input_ids": [], "labels": [], "source": [], "truncated": [], "dropped": []}
+    out: dict[str, list] = {"input_ids": [], "labels": [], "source": [], "truncated": [], "dropped": [],
+                            "length": [], "loss_tokens": []}
     rows = [Row(**{k: batch[k][i] for k in batch}) for i in range(len(batch["source"]))]
     rows = [dataclasses.replace(row, messages=tuple(row.messages or ())) for row in rows]
     for row, encoded in zip(rows, encode_rows(tokenizer, rows, options.train_on_prompt)):
@@ -156,11 +158,20 @@ def _tokenize_batch(batch: dict[str, list], tokenizer, options: Options) -> dict
         out["source"].append(row.source)
         out["truncated"].append(len(ids) > options.max_seq_len)
         out["dropped"].append(dropped)
+        out["length"].append(len(fitted[0]))
+        out["loss_tokens"].append(sum(1 for t in fitted[1][1:] if t != IGNORE_INDEX))
     return out
 
 
-def tokenize(rows: Sequence[Row], tokenizer, options: Options) -> tuple[list[Example], dict[str, Any]]:
-    """Tokenise with `datasets.map` (batched, `num_proc` processes); count truncated and dropped rows."""
+def tokenize(rows: Sequence[Row], tokenizer, options: Options, work_file: Path | None = None):
+    """Tokenise with `datasets.map` (batched, `num_proc` processes); count truncated and dropped rows.
+
+    Args:
+        work_file: where the Arrow table of token ids goes (memory-mapped afterwards); None keeps it in memory.
+    Returns:
+        The examples (an `ExampleTable` over the Arrow table, nothing copied into Python lists) and a report.
+    """
+    import numpy as np
     from datasets import Dataset
 
     if not rows:
@@ -168,23 +179,24 @@ def tokenize(rows: Sequence[Row], tokenizer, options: Options) -> tuple[list[Exa
     table = Dataset.from_list([_row_record(r) for r in rows])
     table = table.map(_tokenize_batch, batched=True, batch_size=256, num_proc=_procs(options, len(rows)),
                       remove_columns=table.column_names, fn_kwargs={"tokenizer": tokenizer, "options": options},
-                      load_from_cache_file=False, desc="tokenise")
-    dropped_flags = table["dropped"]
-    examples = [Example(ids, labels, source) for ids, labels, source, dropped in
-                zip(table["input_ids"], table["labels"], table["source"], dropped_flags) if not dropped]
-    dropped = [source for source, flag in zip(table["source"], dropped_flags) if flag]
+                      load_from_cache_file=False, desc="tokenise", keep_in_memory=work_file is None,
+                      cache_file_name=str(work_file) if work_file else None)
+    dropped = np.asarray(table["dropped"], dtype=bool)
+    kept = np.flatnonzero(~dropped)
+    lengths, loss_tokens = np.asarray(table["length"])[kept], np.asarray(table["loss_tokens"])[kept]
     report = {
         "rows": len(rows),
-        "examples": len(examples),
-        "truncated": sum(table["truncated"]),
-        "dropped_no_loss_tokens": len(dropped),
-        "dropped_sources": dropped[:10],
-        "tokens": sum(len(e.input_ids) for e in examples),
-        "loss_tokens": sum(e.num_loss_tokens for e in examples),
-        "length": length_stats([len(e.input_ids) for e in examples]),
-        "length_histogram": _histogram([len(e.input_ids) for e in examples]),
+        "examples": len(kept),
+        "truncated": int(np.sum(table["truncated"])),
+        "dropped_no_loss_tokens": int(dropped.sum()),
+        "dropped_sources": list(table.select(np.flatnonzero(dropped)[:10])["source"]) if dropped.any() else [],
+        "tokens": int(lengths.sum()),
+        "loss_tokens": int(loss_tokens.sum()),
+        "length": length_stats(lengths.tolist()),
+        "length_histogram": _histogram(lengths.tolist()),
     }
-    return examples, report
+    examples = table.select_columns(["input_ids", "labels", "source"])
+    return ExampleTable(examples.select(kept) if dropped.any() else examples), report
 
 
 def _histogram(lengths: list[int], bins: int = 40) -> dict[str, list]:
@@ -249,14 +261,23 @@ def prepare(
     rows.update(_split_off(rows, groups, options, report))
     if any(r.kind == "task" for split in rows.values() for r in split):
         rows = render_tasks(rows, options)
+    work = None
+    if cache_dir is not None:
+        work = cache_dir / f"{key}.work"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
     splits = {}
     for name in SPLIT_NAMES:
-        examples, report["splits"][name] = tokenize(rows[name], tokenizer, options)
+        examples, report["splits"][name] = tokenize(rows[name], tokenizer, options,
+                                                    work / f"{name}.arrow" if work else None)
+        rows[name] = []  # the token table replaces them
         splits[name], packing = pack(examples, options) if name != "test" else (examples, {})
         if packing:
             report["splits"][name]["packing"] = packing
     if cache_dir is not None:
         _save_cached(cache_dir / key, splits, report)
+        shutil.rmtree(work, ignore_errors=True)
+        splits = _load_cached(cache_dir / key)[0]
     return Prepared(splits, report, key)
 
 
@@ -358,23 +379,25 @@ def _tokenizer_digest(tokenizer) -> str:
 
 def _save_cached(path: Path, splits: dict[str, Sequence[Example]], report: dict) -> None:
     """Arrow tables per split + the report, written to a temporary name and renamed when complete."""
-    import shutil
-
-    from datasets import Dataset
-
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for name, examples in splits.items():
-        if not examples:  # an empty Arrow table does not load back; a missing split reads as empty
-            continue
-        columns = {"input_ids": [e.input_ids for e in examples], "labels": [e.labels for e in examples],
-                   "source": [e.source for e in examples],
-                   "position_ids": [e.position_ids for e in examples]}
-        Dataset.from_dict(columns).save_to_disk(str(tmp / name))
+        if len(examples):  # an empty Arrow table does not load back; a missing split reads as empty
+            _as_table(examples).save_to_disk(str(tmp / name))
     (tmp / "report.json").write_text(json.dumps(report, indent=1))
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
+
+
+def _as_table(examples: Sequence[Example]):
+    from datasets import Dataset
+
+    if isinstance(examples, ExampleTable):
+        return examples.table.flatten_indices()
+    return Dataset.from_dict({"input_ids": [e.input_ids for e in examples], "labels": [e.labels for e in examples],
+                              "source": [e.source for e in examples],
+                              "position_ids": [e.position_ids for e in examples]})
 
 
 def _load_cached(path: Path) -> tuple[dict[str, Sequence[Example]], dict] | None:
@@ -399,5 +422,5 @@ class ExampleTable(Sequence[Example]):
     def __getitem__(self, index):
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
-        row = self.table[index]
-        return Example(row["input_ids"], row["labels"], row["source"], row["position_ids"])
+        row = self.table[int(index)]
+        return Example(row["input_ids"], row["labels"], row["source"], row.get("position_ids"))
