@@ -318,3 +318,23 @@ def test_a_planted_near_duplicate_never_straddles_two_splits(tmp_path, chat_toke
     grouped = CleanSteps(normalize=False, exact_dedup=False, near_dedup="group", near_threshold=0.7)
     assert all(len(sides(seed, grouped)) == 1 for seed in range(8))
     assert any(len(sides(seed, None)) == 2 for seed in range(8))
+
+
+def test_held_out_cluster_goes_to_test_whole(tmp_path, chat_tokenizer):
+    """NLI records (cluster nli) held out: none in train or validation, all in test; sentiment untouched."""
+    from tunesmith.data.pipeline import InstructOptions
+
+    senti = tmp_path / "s.csv"
+    senti.write_text("text,label\n" + "".join(f"film {i} was fine,positive\n" for i in range(10)))
+    nli = write_jsonl(tmp_path / "n.jsonl", [{"premise": f"A man walks {i}.", "hypothesis": "A person moves.",
+                                             "label": "entailment"} for i in range(6)])
+    sources = {"train": [Source(str(senti), task="sentiment"), Source(str(nli), task="nli")]}
+    options = Options(validation=2, instruct=InstructOptions(held_out_clusters=("nli",)))
+    prepared = prepare(chat_tokenizer, sources, options)
+    assert prepared.report["held_out_clusters"] == {"clusters": ["nli"], "rows": 6}
+    decoded = {name: [chat_tokenizer.decode(e.input_ids) for e in split] for name, split in prepared.splits.items()}
+    assert len(decoded["test"]) == 6 and all("A man walks" in t for t in decoded["test"])
+    assert not any("A man walks" in t for t in decoded["train"] + decoded["validation"])
+    assert len(decoded["train"]) + len(decoded["validation"]) == 10
+    with pytest.raises(DataError, match="no task type is in cluster"):
+        prepare(chat_tokenizer, sources, Options(instruct=InstructOptions(held_out_clusters=("poetry",))))

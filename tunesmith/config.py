@@ -91,6 +91,7 @@ class InstructConfig:
     shots: int = 0  # k-shot exemplars, drawn from the training split only
     fewshot_format: Literal["chat", "inline"] = "chat"
     cot: bool = False  # chain-of-thought answers (tasks with worked reasoning, e.g. arithmetic)
+    held_out_clusters: list[str] = field(default_factory=list)  # whole task clusters moved to the test split
 
 
 @dataclass

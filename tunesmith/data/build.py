@@ -39,7 +39,8 @@ def options_from_config(cfg: Config) -> Options:
         validation=d.split.validation, test=d.split.test, stratify_by=d.split.stratify_by, seed=cfg.train.seed,
         num_proc=d.num_proc,
         instruct=InstructOptions(tuple(d.instruct.templates), tuple(d.instruct.template_ids or ()),
-                                 d.instruct.inverted, d.instruct.shots, d.instruct.fewshot_format, d.instruct.cot),
+                                 d.instruct.inverted, d.instruct.shots, d.instruct.fewshot_format, d.instruct.cot,
+                                 tuple(d.instruct.held_out_clusters)),
     )
 
 

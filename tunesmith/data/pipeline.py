@@ -55,6 +55,7 @@ class InstructOptions:
     shots: int = 0
     fewshot_format: str = "chat"
     cot: bool = False
+    held_out_clusters: tuple[str, ...] = ()  # task clusters kept out of training: all their rows go to test
 
 
 @dataclass(frozen=True)
@@ -258,6 +259,8 @@ def prepare(
             if rows[name]:
                 rows[name], split_groups, report["clean"][name] = clean_rows(rows[name], clean)
                 groups = split_groups if name == "train" else groups
+    if options.instruct.held_out_clusters:
+        rows = hold_out_clusters(rows, options, report)
     rows.update(_split_off(rows, groups, options, report))
     if any(r.kind == "task" for split in rows.values() for r in split):
         rows = render_tasks(rows, options)
@@ -294,13 +297,39 @@ def _split_off(rows: dict[str, list[Row]], groups, options: Options, report: dic
     return {name: [train[i] for i in parts[name]] for name in SPLIT_NAMES if name == "train" or name in wanted}
 
 
+def _task_types(options: Options):
+    from tunesmith.data.instruct import builtin_tasks, load_tasks
+
+    return load_tasks(options.instruct.templates) if options.instruct.templates else builtin_tasks()
+
+
+def hold_out_clusters(rows: dict[str, list[Row]], options: Options, report: dict) -> dict[str, list[Row]]:
+    """Move every labelled record whose task belongs to a held-out cluster from train and validation to test,
+    for zero-shot evaluation on task clusters the model never trained on (FLAN)."""
+    tasks = _task_types(options)
+    held = set(options.instruct.held_out_clusters)
+    unknown = held - {t.cluster for t in tasks.values()}
+    if unknown:
+        raise DataError(f"data.instruct.held_out_clusters: no task type is in cluster(s) {sorted(unknown)} "
+                        f"(clusters: {sorted({t.cluster for t in tasks.values()})})")
+
+    def held_out(row: Row) -> bool:
+        return row.kind == "task" and row.task in tasks and tasks[row.task].cluster in held
+
+    moved = [r for name in ("train", "validation") for r in rows[name] if held_out(r)]
+    report["held_out_clusters"] = {"clusters": sorted(held), "rows": len(moved)}
+    return {"train": [r for r in rows["train"] if not held_out(r)],
+            "validation": [r for r in rows["validation"] if not held_out(r)],
+            "test": rows["test"] + moved}
+
+
 def render_tasks(rows: dict[str, list[Row]], options: Options) -> dict[str, list[Row]]:
     """Labelled records -> instruction (chat) rows, one seeded template each; few-shot exemplars come from
     the training records of the same source and task only."""
-    from tunesmith.data.instruct import FewShot, build_examples, builtin_tasks, load_tasks
+    from tunesmith.data.instruct import FewShot, build_examples
 
     o = options.instruct
-    tasks = load_tasks(o.templates) if o.templates else builtin_tasks()
+    tasks = _task_types(options)
     pools: dict[tuple[str, str], list[dict]] = {}
     for row in rows["train"]:
         if row.kind == "task":
