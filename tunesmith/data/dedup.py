@@ -1,0 +1,286 @@
+"""Duplicate detection: exact duplicates by a case- and whitespace-blind hash, near duplicates by MinHash
+signatures (computed in numpy, equal to datasketch's "affine32" MinHash of our shingle hashes) indexed by
+datasketch's MinHashLSH, with candidate pairs verified and grouped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import unicodedata
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
+
+import numpy as np
+from datasketch import LeanMinHash, MinHash, MinHashLSH
+
+from tunesmith.data.normalize import _check_choice
+from tunesmith.errors import ConfigError
+
+# ------------------------------------------------------------------------------------------------
+# Exact duplicates
+
+
+def exact_key(text: str) -> str:
+    """A stable hash of the text with case and whitespace differences removed (blake2b, 128 bits)."""
+    canonical = " ".join(text.casefold().split())
+    return hashlib.blake2b(canonical.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+
+
+def find_exact_duplicates(texts: Sequence[str]) -> dict[int, int]:
+    """Row -> the earlier row it duplicates, for every row but the first of each set of equal texts."""
+    first: dict[str, int] = {}
+    duplicate_of = {}
+    for i, text in enumerate(texts):
+        j = first.setdefault(exact_key(text), i)
+        if j != i:
+            duplicate_of[i] = j
+    return duplicate_of
+
+
+# ------------------------------------------------------------------------------------------------
+# Near duplicates
+
+SHINGLES = ("word", "char")
+_U64 = np.uint64
+_EMPTY = np.uint32(0xFFFFFFFF)  # the signature value of a text with no shingles
+_CHUNK = 256  # texts hashed at once: large enough for numpy, small enough to stay in the CPU cache
+_MAX_BUCKET = 256  # LSH buckets up to this size have all their pairs verified
+_NUM_THREADS = min(4, os.cpu_count() or 1)  # numpy releases the GIL: chunks hash in parallel
+_WORD_BASE = 0x100000001B3  # odd, so invertible modulo 2**64
+_WORD_BASE_INV = pow(_WORD_BASE, -1, 1 << 64)
+_SHINGLE_BASE = _U64(0x9E3779B97F4A7C15)
+
+
+def _fmix64(h: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 64-bit finaliser: spreads every input bit over the whole word. (K,) uint64."""
+    h = h ^ (h >> _U64(33))
+    h = h * _U64(0xFF51AFD7ED558CCD)
+    h = h ^ (h >> _U64(33))
+    h = h * _U64(0xC4CEB9FE1A85EC53)
+    return h ^ (h >> _U64(33))
+
+
+def _fmix32(h: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 32-bit finaliser, which datasketch's "affine32" scheme applies before permuting."""
+    h = h ^ (h >> np.uint32(16))
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> np.uint32(13))
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> np.uint32(16))
+
+
+@cache
+def _word_char_table() -> np.ndarray:
+    """(65536,) bool: letters, combining marks and digits; everything else (space, punctuation) ends a word.
+    Code points above U+FFFF count as word characters (they are looked up at U+FFFF)."""
+    table = np.array([unicodedata.category(chr(cp))[0] in "LMN" for cp in range(0x10000)])
+    table[0xFFFF] = True
+    return table
+
+
+def _powers(base: int, n: int) -> np.ndarray:
+    """(n,) uint64: base**0 .. base**(n-1) modulo 2**64, by doubling (a cumprod is ~10x slower)."""
+    p = np.ones(n, dtype=_U64)
+    step = 1
+    while step < n:
+        p[step : 2 * step] = p[: min(step, n - step)] * _U64(pow(base, step, 1 << 64))
+        step *= 2
+    return p
+
+
+def _token_hashes(folded: list[str], shingle: str) -> tuple[np.ndarray, np.ndarray]:
+    """Hash of every token (word or character) of the texts and the index of its text, in order.
+
+    Words are runs of letters, marks and digits, hashed as polynomials of their code points with prefix
+    sums, so no Python code runs per word. Returns (T,) uint64 hashes and (T,) int64 text indices.
+    """
+    lengths = np.fromiter(map(len, folded), dtype=np.int64, count=len(folded))
+    codes = np.frombuffer("".join(folded).encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    if shingle == "char":
+        return _fmix64(codes.astype(_U64)), np.repeat(np.arange(len(folded)), lengths)
+    bounds = np.concatenate(([0], np.cumsum(lengths)))
+    is_word = _word_char_table()[np.minimum(codes, 0xFFFF)]
+    before, after = np.zeros_like(is_word), np.zeros_like(is_word)
+    before[1:], after[:-1] = is_word[:-1], is_word[1:]
+    before[bounds[:-1][lengths > 0]] = False  # a word never continues across two texts
+    after[bounds[1:][lengths > 0] - 1] = False
+    starts, ends = np.flatnonzero(is_word & ~before), np.flatnonzero(is_word & ~after) + 1
+    # sum_j c_j * inv**j over [start, end), times base**start = sum_j c_j * inv**(j - start): position-free
+    prefix = np.zeros(len(codes) + 1, dtype=_U64)
+    np.cumsum(codes * _powers(_WORD_BASE_INV, len(codes)), out=prefix[1:])
+    words = (prefix[ends] - prefix[starts]) * _powers(_WORD_BASE, len(codes))[starts]
+    return _fmix64(words), np.searchsorted(bounds, starts, side="right") - 1
+
+
+def _shingle_hashes(tokens: np.ndarray, text_of: np.ndarray, ngram: int) -> tuple[np.ndarray, np.ndarray]:
+    """32-bit hashes of every run of `ngram` tokens inside one text, and its text index.
+
+    A text shorter than `ngram` tokens gets one shingle made of all its tokens. Returns (S,) uint32, (S,) int64.
+    """
+    num = len(tokens)
+    padded_tokens = np.concatenate((tokens, np.zeros(ngram - 1, dtype=_U64)))
+    padded_text = np.concatenate((text_of, np.full(ngram - 1, -1)))
+    h = np.zeros(num, dtype=_U64)
+    for k in range(ngram):
+        same_text = padded_text[k : k + num] == text_of
+        h = h * _SHINGLE_BASE + np.where(same_text, padded_tokens[k : k + num], _U64(0))
+    whole = padded_text[ngram - 1 : ngram - 1 + num] == text_of
+    first = np.ones(num, dtype=bool)
+    first[1:] = text_of[1:] != text_of[:-1]
+    keep = whole | first
+    folded = (h ^ (h >> _U64(32))).astype(np.uint32)
+    return folded[keep], text_of[keep]
+
+
+def _signatures(hashes: np.ndarray, text_of: np.ndarray, num_texts: int, perms: np.ndarray) -> np.ndarray:
+    """MinHash of each text: per permutation k, min over its shingles of a_k * fmix32(h) + b_k mod 2**32.
+
+    One permutation at a time over all shingles, so each numpy call works on a long contiguous array.
+    Returns (num_texts, num_perm) uint32; a text without shingles keeps the empty value 0xFFFFFFFF.
+    """
+    a, b = perms
+    sig = np.full((num_texts, len(a)), _EMPTY, dtype=np.uint32)
+    if len(hashes) == 0:
+        return sig
+    mixed = _fmix32(hashes)
+    texts, starts = np.unique(text_of, return_index=True)
+    buf = np.empty_like(mixed)
+    for k in range(len(a)):
+        np.multiply(mixed, a[k], out=buf)
+        np.add(buf, b[k], out=buf)
+        sig[texts, k] = np.minimum.reduceat(buf, starts)
+    return sig
+
+
+def minhash_signatures(
+    texts: Sequence[str], shingle: str = "word", ngram: int = 5, num_perm: int = 128, seed: int = 1
+) -> np.ndarray:
+    """MinHash signature of each text's set of shingles (case-folded word or character n-grams).
+
+    Each row equals `datasketch.MinHash(num_perm, seed, scheme="affine32")` updated with the text's 32-bit
+    shingle hashes, so rows can be wrapped as `LeanMinHash` and compared with `.jaccard`.
+    Returns:
+        (N, num_perm) uint32; rows of texts without any token are all 0xFFFFFFFF.
+    """
+    _check_choice("shingle", shingle, SHINGLES)
+    if ngram < 1 or num_perm < 2:
+        raise ConfigError(f"near-dedup: ngram must be >= 1 and num_perm >= 2, got {ngram} and {num_perm}")
+    perms = MinHash(num_perm=num_perm, seed=seed, scheme="affine32").permutations  # (2, num_perm) uint32
+    chunks = [texts[lo : lo + _CHUNK] for lo in range(0, len(texts), _CHUNK)]
+    with ThreadPoolExecutor(max_workers=_NUM_THREADS) as pool:
+        parts = pool.map(lambda chunk: _chunk_signatures(chunk, shingle, ngram, perms), chunks)
+        return np.concatenate([np.empty((0, num_perm), dtype=np.uint32), *parts])
+
+
+def _chunk_signatures(texts: Sequence[str], shingle: str, ngram: int, perms: np.ndarray) -> np.ndarray:
+    """(len(texts), num_perm) uint32 signatures of a few hundred texts."""
+    folded = [t.casefold() for t in texts]
+    tokens, text_of = _token_hashes(folded, shingle)
+    hashes, shingle_text = _shingle_hashes(tokens, text_of, ngram)
+    return _signatures(hashes, shingle_text, len(folded), perms)
+
+
+def near_duplicate_groups(
+    texts: Sequence[str],
+    threshold: float = 0.8,
+    shingle: str = "word",
+    ngram: int = 5,
+    num_perm: int = 128,
+    seed: int = 1,
+) -> list[list[int]]:
+    """Groups of rows whose shingle sets are near-duplicates (estimated Jaccard >= threshold).
+
+    MinHashLSH proposes candidate pairs; each is kept only if its estimated Jaccard (share of equal signature
+    values, as `MinHash.jaccard`) reaches the threshold; groups are the connected components of the kept
+    pairs, so A~B and B~C put A and C in one group even if A and C differ more. Texts without any token are
+    never grouped. Deterministic for a given seed.
+    Returns:
+        Groups of two or more row indices, each sorted, ordered by their first (lowest) row.
+    """
+    if not 0.0 < threshold <= 1.0:
+        raise ConfigError(f"near-dedup: threshold must be in (0, 1], got {threshold}")
+    sig = minhash_signatures(texts, shingle, ngram, num_perm, seed)
+    rows = np.flatnonzero((sig != _EMPTY).any(axis=1))
+    same_as = _identical_rows(sig[rows])  # equal signatures are grouped without LSH: big buckets are quadratic
+    distinct = rows[same_as == np.arange(len(rows))]
+    pairs = _lsh_candidate_pairs(sig, distinct, threshold, seed)
+    pairs = pairs[_estimated_jaccard(sig, pairs) >= threshold]
+    identical = np.stack((rows[same_as], rows), axis=1)
+    return _components(np.concatenate((identical, pairs)))
+
+
+def dedup_groups(groups: list[list[int]]) -> dict[int, int]:
+    """Row -> the representative it duplicates (the group's first row), for every other group member."""
+    return {row: group[0] for group in groups for row in group[1:]}
+
+
+def _identical_rows(sig: np.ndarray) -> np.ndarray:
+    """(N,) index of the first row with the same signature as each row (itself if none earlier)."""
+    key = np.zeros(len(sig), dtype=_U64)
+    for column in sig.T:
+        key = key * _SHINGLE_BASE + column
+    _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+    same_as = first[inverse]
+    collided = ~(sig == sig[same_as]).all(axis=1)  # equal keys, different signatures: 2**-64 per pair
+    same_as[collided] = np.flatnonzero(collided)
+    return same_as
+
+
+def _lsh_candidate_pairs(sig: np.ndarray, rows: np.ndarray, threshold: float, seed: int) -> np.ndarray:
+    """(K, 2) distinct pairs (i < j) of rows that share at least one LSH band."""
+    # Bands chosen to miss few true pairs (weights 0.1 FP / 0.9 FN): a missed pair is lost, while a false
+    # candidate is only verified away. At threshold 0.8: 14 bands of 9, recall 0.87 at J=0.8, 0.975 at 0.85.
+    lsh = MinHashLSH(threshold=threshold, num_perm=sig.shape[1], weights=(0.1, 0.9))
+    with lsh.insertion_session() as session:
+        for i in rows.tolist():
+            session.insert(i, LeanMinHash(seed=seed, hashvalues=sig[i], scheme="affine32"), check_duplication=False)
+    codes = [np.zeros(0, dtype=np.int64)]
+    for table in lsh.hashtables:
+        for band, count in table.itemcounts().items():
+            if count > 1:
+                i, j = _bucket_pairs(np.sort(np.fromiter(table.get(band), dtype=np.int64, count=count)))
+                codes.append(i * len(sig) + j)  # one int per pair, to drop pairs that several bands repeat
+    unique = np.unique(np.concatenate(codes))
+    return np.stack((unique // len(sig), unique % len(sig)), axis=1)
+
+
+def _bucket_pairs(members: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs of rows of one LSH bucket to verify: all of them, or in a bucket larger than _MAX_BUCKET
+    (templated texts) each row with the first and with the next, so the work stays linear."""
+    if len(members) <= _MAX_BUCKET:
+        i, j = np.triu_indices(len(members), 1)
+        return members[i], members[j]
+    rest = members[1:]
+    return np.concatenate((np.full(len(rest), members[0]), members[:-1])), np.concatenate((rest, rest))
+
+
+def _estimated_jaccard(sig: np.ndarray, pairs: np.ndarray, block: int = 65536) -> np.ndarray:
+    """(K,) share of equal signature values of each pair, in blocks to bound memory."""
+    parts = [np.zeros(0)]
+    for lo in range(0, len(pairs), block):
+        i, j = pairs[lo : lo + block].T
+        parts.append((sig[i] == sig[j]).mean(axis=1))
+    return np.concatenate(parts)
+
+
+def _components(pairs: np.ndarray) -> list[list[int]]:
+    """Connected components (union-find) of the graph of pairs, as sorted lists of two or more rows."""
+    parent: dict[int, int] = {}
+
+    def root(x: int) -> int:
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]  # path halving
+            x = parent[x]
+        return x
+
+    for i, j in pairs.tolist():
+        ri, rj = root(i), root(j)
+        if ri != rj:
+            parent[max(ri, rj)] = min(ri, rj)  # the root stays the lowest row of its component
+    groups: dict[int, list[int]] = {}
+    for x in sorted(parent):
+        groups.setdefault(root(x), []).append(x)
+    return sorted(g for g in groups.values() if len(g) > 1)
