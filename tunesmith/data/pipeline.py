@@ -134,11 +134,13 @@ def _copies(weight: float, rng: random.Random) -> int:
 # Tokenising (on datasets, in parallel) and packing
 
 
-def _row_record(row: Row) -> dict[str, Any]:
-    record = dataclasses.asdict(row)
-    record["messages"] = list(record["messages"])
-    record["record"] = None  # labelled records were rendered into messages by now
-    return record
+def _row_columns(rows: Sequence[Row]) -> dict[str, list]:
+    """Rows as columns for Arrow, sharing the rows' strings (no deep copy as `dataclasses.asdict` makes)."""
+    names = [f.name for f in dataclasses.fields(Row) if f.name != "record"]
+    columns = {name: [getattr(r, name) for r in rows] for name in names}
+    columns["messages"] = [list(m) for m in columns["messages"]]
+    columns["record"] = [None] * len(rows)  # labelled records were rendered into messages by now
+    return columns
 
 
 def _tokenize_batch(batch: dict[str, list], tokenizer, options: Options) -> dict[str, list]:
@@ -175,10 +177,12 @@ def tokenize(rows: Sequence[Row], tokenizer, options: Options, work_file: Path |
     import numpy as np
     from datasets import Dataset
 
-    if not rows:
+    num_rows = len(rows)
+    if not num_rows:
         return [], {"rows": 0, "examples": 0}
-    table = Dataset.from_list([_row_record(r) for r in rows])
-    table = table.map(_tokenize_batch, batched=True, batch_size=256, num_proc=_procs(options, len(rows)),
+    table = Dataset.from_dict(_row_columns(rows))
+    del rows  # the caller passed its only reference
+    table = table.map(_tokenize_batch, batched=True, batch_size=256, num_proc=_procs(options, num_rows),
                       remove_columns=table.column_names, fn_kwargs={"tokenizer": tokenizer, "options": options},
                       load_from_cache_file=False, desc="tokenise", keep_in_memory=work_file is None,
                       cache_file_name=str(work_file) if work_file else None)
@@ -186,7 +190,7 @@ def tokenize(rows: Sequence[Row], tokenizer, options: Options, work_file: Path |
     kept = np.flatnonzero(~dropped)
     lengths, loss_tokens = np.asarray(table["length"])[kept], np.asarray(table["loss_tokens"])[kept]
     report = {
-        "rows": len(rows),
+        "rows": num_rows,
         "examples": len(kept),
         "truncated": int(np.sum(table["truncated"])),
         "dropped_no_loss_tokens": int(dropped.sum()),
@@ -257,7 +261,8 @@ def prepare(
         report["clean"] = {}
         for name in SPLIT_NAMES:
             if rows[name]:
-                rows[name], split_groups, report["clean"][name] = clean_rows(rows[name], clean)
+                # pop: clean_rows then holds the only reference, so rows it replaces are freed as it goes
+                rows[name], split_groups, report["clean"][name] = clean_rows(rows.pop(name), clean)
                 groups = split_groups if name == "train" else groups
     if options.instruct.held_out_clusters:
         rows = hold_out_clusters(rows, options, report)
@@ -271,9 +276,9 @@ def prepare(
         work.mkdir(parents=True)
     splits = {}
     for name in SPLIT_NAMES:
-        examples, report["splits"][name] = tokenize(rows[name], tokenizer, options,
+        # pop: the token table replaces the rows, which are freed once it is built
+        examples, report["splits"][name] = tokenize(rows.pop(name), tokenizer, options,
                                                     work / f"{name}.arrow" if work else None)
-        rows[name] = []  # the token table replaces them
         splits[name], packing = pack(examples, options) if name != "test" else (examples, {})
         if packing:
             report["splits"][name]["packing"] = packing

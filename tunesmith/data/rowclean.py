@@ -27,13 +27,21 @@ def row_text(row: Row) -> str:
 
 
 def map_text(row: Row, fn: Callable[[str], str]) -> Row:
-    """The row with `fn` applied to every string it holds."""
-    changes: dict[str, Any] = {f: fn(getattr(row, f)) for f in TEXT_FIELDS if getattr(row, f) is not None}
-    if row.messages:
-        changes["messages"] = tuple({**m, "content": fn(m["content"])} for m in row.messages)
+    """The row with `fn` applied to every string it holds; the same object when nothing changed (most rows,
+    so cleaning does not hold a second copy of the corpus)."""
+    changes: dict[str, Any] = {}
+    for f in TEXT_FIELDS:
+        value = getattr(row, f)
+        if value is not None and (new := fn(value)) != value:
+            changes[f] = new
+    contents = [fn(m["content"]) for m in row.messages]
+    if any(new != m["content"] for new, m in zip(contents, row.messages)):
+        changes["messages"] = tuple({**m, "content": new} for m, new in zip(row.messages, contents))
     if row.record is not None:
-        changes["record"] = {k: fn(v) if isinstance(v, str) else v for k, v in row.record.items()}
-    return dataclasses.replace(row, **changes)
+        record = {k: fn(v) if isinstance(v, str) else v for k, v in row.record.items()}
+        if record != row.record:
+            changes["record"] = record
+    return dataclasses.replace(row, **changes) if changes else row
 
 
 def clean_rows(rows: list[Row], steps: CleanSteps) -> tuple[list[Row], list[Any] | None, dict]:
@@ -83,6 +91,6 @@ def _rewrite(rows: list[Row], fn: Callable[[str], str]) -> tuple[list[Row], dict
     out, changed = [], 0
     for row in rows:
         new = map_text(row, fn)
-        changed += new != row
+        changed += new is not row
         out.append(new)
     return out, {"changed": changed}
