@@ -134,13 +134,41 @@ def _copies(weight: float, rng: random.Random) -> int:
 # Tokenising (on datasets, in parallel) and packing
 
 
+ROW_CHUNK = 20_000  # rows converted to Arrow at a time: bounds the conversion's transient memory
+
+
+def _row_features():
+    from datasets import Features, Value
+
+    text = Value("string")
+    return Features({"source": text, "messages": [{"role": text, "content": text}], "text": text, "prompt": text,
+                     "completion": text, "label": text, "chosen": text, "rejected": text,
+                     "desirable": Value("bool"), "task": text})
+
+
 def _row_columns(rows: Sequence[Row]) -> dict[str, list]:
-    """Rows as columns for Arrow, sharing the rows' strings (no deep copy as `dataclasses.asdict` makes)."""
+    """Rows as columns for Arrow, sharing the rows' strings (no deep copy as `dataclasses.asdict` makes).
+    Labelled records were rendered into messages by now, so `record` is left out."""
     names = [f.name for f in dataclasses.fields(Row) if f.name != "record"]
     columns = {name: [getattr(r, name) for r in rows] for name in names}
     columns["messages"] = [list(m) for m in columns["messages"]]
-    columns["record"] = [None] * len(rows)  # labelled records were rendered into messages by now
     return columns
+
+
+def _row_table(rows: list[Row], work_dir: Path | None):
+    """The rows as one Arrow table, converted a chunk at a time (and consumed from `rows` as it goes); on disk
+    and memory-mapped when `work_dir` is given, so tokenising workers share it instead of receiving copies."""
+    from datasets import Dataset, concatenate_datasets, load_from_disk
+
+    features, parts = _row_features(), []
+    while rows:
+        chunk = Dataset.from_dict(_row_columns(rows[:ROW_CHUNK]), features=features)
+        del rows[:ROW_CHUNK]
+        if work_dir is not None:
+            chunk.save_to_disk(str(work_dir / f"rows-{len(parts)}"))
+            chunk = load_from_disk(str(work_dir / f"rows-{len(parts)}"))
+        parts.append(chunk)
+    return concatenate_datasets(parts)
 
 
 def _tokenize_batch(batch: dict[str, list], tokenizer, options: Options) -> dict[str, list]:
@@ -175,13 +203,13 @@ def tokenize(rows: Sequence[Row], tokenizer, options: Options, work_file: Path |
         The examples (an `ExampleTable` over the Arrow table, nothing copied into Python lists) and a report.
     """
     import numpy as np
-    from datasets import Dataset
 
     num_rows = len(rows)
     if not num_rows:
         return [], {"rows": 0, "examples": 0}
-    table = Dataset.from_dict(_row_columns(rows))
-    del rows  # the caller passed its only reference
+    # Consumed in place: the caller hands over its rows (prepare pops them), freed as they become Arrow.
+    table = _row_table(rows if isinstance(rows, list) else list(rows),
+                       work_file.with_suffix(".rows") if work_file else None)
     table = table.map(_tokenize_batch, batched=True, batch_size=256, num_proc=_procs(options, num_rows),
                       remove_columns=table.column_names, fn_kwargs={"tokenizer": tokenizer, "options": options},
                       load_from_cache_file=False, desc="tokenise", keep_in_memory=work_file is None,
@@ -200,8 +228,12 @@ def tokenize(rows: Sequence[Row], tokenizer, options: Options, work_file: Path |
         "length": length_stats(lengths.tolist()),
         "length_histogram": _histogram(lengths.tolist()),
     }
-    examples = table.select_columns(["input_ids", "labels", "source"])
-    return ExampleTable(examples.select(kept) if dropped.any() else examples), report
+    examples = table.select_columns(["input_ids", "labels", "source", "dropped"])
+    if dropped.any():  # filter (written to disk) rather than select: no index mapping to flatten in memory later
+        examples = examples.filter(lambda flags: [not f for f in flags], input_columns="dropped", batched=True,
+                                   keep_in_memory=work_file is None, desc="drop",
+                                   cache_file_name=str(work_file.with_suffix(".kept.arrow")) if work_file else None)
+    return ExampleTable(examples.remove_columns("dropped")), report
 
 
 def _histogram(lengths: list[int], bins: int = 40) -> dict[str, list]:
