@@ -173,8 +173,9 @@ def _resume_point(run_dir: Path, resume: bool) -> Path | None:
 def _check_resumable(saved: dict, current: dict, path: Path) -> None:
     if saved.get("train_fingerprint") != current["train_fingerprint"]:
         raise ConfigError(
-            f"--resume: the training data (after tokenisation) differs from the data {path} was trained on; "
-            "resuming would not continue the same run. Restore the data or start a new output_dir"
+            f"--resume: the training data differs from what {path} was trained on (its files, data options, "
+            "tokenizer or tunesmith's data code changed), so resuming would not replay the same batches; "
+            "restore them or start a new output_dir"
         )
     if saved.get("total_steps") != current["total_steps"]:
         log.warning("resuming with %d total steps instead of %d: the learning-rate schedule changes from here",

@@ -1,0 +1,81 @@
+"""Checks of a built Config: cross-field checks (`check`) and the files and model a run needs (`check_paths`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tunesmith.config.schema import Config, SourceConfig
+from tunesmith.errors import ConfigError
+
+# ---------------------------------------------------------------------------------------------------
+# Cross-field checks that need no I/O beyond existence of files.
+
+
+def check(cfg: Config) -> None:
+    """Checks that span several keys; raise ConfigError before any work starts."""
+    t = cfg.train
+    for key, value in (("train.micro_batch_size", t.micro_batch_size), ("train.grad_accum", t.grad_accum),
+                       ("train.epochs", t.epochs), ("train.log_every", t.log_every),
+                       ("data.max_seq_len", cfg.data.max_seq_len), ("eval.batch_size", cfg.eval.batch_size),
+                       ("train.keep_last", t.keep_last)):
+        if value < 1:
+            raise ConfigError(f"{key}: must be at least 1, got {value}")
+    for key, value in (("train.max_steps", t.max_steps), ("train.save_every", t.save_every),
+                       ("eval.every", cfg.eval.every)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{key}: must be at least 1 or null, got {value}")
+    for name in ("validation", "test"):
+        size = getattr(cfg.data.split, name)
+        if size < 0 or (size >= 1 and size != int(size)):
+            raise ConfigError(f"data.split.{name}: a fraction below 1 or a whole count, got {size}")
+    if cfg.data.num_proc < 1:
+        raise ConfigError(f"data.num_proc: must be at least 1, got {cfg.data.num_proc}")
+    for key in ("train", "validation", "test"):
+        for i, source in enumerate(getattr(cfg.data, key)):
+            if isinstance(source, SourceConfig) and (not source.path or source.weight <= 0):
+                raise ConfigError(f"data.{key}[{i}]: a source needs a path and a positive weight")
+    if not 0.0 <= t.warmup_ratio < 1.0:
+        raise ConfigError(f"train.warmup_ratio: must be in [0, 1), got {t.warmup_ratio}")
+    for key, value in (("train.warmup_steps", t.warmup_steps), ("train.weight_decay", t.weight_decay),
+                       ("strategy.freeze.last_n_layers", cfg.strategy.freeze.last_n_layers)):
+        if value < 0:
+            raise ConfigError(f"{key}: must not be negative, got {value}")
+    if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):
+        raise ConfigError(f"train.betas: expected two numbers in [0, 1), got {t.betas}")
+    for key, value in (("train.lr", t.lr), ("train.eps", t.eps), ("train.max_grad_norm", t.max_grad_norm)):
+        if value is not None and value <= 0:
+            raise ConfigError(f"{key}: must be positive, got {value}")
+    if not 0.0 <= cfg.strategy.lora.dropout < 1.0:
+        raise ConfigError(f"strategy.lora.dropout: must be in [0, 1), got {cfg.strategy.lora.dropout}")
+    if cfg.strategy.name in ("lora", "dora", "qlora") and cfg.strategy.lora.r < 1:
+        raise ConfigError(f"strategy.lora.r: must be at least 1, got {cfg.strategy.lora.r}")
+    if cfg.strategy.name == "freeze" and not (cfg.strategy.freeze.last_n_layers or cfg.strategy.freeze.modules):
+        raise ConfigError("strategy.freeze: set last_n_layers and/or modules, otherwise nothing trains")
+
+
+def check_paths(cfg: Config) -> None:
+    """Checks that the files and the model a run needs exist (called by commands before any work)."""
+    if not cfg.model.name_or_path:
+        raise ConfigError("model.name_or_path: required (a local model directory or a hub id)")
+    _check_model_path("model.name_or_path", cfg.model.name_or_path)
+    if cfg.model.tokenizer:
+        _check_model_path("model.tokenizer", cfg.model.tokenizer)
+    if not cfg.data.train:
+        raise ConfigError("data.train: required (one or more data files)")
+    from tunesmith.data.sources import resolve_paths  # imported here: config stays free of data code at import
+    from tunesmith.errors import DataError
+
+    for key in ("train", "validation", "test"):
+        for i, source in enumerate(getattr(cfg.data, key)):
+            path = source.path if isinstance(source, SourceConfig) else source
+            try:
+                resolve_paths(path)
+            except DataError as exc:
+                raise ConfigError(f"data.{key}[{i}]: {exc}") from None
+
+
+def _check_model_path(key: str, value: str) -> None:
+    """A value that looks like a filesystem path must exist; 'org/name' may be a hub id."""
+    looks_local = value.startswith((".", "/", "~")) or value.count("/") > 1 or "\\" in value
+    if looks_local and not Path(value).expanduser().is_dir():
+        raise ConfigError(f"{key}: model directory not found: {value}")
