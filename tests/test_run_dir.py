@@ -46,6 +46,8 @@ def test_run_directory_contents(run):
         p.name for p in (out / "final").iterdir()}
     assert json.loads((out / "report.json").read_text())["steps"] == 6 == report["steps"]
     assert {"data_report.json", "data_report.md", "token_lengths.png"} <= {p.name for p in out.iterdir()}
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![loss](loss.png)" in (out / "report.md").read_text()
 
 
 def test_adapter_keeps_the_end_of_turn_stop_token(run):

@@ -25,6 +25,7 @@ from tunesmith.model.load import ensure_pad_token, load_model, load_tokenizer, r
 from tunesmith.model.strategies import ADAPTER_STRATEGIES, apply_strategy, parameter_counts, quantization_config
 from tunesmith.objectives import OBJECTIVES
 from tunesmith.track.logs import close_logging, setup_logging
+from tunesmith.track.plots import plot_loss_curve
 from tunesmith.train.checkpoint import latest_checkpoint, load_checkpoint
 from tunesmith.train.loop import LoopSettings, fit, steps_per_epoch
 from tunesmith.train.optim import build_optimizer, build_scheduler
@@ -86,6 +87,7 @@ def train(cfg: Config) -> dict:
             "config": to_dict(cfg),
         }
         write_report(run_dir, report)
+        plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss.png", title=run_dir.name)
         log.info("done: final model in %s", run_dir / "final")
     accelerator.end_training()
     close_logging()
@@ -223,4 +225,5 @@ def write_report(run_dir: Path, report: dict) -> None:
     d = report["data"]["train"]
     lines += ["", f"Train data: {d['rows']} rows, {d['examples']} examples, {d['truncated']} truncated, "
               f"{d['dropped_no_loss_tokens']} dropped for having no loss-bearing token (see data_report.md)."]
+    lines += ["", "![loss](loss.png)"]
     (run_dir / "report.md").write_text("\n".join(lines) + "\n")
