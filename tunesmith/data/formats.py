@@ -97,7 +97,7 @@ def load_rows(
     Raises:
         DataError naming file, line and field for the first bad record, or an empty source.
     """
-    rows = [row for row in iter_rows(path, fmt, system_prompt, fields, text_unit)]
+    rows = list(iter_rows(path, fmt, system_prompt, fields, text_unit))
     if not rows:
         raise DataError(f"{path}: no examples (the file is empty)")
     return rows
