@@ -202,6 +202,10 @@ def test_small_demo_raises_heldout_exact_match(tmp_path, capsys):
     assert report["metrics"]["base"]["fact_completion"]["exact_match"] > 0.5  # the base does know the facts
     written = json.loads((tmp_path / "demo" / "demo_report.json").read_text())
     assert written["metrics"] == report["metrics"]
+    import torch
+
+    assert written["versions"]["torch"] == torch.__version__ and written["seed"] == 0
+    assert written["configs"]["sft"]["strategy"]["name"] == "lora"
     assert "| base + LoRA SFT |" in (tmp_path / "demo" / "demo_report.md").read_text()
     assert "| base (pretrained) |" in capsys.readouterr().out
     # The numbers come from the generations in the report, not from anywhere else.

@@ -240,8 +240,17 @@ def build_report(world: World, size: DemoSize, results: dict[str, dict], pretrai
         "heldout_answers": heldout,
         "pretrain": _run_summary(pretrain),
         "sft": _run_summary(sft),
+        "configs": {"pretrain": pretrain["config"], "sft": sft["config"]},
+        "versions": library_versions(),
         "seconds": round(seconds, 1),
     }
+
+
+def library_versions() -> dict[str, str]:
+    """The versions a result depends on, for the report."""
+    from importlib.metadata import version
+
+    return {name: version(name) for name in ("tunesmith", "torch", "transformers", "peft", "accelerate", "datasets")}
 
 
 def _run_summary(report: dict) -> dict:
@@ -290,7 +299,9 @@ def write_report(out: Path, report: dict) -> None:
         "come from pretraining only. Exact match compares greedy answers with the reference sentence after "
         "normalising case, spaces and trailing punctuation. Fact completion prompts in the corpus's own "
         "phrasing (\"The capital of X is\"), without the chat format.", "",
-        f"Seed {report['seed']}; {report['seconds']} s in all.", "",
+        f"Seed {report['seed']}; {report['seconds']} s in all; "
+        + ", ".join(f"{k} {v}" for k, v in report["versions"].items())
+        + ". The resolved configs of both runs are in demo_report.json (and each run's config.yaml).", "",
         "## Held-out answers (first 6)", "",
         "| question | reference | base | tuned |", "|---|---|---|---|",
     ]
