@@ -206,6 +206,8 @@ def test_small_demo_raises_heldout_exact_match(tmp_path, capsys):
 
     assert written["versions"]["torch"] == torch.__version__ and written["seed"] == 0
     assert written["configs"]["sft"]["strategy"]["name"] == "lora"
+    perplexity = written["corpus_perplexity"]  # forgetting, as a number
+    assert 1.0 < perplexity["base"] < 100 and 1.0 < perplexity["tuned"] < 100
     assert "| base + LoRA SFT |" in (tmp_path / "demo" / "demo_report.md").read_text()
     assert "| base (pretrained) |" in capsys.readouterr().out
     # The numbers come from the generations in the report, not from anywhere else.

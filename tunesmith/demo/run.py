@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import shutil
 import time
 import warnings
@@ -25,6 +26,7 @@ import torch
 import yaml
 
 from tunesmith.config import Config, config_from_dict
+from tunesmith.data.tokenize import Example
 from tunesmith.data.templates import end_of_turn_marker
 from tunesmith.demo.tiny import build_model, save_tiny, train_tokenizer
 from tunesmith.demo.world import QA, World, fact_completions, make_world, read_questions, write_world
@@ -81,9 +83,12 @@ def run_demo(output_dir: str | Path, seed: int = 0, size: DemoSize = DemoSize())
         sft = _train(demo_config("sft_lora.yaml", run_overrides(
             out / "pretrain" / "final", paths["sft"], out / "sft", seed, size.sft_steps)))
         results = evaluate(world, paths, out / "pretrain" / "final", out / "sft" / "final", size.max_new_tokens)
-    report = build_report(world, size, results, pretrain, sft, time.perf_counter() - started)
+        perplexity = forgetting(paths["corpus"], out / "pretrain" / "final", out / "sft" / "final")
+    report = build_report(world, size, results, perplexity, pretrain, sft, time.perf_counter() - started)
     write_report(out, report)
     print(format_table(report) + "\n\n" + format_examples(report["heldout_answers"][:3]))
+    p = report["corpus_perplexity"]
+    print(f"\nForgetting: perplexity on the pretraining corpus {p['base']} (base) -> {p['tuned']} (tuned)")
     print(f"\nFull report: {out / 'demo_report.md'}")
     return report
 
@@ -188,6 +193,36 @@ def evaluate(world: World, paths: dict[str, Path], base_dir: Path, adapter_dir: 
     return results
 
 
+def forgetting(corpus: Path, base_dir: Path, adapter_dir: Path) -> dict[str, float]:
+    """Perplexity of base and tuned model on the pretraining corpus (token-weighted): what SFT cost the model
+    on the data it learnt its facts from."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from tunesmith.data.batching import collate
+    from tunesmith.data.tokenize import encode_text
+    from tunesmith.model.load import load_model
+    from tunesmith.objectives.tokens import model_inputs, summed_nll
+
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    examples = [Example(*encode_text(tokenizer, json.loads(line)["text"]))
+                for line in corpus.read_text(encoding="utf-8").splitlines() if line]
+    perplexity = {}
+    for name in MODELS:
+        model = load_model(str(base_dir))
+        if name == "tuned":
+            model = PeftModel.from_pretrained(model, str(adapter_dir))
+        model.eval()
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for start in range(0, len(examples), 32):
+                batch = collate(examples[start : start + 32], tokenizer.pad_token_id)
+                nll, n = summed_nll(model(**model_inputs(batch)).logits, batch["labels"])
+                total, count = total + nll.item(), count + n
+        perplexity[name] = round(math.exp(total / count), 3)
+    return perplexity
+
+
 def _stop_at_end_of_turn(model, tokenizer) -> None:
     # Both models stop at EOS or the template's end of turn; an adapter directory does not carry the
     # generation config that SFT set, so it is derived again from the chat template.
@@ -223,8 +258,8 @@ def accuracy(rows: list[dict]) -> float:
     return sum(r["correct"] for r in rows) / len(rows) if rows else 0.0
 
 
-def build_report(world: World, size: DemoSize, results: dict[str, dict], pretrain: dict, sft: dict,
-                 seconds: float) -> dict:
+def build_report(world: World, size: DemoSize, results: dict[str, dict], perplexity: dict[str, float],
+                 pretrain: dict, sft: dict, seconds: float) -> dict:
     """Metrics per model, the held-out answers side by side, and what produced them."""
     metrics = {name: {key: {"exact_match": accuracy(rows), "n": len(rows)} for key, rows in r.items()}
                for name, r in results.items()}
@@ -237,6 +272,7 @@ def build_report(world: World, size: DemoSize, results: dict[str, dict], pretrai
         "world": {"countries": len(world.countries), "sft_countries": len(world.sft_countries),
                   "heldout_countries": len(world.heldout_countries)},
         "metrics": metrics,
+        "corpus_perplexity": perplexity,
         "heldout_answers": heldout,
         "pretrain": _run_summary(pretrain),
         "sft": _run_summary(sft),
@@ -299,6 +335,8 @@ def write_report(out: Path, report: dict) -> None:
         "come from pretraining only. Exact match compares greedy answers with the reference sentence after "
         "normalising case, spaces and trailing punctuation. Fact completion prompts in the corpus's own "
         "phrasing (\"The capital of X is\"), without the chat format.", "",
+        f"Forgetting: perplexity on the pretraining corpus {report['corpus_perplexity']['base']} (base) -> "
+        f"{report['corpus_perplexity']['tuned']} (tuned).", "",
         f"Seed {report['seed']}; {report['seconds']} s in all; "
         + ", ".join(f"{k} {v}" for k, v in report["versions"].items())
         + ". The resolved configs of both runs are in demo_report.json (and each run's config.yaml).", "",
