@@ -208,6 +208,8 @@ def test_small_demo_raises_heldout_exact_match(tmp_path, capsys):
     assert written["configs"]["sft"]["strategy"]["name"] == "lora"
     perplexity = written["corpus_perplexity"]  # forgetting, as a number
     assert 1.0 < perplexity["base"] < 100 and 1.0 < perplexity["tuned"] < 100
+    assert all((tmp_path / "demo" / run / "loss.png").is_file() for run in ("pretrain", "sft"))
+    assert "![LoRA SFT](sft/loss.png)" in (tmp_path / "demo" / "demo_report.md").read_text()
     assert "| base + LoRA SFT |" in (tmp_path / "demo" / "demo_report.md").read_text()
     assert "| base (pretrained) |" in capsys.readouterr().out
     # The numbers come from the generations in the report, not from anywhere else.

@@ -337,6 +337,7 @@ def write_report(out: Path, report: dict) -> None:
         "phrasing (\"The capital of X is\"), without the chat format.", "",
         f"Forgetting: perplexity on the pretraining corpus {report['corpus_perplexity']['base']} (base) -> "
         f"{report['corpus_perplexity']['tuned']} (tuned).", "",
+        "Loss curves: ![pretraining](pretrain/loss.png) ![LoRA SFT](sft/loss.png)", "",
         f"Seed {report['seed']}; {report['seconds']} s in all; "
         + ", ".join(f"{k} {v}" for k, v in report["versions"].items())
         + ". The resolved configs of both runs are in demo_report.json (and each run's config.yaml).", "",
