@@ -196,13 +196,14 @@ def evaluate(world: World, paths: dict[str, Path], base_dir: Path, adapter_dir: 
 def forgetting(corpus: Path, base_dir: Path, adapter_dir: Path) -> dict[str, float]:
     """Perplexity of base and tuned model on the pretraining corpus (token-weighted): what SFT cost the model
     on the data it learnt its facts from."""
+    from accelerate import Accelerator
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from tunesmith.data.batching import collate
     from tunesmith.data.tokenize import encode_text
     from tunesmith.model.load import load_model
-    from tunesmith.objectives.tokens import model_inputs, summed_nll
+    from tunesmith.objectives import OBJECTIVES
+    from tunesmith.train.loop import evaluate_loss
 
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
     examples = [Example(*encode_text(tokenizer, json.loads(line)["text"]))
@@ -212,14 +213,8 @@ def forgetting(corpus: Path, base_dir: Path, adapter_dir: Path) -> dict[str, flo
         model = load_model(str(base_dir))
         if name == "tuned":
             model = PeftModel.from_pretrained(model, str(adapter_dir))
-        model.eval()
-        total, count = 0.0, 0
-        with torch.no_grad():
-            for start in range(0, len(examples), 32):
-                batch = collate(examples[start : start + 32], tokenizer.pad_token_id)
-                nll, n = summed_nll(model(**model_inputs(batch)).logits, batch["labels"])
-                total, count = total + nll.item(), count + n
-        perplexity[name] = round(math.exp(total / count), 3)
+        loss = evaluate_loss(model, OBJECTIVES["clm"], examples, 32, tokenizer.pad_token_id, Accelerator(cpu=True))
+        perplexity[name] = round(math.exp(loss), 3)
     return perplexity
 
 
