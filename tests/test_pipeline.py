@@ -338,3 +338,12 @@ def test_held_out_cluster_goes_to_test_whole(tmp_path, chat_tokenizer):
     assert len(decoded["train"]) + len(decoded["validation"]) == 10
     with pytest.raises(DataError, match="no task type is in cluster"):
         prepare(chat_tokenizer, sources, Options(instruct=InstructOptions(held_out_clusters=("poetry",))))
+
+
+def test_prepare_refuses_a_template_that_never_ends_a_turn(tmp_path, tokenizer):
+    """Without an end-of-turn token the tuned model would never learn to stop: refused before tokenising."""
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    path = write_jsonl(tmp_path / "c.jsonl", [CHAT])
+    with pytest.raises(DataError, match="no end-of-turn or EOS token"):
+        prepare(tok, {"train": [Source(str(path))]}, Options())

@@ -28,7 +28,7 @@ from tunesmith.data.rowclean import clean_rows
 from tunesmith.data.pack import pack_blocks, pack_examples, packing_efficiency
 from tunesmith.data.sources import resolve_paths
 from tunesmith.data.split import split_indices
-from tunesmith.data.tokenize import IGNORE_INDEX, Example, encode_rows, length_stats, truncate
+from tunesmith.data.tokenize import IGNORE_INDEX, Example, check_template, encode_rows, fit_example, length_stats
 from tunesmith.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -180,14 +180,13 @@ def _tokenize_batch(batch: dict[str, list], tokenizer, options: Options) -> dict
     for row, encoded in zip(rows, encode_rows(tokenizer, rows, options.train_on_prompt)):
         if isinstance(encoded, DataError):
             raise encoded
-        ids, labels = encoded
-        fitted = truncate(ids, labels, options.max_seq_len, options.truncation)
-        dropped = fitted is None or not any(t != -100 for t in fitted[1][1:])
+        fitted = fit_example(*encoded, options.max_seq_len, options.truncation)
+        dropped = fitted is None
         fitted = ([], []) if dropped else fitted
         out["input_ids"].append(fitted[0])
         out["labels"].append(fitted[1])
         out["source"].append(row.source)
-        out["truncated"].append(len(ids) > options.max_seq_len)
+        out["truncated"].append(len(encoded[0]) > options.max_seq_len)
         out["dropped"].append(dropped)
         out["length"].append(len(fitted[0]))
         out["loss_tokens"].append(sum(1 for t in fitted[1][1:] if t != IGNORE_INDEX))
@@ -207,6 +206,7 @@ def tokenize(rows: Sequence[Row], tokenizer, options: Options, work_file: Path |
     num_rows = len(rows)
     if not num_rows:
         return [], {"rows": 0, "examples": 0}
+    check_template(tokenizer, rows)
     # Consumed in place: the caller hands over its rows (prepare pops them), freed as they become Arrow.
     table = _row_table(rows if isinstance(rows, list) else list(rows),
                        work_file.with_suffix(".rows") if work_file else None)

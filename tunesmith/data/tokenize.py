@@ -225,31 +225,39 @@ def truncate(ids: list[int], labels: list[int], max_seq_len: int, policy: str):
     return ids[:max_seq_len], labels[:max_seq_len]
 
 
+def fit_example(ids: list[int], labels: list[int], max_seq_len: int, policy: str):
+    """`truncate`, then None also when no loss-bearing token is left (such an example is dropped and counted)."""
+    fitted = truncate(ids, labels, max_seq_len, policy)
+    if fitted is None or all(t == IGNORE_INDEX for t in fitted[1][1:]):
+        return None
+    return fitted
+
+
+def check_template(tokenizer, rows: Sequence[Row]) -> None:
+    """Fail before any tokenising on a chat template that never ends a turn (the model would never stop)."""
+    if any(r.kind == "chat" for r in rows):
+        end_of_turn_marker(tokenizer)
+
+
 def tokenize_rows(
     tokenizer, rows: Sequence[Row], max_seq_len: int, train_on_prompt: bool = False, truncation: str = "right"
 ) -> tuple[list[Example], DataReport]:
-    """Tokenise, fit to `max_seq_len` by the truncation policy, and drop examples without loss tokens.
-
-    Every drop is counted in the report; none is silent.
-    """
+    """In memory: tokenise, fit to `max_seq_len` by the truncation policy, and drop examples without loss
+    tokens (the pipeline does the same through `datasets.map`). Every drop is counted in the report."""
     report = DataReport(rows=len(rows))
-    if any(r.kind == "chat" for r in rows):
-        end_of_turn_marker(tokenizer)  # fail early on a template that never ends a turn
+    check_template(tokenizer, rows)
     examples = []
-    for row in rows:
-        try:
-            ids, labels = encode_row(tokenizer, row, train_on_prompt)
-        except DataError as exc:
-            raise DataError(f"{row.source}: {exc}") from None
-        fitted = truncate(ids, labels, max_seq_len, truncation)
-        if len(ids) > max_seq_len:
-            report.truncated += 1
-        example = Example(*fitted, row.source) if fitted else None
-        if example is None or example.num_loss_tokens == 0:
+    for row, encoded in zip(rows, encode_rows(tokenizer, rows, train_on_prompt)):
+        if isinstance(encoded, DataError):
+            raise encoded
+        fitted = fit_example(*encoded, max_seq_len, truncation)
+        report.truncated += len(encoded[0]) > max_seq_len
+        if fitted is None:
             report.dropped_no_loss_tokens += 1
             if len(report.dropped_sources) < 10:
                 report.dropped_sources.append(row.source)
             continue
+        example = Example(*fitted, row.source)
         examples.append(example)
         report.lengths.append(len(example.input_ids))
         report.tokens += len(example.input_ids)
