@@ -14,24 +14,25 @@ import numpy as np
 import pytest
 from datasketch import LeanMinHash, MinHash
 
-from tunesmith.data.clean import (
-    CleanSteps,
-    QualityLimits,
+from tunesmith.data.clean import CleanSteps, clean_texts
+from tunesmith.data.dedup import (
     _components,
     _shingle_hashes,
     _token_hashes,
-    clean_texts,
     dedup_groups,
     exact_key,
     find_exact_duplicates,
     minhash_signatures,
     near_duplicate_groups,
+)
+from tunesmith.data.normalize import normalize_text
+from tunesmith.data.pii import scrub_pii
+from tunesmith.data.quality import (
+    QualityLimits,
     non_text_ratio,
-    normalize_text,
     quality_problem,
     repeated_line_ratio,
     repeated_ngram_ratio,
-    scrub_pii,
 )
 from tunesmith.errors import ConfigError
 

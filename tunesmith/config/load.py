@@ -286,14 +286,7 @@ def _schema_paths(cls: type, prefix: str = "") -> list[tuple[str, bool]]:
 
 def all_keys(cls: type, prefix: str = "") -> list[str]:
     """Every dotted key of the schema, e.g. ['model.name_or_path', ..., 'strategy.lora.r', ...]."""
-    keys = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(hints[f.name]):
-            keys += all_keys(hints[f.name], f"{prefix}{f.name}.")
-        else:
-            keys.append(f"{prefix}{f.name}")
-    return keys
+    return [path for path, is_section in _schema_paths(cls, prefix) if not is_section]
 
 
 def _type_name(tp: Any) -> str:

@@ -11,7 +11,8 @@ import os
 from pathlib import Path
 
 from tunesmith.config import Config, SourceConfig
-from tunesmith.data.clean import CleanSteps, QualityLimits
+from tunesmith.data.clean import CleanSteps
+from tunesmith.data.quality import QualityLimits
 from tunesmith.errors import ConfigError
 from tunesmith.data.pipeline import InstructOptions, Options, Prepared, Source, prepare
 

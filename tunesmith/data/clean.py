@@ -12,26 +12,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
-from tunesmith.data.dedup import (  # noqa: F401 (exact_key, minhash_signatures, _components, _*_hashes re-exported)
-    SHINGLES,
-    _components,
-    _shingle_hashes,
-    _token_hashes,
-    dedup_groups,
-    exact_key,
-    find_exact_duplicates,
-    minhash_signatures,
-    near_duplicate_groups,
-)
+from tunesmith.data.dedup import SHINGLES, dedup_groups, find_exact_duplicates, near_duplicate_groups
 from tunesmith.data.normalize import UNICODE_FORMS, _check_choice, normalize_text
 from tunesmith.data.pii import PII_KINDS, scrub_pii
-from tunesmith.data.quality import (  # noqa: F401 (the three *_ratio functions re-exported)
-    QualityLimits,
-    non_text_ratio,
-    quality_problem,
-    repeated_line_ratio,
-    repeated_ngram_ratio,
-)
+from tunesmith.data.quality import QualityLimits, quality_problem
 from tunesmith.errors import ConfigError
 
 STEPS = ("normalize", "pii", "quality", "exact_dedup", "near_dedup")

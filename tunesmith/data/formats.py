@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from tunesmith.data.sources import iter_records, read_jsonl  # noqa: F401 (read_jsonl re-exported)
 from tunesmith.errors import DataError

@@ -10,7 +10,9 @@ import dataclasses
 from collections import Counter
 from typing import Any, Callable
 
-from tunesmith.data.clean import CleanSteps, clean_texts, normalize_text, scrub_pii
+from tunesmith.data.clean import CleanSteps, clean_texts
+from tunesmith.data.normalize import normalize_text
+from tunesmith.data.pii import scrub_pii
 from tunesmith.data.formats import Row
 
 TEXT_FIELDS = ("text", "prompt", "completion", "chosen", "rejected")

@@ -27,14 +27,13 @@ import yaml
 
 from tunesmith.config import Config, config_from_dict
 from tunesmith.data.tokenize import Example
-from tunesmith.data.templates import end_of_turn_marker
 from tunesmith.demo.tiny import build_model, save_tiny, train_tokenizer
 from tunesmith.demo.world import QA, World, fact_completions, make_world, read_questions, write_world
 from tunesmith.errors import TunesmithError
 from tunesmith.eval.generate import complete_greedy, generate_greedy
 from tunesmith.eval.metrics import exact_match
 from tunesmith.track.logs import setup_logging
-from tunesmith.train.run import train
+from tunesmith.train.run import set_generation_eos, train
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +185,8 @@ def evaluate(world: World, paths: dict[str, Path], base_dir: Path, adapter_dir: 
         model = load_model(str(base_dir))
         if name == "tuned":
             model = PeftModel.from_pretrained(model, str(adapter_dir))  # the plain PEFT loader, as a user would
-        _stop_at_end_of_turn(model, tokenizer)
+        # The base model (pretrained on raw text) has no end-of-turn stop token; use the chat template's.
+        set_generation_eos(model, tokenizer)
         results[name] = {key: score_questions(model, tokenizer, rows, max_new_tokens)
                          for key, rows in questions.items()}
         results[name]["fact_completion"] = score_completions(model, tokenizer, completions)
@@ -216,14 +216,6 @@ def forgetting(corpus: Path, base_dir: Path, adapter_dir: Path) -> dict[str, flo
         loss = evaluate_loss(model, OBJECTIVES["clm"], examples, 32, tokenizer.pad_token_id, Accelerator(cpu=True))
         perplexity[name] = round(math.exp(loss), 3)
     return perplexity
-
-
-def _stop_at_end_of_turn(model, tokenizer) -> None:
-    # Both models stop at EOS or the template's end of turn; an adapter directory does not carry the
-    # generation config that SFT set, so it is derived again from the chat template.
-    end_of_turn = tokenizer.convert_tokens_to_ids(end_of_turn_marker(tokenizer))
-    model.generation_config.eos_token_id = sorted({tokenizer.eos_token_id, end_of_turn})
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
 def score_questions(model, tokenizer, rows: list[QA], max_new_tokens: int) -> list[dict]:

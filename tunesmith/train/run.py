@@ -13,7 +13,6 @@ import shutil
 import time
 from pathlib import Path
 
-import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
@@ -116,7 +115,7 @@ def build_model(cfg: Config, tokenizer, added_tokens: list[str]):
                        m.trust_remote_code, m.allow_pickle, quant)
     resize_embeddings(model, tokenizer)
     if cfg.train.objective == "sft" and not cfg.data.train_on_prompt:
-        _set_generation_eos(model, tokenizer)
+        set_generation_eos(model, tokenizer)
     new_ids = tokenizer.convert_tokens_to_ids(added_tokens) if strategy.name in ADAPTER_STRATEGIES else []
     model = apply_strategy(
         model, strategy.name,
@@ -131,7 +130,7 @@ def build_model(cfg: Config, tokenizer, added_tokens: list[str]):
     return model
 
 
-def _set_generation_eos(model, tokenizer) -> None:
+def set_generation_eos(model, tokenizer) -> None:
     """Generation stops at the template's end-of-turn token as well as at EOS."""
     marker_ids = tokenizer(end_of_turn_marker(tokenizer), add_special_tokens=False)["input_ids"]
     ids = [i for i in (tokenizer.eos_token_id, marker_ids[0]) if i is not None]
