@@ -37,6 +37,24 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from tunesmith.config import load_config
+
+    cfg = load_config(args.config, list(args.overrides))
+    from tunesmith.eval.command import eval_command
+
+    with warnings_to_log():
+        eval_command(cfg, compare=args.compare)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from tunesmith.track.report import report_command
+
+    report_command(args.run_dirs, args.output)
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from tunesmith.demo.run import run_demo
 
@@ -59,6 +77,18 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("config", help="YAML config file")
     prepare.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     prepare.set_defaults(func=_prepare)
+
+    evaluate = commands.add_parser("eval", help="evaluate a model, checkpoint or adapter on the eval sets of a config")
+    evaluate.add_argument("config", help="YAML config file")
+    evaluate.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    evaluate.add_argument("--compare", nargs=2, metavar=("A", "B"),
+                          help="evaluate two models (paths or hub ids) on the same sets and report the deltas")
+    evaluate.set_defaults(func=_eval)
+
+    report = commands.add_parser("report", help="compare finished runs in one table and one plot")
+    report.add_argument("run_dirs", nargs="+", help="run directories (each with metrics.jsonl)")
+    report.add_argument("--output", default=None, help="where to write comparison.md/.png (default: first run)")
+    report.set_defaults(func=_report)
 
     demo = commands.add_parser("demo", help="the offline quickstart on the embedded synthetic world")
     demo.add_argument("--output-dir", default="runs/demo")

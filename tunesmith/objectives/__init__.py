@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from tunesmith.data.batching import collate
 from tunesmith.objectives.base import LossOutput
 from tunesmith.objectives.sft import sft_loss
 from tunesmith.objectives.tokens import count_loss_tokens
@@ -21,6 +22,7 @@ from tunesmith.objectives.tokens import count_loss_tokens
 class Objective:
     loss: Callable[[torch.nn.Module, dict[str, torch.Tensor]], LossOutput]
     count_units: Callable[[dict[str, torch.Tensor]], int]  # known before the forward pass
+    collate: Callable[..., dict[str, torch.Tensor]] = collate  # (examples, pad_token_id) -> batch
 
 
 def _token_units(batch: dict[str, torch.Tensor]) -> int:

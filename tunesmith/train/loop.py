@@ -22,7 +22,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from tunesmith.data.batching import collate, epoch_batches
+from tunesmith.data.batching import epoch_batches
 from tunesmith.data.tokenize import Example
 from tunesmith.objectives import Objective
 from tunesmith.track.metrics import MetricsFile
@@ -89,7 +89,7 @@ def fit(
     interval = _Interval()
     summary: dict = {"train_loss": None, "eval_loss": None}
     for step in range(start_step, s.total_steps):
-        micro = [collate(b, pad_token_id) for b in window(train, step, s, accelerator.process_index,
+        micro = [objective.collate(b, pad_token_id) for b in window(train, step, s, accelerator.process_index,
                                                            accelerator.num_processes)]
         stats = train_step(model, objective, optimizer, scheduler, accelerator, micro, s.max_grad_norm)
         interval.add(stats)
@@ -158,7 +158,7 @@ def evaluate_loss(model, objective: Objective, examples: Sequence[Example], batc
     units = 0
     rank, world = accelerator.process_index, accelerator.num_processes
     for start in range(rank * batch_size, len(examples), batch_size * world):
-        batch = collate(examples[start : start + batch_size], pad_token_id)
+        batch = objective.collate(examples[start : start + batch_size], pad_token_id)
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         out = objective.loss(model, batch)
         loss_sum += out.loss_sum.double()
