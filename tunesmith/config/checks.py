@@ -51,6 +51,26 @@ def check(cfg: Config) -> None:
         raise ConfigError(f"strategy.lora.r: must be at least 1, got {cfg.strategy.lora.r}")
     if cfg.strategy.name == "freeze" and not (cfg.strategy.freeze.last_n_layers or cfg.strategy.freeze.modules):
         raise ConfigError("strategy.freeze: set last_n_layers and/or modules, otherwise nothing trains")
+    _check_align(cfg)
+
+
+def _check_align(cfg: Config) -> None:
+    a, objective = cfg.align, cfg.train.objective
+    if objective in ("sft", "clm"):
+        return
+    if cfg.data.pack:
+        raise ConfigError(f"data.pack: packing is for sft and clm; {objective} compares whole answers, set it false")
+    if a.beta <= 0:
+        raise ConfigError(f"align.beta: must be positive, got {a.beta}")
+    if not 0.0 <= a.label_smoothing < 0.5:
+        raise ConfigError(f"align.label_smoothing: must be in [0, 0.5), got {a.label_smoothing}")
+    if a.label_smoothing and objective == "dpo" and a.loss_type not in ("sigmoid", "robust"):
+        raise ConfigError(f"align.label_smoothing: applies to loss_type sigmoid or robust, not {a.loss_type}")
+    for key in ("simpo_gamma", "orpo_lambda", "kto_desirable_weight", "kto_undesirable_weight", "reward_margin"):
+        if getattr(a, key) < 0:
+            raise ConfigError(f"align.{key}: must not be negative, got {getattr(a, key)}")
+    if objective == "reward" and cfg.strategy.name == "freeze" and "score" not in cfg.strategy.freeze.modules:
+        raise ConfigError("strategy.freeze.modules: a reward model's new score head must train; add 'score'")
 
 
 def check_paths(cfg: Config) -> None:

@@ -28,7 +28,7 @@ from tunesmith.data.rowclean import clean_rows
 from tunesmith.data.pack import pack_blocks, pack_examples, packing_efficiency
 from tunesmith.data.sources import resolve_paths
 from tunesmith.data.split import split_indices
-from tunesmith.data.tokenize import IGNORE_INDEX, Example, check_template, encode_rows, fit_example, length_stats
+from tunesmith.data.tokenize import Example, check_template, encode_rows, example_length, fit_row, length_stats
 from tunesmith.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -171,25 +171,32 @@ def _row_table(rows: list[Row], work_dir: Path | None):
     return concatenate_datasets(parts)
 
 
+def _token_features():
+    from datasets import Features, Sequence as ArrowList, Value
+
+    ids = ArrowList(Value("int32"))
+    return Features({"input_ids": ids, "labels": ids, "source": Value("string"), "rejected_ids": ids,
+                     "rejected_labels": ids, "desirable": Value("bool"), "truncated": Value("bool"),
+                     "dropped": Value("bool"), "length": Value("int64"), "loss_tokens": Value("int64")})
+
+
 def _tokenize_batch(batch: dict[str, list], tokenizer, options: Options) -> dict[str, list]:
     """datasets.map function: rows -> ids, labels and what happened to each (kept / truncated / dropped)."""
-    out: dict[str, list] = {"input_ids": [], "labels": [], "source": [], "truncated": [], "dropped": [],
-                            "length": [], "loss_tokens": []}
+    out: dict[str, list] = {name: [] for name in _token_features()}
     rows = [Row(**{k: batch[k][i] for k in batch}) for i in range(len(batch["source"]))]
     rows = [dataclasses.replace(row, messages=tuple(row.messages or ())) for row in rows]
     for row, encoded in zip(rows, encode_rows(tokenizer, rows, options.train_on_prompt)):
         if isinstance(encoded, DataError):
             raise encoded
-        fitted = fit_example(*encoded, options.max_seq_len, options.truncation)
-        dropped = fitted is None
-        fitted = ([], []) if dropped else fitted
-        out["input_ids"].append(fitted[0])
-        out["labels"].append(fitted[1])
-        out["source"].append(row.source)
-        out["truncated"].append(len(encoded[0]) > options.max_seq_len)
+        example = fit_row(row, encoded, options.max_seq_len, options.truncation)
+        dropped = example is None
+        example = Example([], [], row.source) if dropped else example
+        for name in ("input_ids", "labels", "source", "rejected_ids", "rejected_labels", "desirable"):
+            out[name].append(getattr(example, name))
+        out["truncated"].append(max(len(ids) for ids in encoded[::2]) > options.max_seq_len)
         out["dropped"].append(dropped)
-        out["length"].append(len(fitted[0]))
-        out["loss_tokens"].append(sum(1 for t in fitted[1][1:] if t != IGNORE_INDEX))
+        out["length"].append(example_length(example))
+        out["loss_tokens"].append(example.num_loss_tokens)
     return out
 
 
@@ -211,7 +218,7 @@ def tokenize(rows: Sequence[Row], tokenizer, options: Options, work_file: Path |
     table = _row_table(rows if isinstance(rows, list) else list(rows),
                        work_file.with_suffix(".rows") if work_file else None)
     table = table.map(_tokenize_batch, batched=True, batch_size=256, num_proc=_procs(options, num_rows),
-                      remove_columns=table.column_names, fn_kwargs={"tokenizer": tokenizer, "options": options},
+                      remove_columns=table.column_names, features=_token_features(), fn_kwargs={"tokenizer": tokenizer, "options": options},
                       load_from_cache_file=False, desc="tokenise", keep_in_memory=work_file is None,
                       cache_file_name=str(work_file) if work_file else None)
     dropped = np.asarray(table["dropped"], dtype=bool)
@@ -228,7 +235,11 @@ def tokenize(rows: Sequence[Row], tokenizer, options: Options, work_file: Path |
         "length": length_stats(lengths.tolist()),
         "length_histogram": _histogram(lengths.tolist()),
     }
-    examples = table.select_columns(["input_ids", "labels", "source", "dropped"])
+    # Preference and unpaired columns are kept only when some row has them.
+    present = {name for name in ("rejected_ids", "desirable") if table.data.column(name).null_count < len(table)}
+    examples = table.select_columns(["input_ids", "labels", "source", "dropped"]
+                                    + (["rejected_ids", "rejected_labels"] if "rejected_ids" in present else [])
+                                    + (["desirable"] if "desirable" in present else []))
     if dropped.any():  # filter (written to disk) rather than select: no index mapping to flatten in memory later
         examples = examples.filter(lambda flags: [not f for f in flags], input_columns="dropped", batched=True,
                                    keep_in_memory=work_file is None, desc="drop",
@@ -489,4 +500,5 @@ class ExampleTable(Sequence[Example]):
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
         row = self.table[int(index)]
-        return Example(row["input_ids"], row["labels"], row["source"], row.get("position_ids"))
+        return Example(row["input_ids"], row["labels"], row["source"], row.get("position_ids"),
+                       row.get("rejected_ids"), row.get("rejected_labels"), row.get("desirable"), row.get("ref_logps"))

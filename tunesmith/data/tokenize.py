@@ -26,11 +26,16 @@ class Example:
     labels: list[int]  # same length; IGNORE_INDEX where no loss is taken
     source: str = ""
     position_ids: list[int] | None = None  # set for packed sequences: restart at 0 for every document
+    # A preference pair keeps the chosen conversation in input_ids/labels and the rejected one here.
+    rejected_ids: list[int] | None = None
+    rejected_labels: list[int] | None = None
+    desirable: bool | None = None  # an unpaired (KTO) example: is its completion a good one?
+    ref_logps: list[float] | None = None  # reference log-probs computed before training: [chosen(, rejected)]
 
     @property
     def num_loss_tokens(self) -> int:
         # labels[0] is never predicted (nothing precedes it), so it never counts.
-        return sum(1 for t in self.labels[1:] if t != IGNORE_INDEX)
+        return sum(1 for labels in (self.labels, self.rejected_labels or ()) for t in labels[1:] if t != IGNORE_INDEX)
 
 
 @dataclass
@@ -155,44 +160,65 @@ def _prefix_len(prefix: list[int], ids: list[int], turn: int) -> int:
 TRUNCATION = ("right", "left", "drop")
 
 
-def encode_row(tokenizer, row: Row, train_on_prompt: bool = False) -> tuple[list[int], list[int]]:
-    """Token ids and labels for any row a supervised objective trains on (chat, completion, text)."""
+CHAT_KINDS = ("chat", "preference", "unpaired")  # rows rendered with the chat template
+
+
+def conversations(row: Row) -> list[tuple[tuple[dict[str, str], ...], bool]]:
+    """The conversations a chat-template row is encoded as, each with whether only its last turn is supervised:
+    a chat row is one; a preference row is two (prompt + chosen, prompt + rejected); an unpaired row is one."""
+    if row.kind == "chat":
+        return [(row.messages, row.task is not None)]
+    if row.kind == "preference":
+        return [(row.messages + ({"role": "assistant", "content": answer},), True)
+                for answer in (row.chosen, row.rejected)]
+    return [(row.messages + ({"role": "assistant", "content": row.completion},), True)]
+
+
+def encode_row(tokenizer, row: Row, train_on_prompt: bool = False) -> tuple[list[int], ...]:
+    """Token ids and labels for a row: (ids, labels), or for a preference row (chosen ids, chosen labels,
+    rejected ids, rejected labels). Only the answers are supervised in preference and unpaired rows."""
     kind = row.kind
-    if kind == "chat":
-        return encode_chat(tokenizer, row.messages, train_on_prompt, last_turn_only=row.task is not None)
+    if kind in CHAT_KINDS:
+        encoded = []
+        for messages, last_turn_only in conversations(row):
+            encoded += encode_chat(tokenizer, messages, train_on_prompt and kind == "chat", last_turn_only)
+        return tuple(encoded)
     if kind == "text":
         return encode_text(tokenizer, row.text)
     if kind == "completion":
         return encode_completion(tokenizer, row.prompt, row.completion, train_on_prompt)
-    if kind == "classification":
-        raise DataError("a classification row (text + label) has no answer to train on: turn it into instruction "
-                        "data with data.instruct, or use a classification strategy")
-    raise DataError(f"a {kind} row needs an alignment objective, not supervised fine-tuning")
+    raise DataError("a classification row (text + label) has no answer to train on: turn it into instruction "
+                    "data with data.instruct, or use a classification strategy")
 
 
 def encode_rows(tokenizer, rows: Sequence[Row], train_on_prompt: bool = False):
     """`encode_row` for many rows, with every chat text tokenised in one call (one pass through the Rust
-    tokenizer instead of three per conversation). Returns (ids, labels) or the row's DataError, per row."""
+    tokenizer instead of three per conversation). Returns `encode_row`'s tuple or the row's DataError, per row."""
     results: list = [None] * len(rows)
-    pending = []  # (row index, texts, turns)
+    pending = []  # (row index, [(texts, turns) per conversation])
     for i, row in enumerate(rows):
         try:
-            if row.kind == "chat":
-                texts, turns = chat_texts(tokenizer, row.messages, train_on_prompt, last_turn_only=row.task is not None)
-                pending.append((i, texts, turns))
+            if row.kind in CHAT_KINDS:
+                prompt_too = train_on_prompt and row.kind == "chat"
+                pending.append((i, [chat_texts(tokenizer, messages, prompt_too, last_turn_only)
+                                    for messages, last_turn_only in conversations(row)]))
             else:
                 results[i] = encode_row(tokenizer, row, train_on_prompt)
         except DataError as exc:
             results[i] = DataError(f"{row.source}: {exc}")
-    flat = [t for _, texts, _ in pending for t in texts]
+    flat = [t for _, convs in pending for texts, _ in convs for t in texts]
     ids = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
     offset = 0
-    for i, texts, turns in pending:
-        try:
-            results[i] = chat_mask(ids[offset : offset + len(texts)], turns)
-        except DataError as exc:
-            results[i] = DataError(f"{rows[i].source}: {exc}")
-        offset += len(texts)
+    for i, convs in pending:
+        encoded = []
+        for texts, turns in convs:
+            try:
+                encoded += chat_mask(ids[offset : offset + len(texts)], turns)
+            except DataError as exc:
+                results[i] = DataError(f"{rows[i].source}: {exc}")
+            offset += len(texts)
+        if results[i] is None:
+            results[i] = tuple(encoded)
     return results
 
 
@@ -233,9 +259,25 @@ def fit_example(ids: list[int], labels: list[int], max_seq_len: int, policy: str
     return fitted
 
 
+def fit_row(row: Row, encoded: tuple[list[int], ...], max_seq_len: int, policy: str) -> Example | None:
+    """The example a row's encoding becomes after `fit_example` (both sides of a preference pair must fit),
+    or None when it is dropped."""
+    fitted = [fit_example(encoded[k], encoded[k + 1], max_seq_len, policy) for k in range(0, len(encoded), 2)]
+    if any(f is None for f in fitted):
+        return None
+    example = Example(*fitted[0], row.source, desirable=row.desirable)
+    if len(fitted) == 2:
+        example.rejected_ids, example.rejected_labels = fitted[1]
+    return example
+
+
+def example_length(example: Example) -> int:
+    return len(example.input_ids) + len(example.rejected_ids or ())
+
+
 def check_template(tokenizer, rows: Sequence[Row]) -> None:
     """Fail before any tokenising on a chat template that never ends a turn (the model would never stop)."""
-    if any(r.kind == "chat" for r in rows):
+    if any(r.kind in CHAT_KINDS for r in rows):
         end_of_turn_marker(tokenizer)
 
 
@@ -250,17 +292,16 @@ def tokenize_rows(
     for row, encoded in zip(rows, encode_rows(tokenizer, rows, train_on_prompt)):
         if isinstance(encoded, DataError):
             raise encoded
-        fitted = fit_example(*encoded, max_seq_len, truncation)
-        report.truncated += len(encoded[0]) > max_seq_len
-        if fitted is None:
+        example = fit_row(row, encoded, max_seq_len, truncation)
+        report.truncated += max(len(ids) for ids in encoded[::2]) > max_seq_len
+        if example is None:
             report.dropped_no_loss_tokens += 1
             if len(report.dropped_sources) < 10:
                 report.dropped_sources.append(row.source)
             continue
-        example = Example(*fitted, row.source)
         examples.append(example)
-        report.lengths.append(len(example.input_ids))
-        report.tokens += len(example.input_ids)
+        report.lengths.append(example_length(example))
+        report.tokens += example_length(example)
         report.loss_tokens += example.num_loss_tokens
     report.examples = len(examples)
     return examples, report

@@ -46,16 +46,25 @@ def load_model(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     quantization_config=None,
+    head: str = "causal",
 ):
-    """AutoModelForCausalLM.from_pretrained with safetensors enforced unless `allow_pickle`."""
-    from transformers import AutoModelForCausalLM
+    """`from_pretrained` with safetensors enforced unless `allow_pickle`.
+
+    Args:
+        head: "causal" (the language-model head) or "score" (one scalar per sequence, read at its last
+            token: a reward model; the head is new unless the checkpoint is already one).
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     check_weight_files(name_or_path, allow_pickle)
     kwargs = {}
     if quantization_config is not None:
         kwargs.update(quantization_config=quantization_config, device_map=_quantized_device_map())
+    auto = AutoModelForCausalLM
+    if head == "score":
+        auto, kwargs["num_labels"] = AutoModelForSequenceClassification, 1
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = auto.from_pretrained(
             name_or_path,
             dtype=dtype,
             attn_implementation=attn_implementation,

@@ -60,6 +60,7 @@ def apply_strategy(
     freeze_last_n_layers: int = 0,
     freeze_modules: tuple[str, ...] | list[str] = (),
     new_token_ids: tuple[int, ...] | list[int] = (),
+    task_type: str = "CAUSAL_LM",
 ) -> nn.Module:
     """Set `requires_grad` (or wrap with PEFT adapters) according to the strategy; returns the model to train.
 
@@ -68,6 +69,7 @@ def apply_strategy(
         freeze_last_n_layers, freeze_modules: what trains under `freeze`; everything else is frozen.
         new_token_ids: ids of tokens added to the vocabulary for this run; with adapters their embedding
             rows are made trainable (PEFT trainable tokens), since a frozen random row cannot be learnt.
+        task_type: "CAUSAL_LM", or "SEQ_CLS" for a reward model (PEFT then trains and saves its score head).
     """
     if name == "full":
         model.requires_grad_(True)
@@ -90,7 +92,7 @@ def apply_strategy(
         use_dora=name == "dora",
         fan_in_fan_out=any(isinstance(m, Conv1D) for m in model.modules()),  # GPT-2 stores weights transposed
         trainable_token_indices=list(new_token_ids) or None,
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
     try:
         return get_peft_model(model, config)

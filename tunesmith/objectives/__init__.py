@@ -1,12 +1,14 @@
 """Objectives: small functions from (model, batch) to a summed loss and its normaliser.
 
-The training loop divides the summed loss by the global count of loss units (tokens for SFT and CLM) over a
-whole accumulation window, so gradient accumulation and multi-process training give the same update as one
-large batch. Add an objective by writing one function and registering it in OBJECTIVES.
+The training loop divides the summed loss by the global count of loss units (tokens for SFT and CLM, pairs for
+preference objectives, examples for KTO) over a whole accumulation window, so gradient accumulation and
+multi-process training give the same update as one large batch. Add an objective by writing its loss function
+and returning it from `build_objective`.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -17,12 +19,19 @@ from tunesmith.objectives.base import LossOutput
 from tunesmith.objectives.sft import sft_loss
 from tunesmith.objectives.tokens import count_loss_tokens
 
+PREFERENCE_OBJECTIVES = ("reward", "dpo", "simpo", "orpo")  # trained on pairs (prompt, chosen, rejected)
+UNPAIRED_OBJECTIVES = ("kto",)  # trained on (prompt, completion, desirable)
+REFERENCE_OBJECTIVES = ("dpo", "kto")  # need the reference model's log-probs
+
 
 @dataclass(frozen=True)
 class Objective:
     loss: Callable[[torch.nn.Module, dict[str, torch.Tensor]], LossOutput]
     count_units: Callable[[dict[str, torch.Tensor]], int]  # known before the forward pass
     collate: Callable[..., dict[str, torch.Tensor]] = collate  # (examples, pad_token_id) -> batch
+    # Called with (model, the window's micro-batches, accelerator) before their forward passes: what a loss
+    # needs from the whole window (KTO's reference point) goes into the batches here.
+    prepare: Callable[..., None] | None = None
 
 
 def _token_units(batch: dict[str, torch.Tensor]) -> int:
@@ -36,4 +45,34 @@ OBJECTIVES: dict[str, Objective] = {
     "clm": Objective(sft_loss, _token_units),
 }
 
-__all__ = ["LossOutput", "Objective", "OBJECTIVES"]
+
+def build_objective(name: str, align=None, ref_model=None, pad_token_id: int = 0, batch_size: int = 8) -> Objective:
+    """The objective `name` with its coefficients from `align` (an AlignConfig) and its reference model
+    (None: precomputed log-probs in the batches, or the policy with its adapters off)."""
+    if name in OBJECTIVES:
+        return OBJECTIVES[name]
+    from tunesmith.objectives import align as a
+
+    if name == "reward":
+        return Objective(functools.partial(a.reward_loss, margin=align.reward_margin), a.pair_count, a.collate_pairs)
+    if name == "dpo":
+        loss = functools.partial(a.dpo_loss, beta=align.beta, loss_type=align.loss_type,
+                                 label_smoothing=align.label_smoothing, ref_model=ref_model)
+        return Objective(loss, a.pair_count, a.collate_pairs)
+    if name == "simpo":
+        loss = functools.partial(a.simpo_loss, beta=align.beta, gamma=align.simpo_gamma,
+                                 label_smoothing=align.label_smoothing)
+        return Objective(loss, a.pair_count, a.collate_pairs)
+    if name == "orpo":
+        return Objective(functools.partial(a.orpo_loss, lam=align.orpo_lambda), a.pair_count, a.collate_pairs)
+    if name == "kto":
+        loss = functools.partial(a.kto_loss, beta=align.beta, desirable_weight=align.kto_desirable_weight,
+                                 undesirable_weight=align.kto_undesirable_weight, ref_model=ref_model)
+        prepare = functools.partial(a.kto_prepare, ref_model=ref_model, pad_token_id=pad_token_id,
+                                    batch_size=batch_size)
+        return Objective(loss, a.row_count, a.collate_unpaired, prepare)
+    raise ValueError(f"unknown objective {name!r}")
+
+
+__all__ = ["LossOutput", "Objective", "OBJECTIVES", "PREFERENCE_OBJECTIVES", "UNPAIRED_OBJECTIVES",
+           "REFERENCE_OBJECTIVES", "build_objective"]

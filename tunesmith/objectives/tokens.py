@@ -1,9 +1,18 @@
-"""Token-level numerics shared by every objective: shifting, masking and summed negative log-likelihood."""
+"""Token-level numerics shared by every objective: shifting, masking, log-probabilities and entropies.
+
+Every per-token quantity is computed over the loss-bearing rows only, `chunk_size` rows at a time, in float32.
+Under autograd each chunk is checkpointed: only the logits (in their own dtype) are kept for the backward
+pass and the float32 work is redone chunk by chunk there, so neither pass holds a float32 copy of the
+(B, T, V) logits, whatever the batch.
+"""
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
@@ -36,11 +45,86 @@ def count_loss_tokens(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
+def target_mask(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: True where position t predicts a supervised token t+1 (the positions `token_logps` fills)."""
+    return shift_labels(labels) != IGNORE_INDEX
+
+
+def _chunked(fn: Callable[..., torch.Tensor], rows: torch.Tensor, *args: torch.Tensor, chunk_size: int):
+    """fn (which upcasts) on `chunk_size`-row slices of rows (N, V) and of each (N,) arg, concatenated: (N,).
+
+    Checkpointed under autograd, so each chunk's float32 intermediates are freed at once and rebuilt in backward.
+    """
+    out = []
+    for start in range(0, rows.shape[0], chunk_size):
+        pieces = [rows[start : start + chunk_size], *(a[start : start + chunk_size] for a in args)]
+        if torch.is_grad_enabled() and rows.requires_grad:
+            out.append(checkpoint(fn, *pieces, use_reentrant=False, preserve_rng_state=False))
+        else:
+            out.append(fn(*pieces))
+    return torch.cat(out) if out else rows.new_zeros(0, dtype=torch.float32)
+
+
+def _target_logp(chunk: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return -F.cross_entropy(chunk.float(), targets, reduction="none")  # (n,)
+
+
+def _entropy(chunk: torch.Tensor) -> torch.Tensor:
+    logp = torch.log_softmax(chunk.float(), dim=-1)  # (n, V)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def _picked_logps(logits: torch.Tensor, labels: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(target_mask (B, T), log-probs (N,) of the N supervised targets in row-major order)."""
+    keep = target_mask(labels)  # (B, T)
+    return keep, _chunked(_target_logp, logits[keep], shift_labels(labels)[keep], chunk_size=chunk_size)
+
+
+def token_logps(logits: torch.Tensor, labels: torch.Tensor, chunk_size: int = 4096) -> torch.Tensor:
+    """Log-probability of each next-token target, in float32.
+
+    Args:
+        logits: (B, T, V) in any float dtype.
+        labels: (B, T) unshifted, IGNORE_INDEX where no loss is taken.
+    Returns:
+        (B, T) float32: at position t, log p(labels[t+1] | tokens <= t); 0 where `target_mask(labels)` is False.
+    """
+    keep, picked = _picked_logps(logits, labels, chunk_size)
+    return torch.zeros(keep.shape, dtype=torch.float32, device=logits.device).masked_scatter(keep, picked)
+
+
+def token_entropy(logits: torch.Tensor, labels: torch.Tensor, chunk_size: int = 4096) -> torch.Tensor:
+    """Entropy (nats) of each predictive distribution at the positions `token_logps` fills.
+
+    Args:
+        logits: (B, T, V) in any float dtype.
+        labels: (B, T) unshifted, IGNORE_INDEX where no loss is taken.
+    Returns:
+        (B, T) float32, 0 where `target_mask(labels)` is False.
+    """
+    keep = target_mask(labels)  # (B, T)
+    values = _chunked(_entropy, logits[keep], chunk_size=chunk_size)  # (N,)
+    return torch.zeros(keep.shape, dtype=torch.float32, device=logits.device).masked_scatter(keep, values)
+
+
+def sequence_logps(
+    logits: torch.Tensor, labels: torch.Tensor, chunk_size: int = 4096
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probability of each sequence's supervised tokens, and how many there are.
+
+    Divide the first by the second for the length-averaged log-probs IPO, SimPO and ORPO use.
+
+    Args:
+        logits: (B, T, V) in any float dtype.
+        labels: (B, T) unshifted, IGNORE_INDEX where no loss is taken.
+    Returns:
+        (sum of log-probs (B,) float32, number of supervised tokens (B,) int64).
+    """
+    return token_logps(logits, labels, chunk_size).sum(-1), target_mask(labels).sum(-1)
+
+
 def summed_nll(logits: torch.Tensor, labels: torch.Tensor, chunk_size: int = 4096) -> tuple[torch.Tensor, int]:
     """Sum of next-token negative log-likelihoods over loss-bearing positions, in float32.
-
-    Only the rows that carry loss are upcast, `chunk_size` rows at a time, so no full float32 copy of the
-    (B, T, V) logits is made.
 
     Args:
         logits: (B, T, V) in any float dtype.
@@ -48,12 +132,5 @@ def summed_nll(logits: torch.Tensor, labels: torch.Tensor, chunk_size: int = 409
     Returns:
         (loss sum as a 0-dim float32 tensor, number of loss tokens).
     """
-    targets = shift_labels(labels)
-    keep = targets != IGNORE_INDEX  # (B, T)
-    rows = logits[keep]  # (N, V)
-    wanted = targets[keep]  # (N,)
-    total = logits.new_zeros((), dtype=torch.float32)
-    for start in range(0, rows.shape[0], chunk_size):
-        chunk = rows[start : start + chunk_size].float()
-        total = total + F.cross_entropy(chunk, wanted[start : start + chunk_size], reduction="sum")
-    return total, int(wanted.numel())
+    picked = _picked_logps(logits, labels, chunk_size)[1]  # (N,)
+    return -picked.sum(), int(picked.numel())

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from tunesmith.data.batching import epoch_batches
 from tunesmith.data.tokenize import Example
 from tunesmith.objectives import Objective
-from tunesmith.track.metrics import MetricsFile
+from tunesmith.track.sinks import Tracker
 from tunesmith.train.checkpoint import save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -74,14 +74,16 @@ def fit(
     run_dir: Path,
     start_step: int = 0,
     checkpoint_state: dict | None = None,
+    *,
+    tracker: Tracker,
 ) -> dict:
     """Train from `start_step` to `settings.total_steps`; returns the last logged train and eval losses.
 
-    Writes `metrics.jsonl` records and checkpoints under `run_dir/checkpoints/`; `checkpoint_state` is stored
+    Logs train and eval records through `tracker` (metrics.jsonl and any other sinks; a no-op on processes
+    other than the main one) and writes checkpoints under `run_dir/checkpoints/`; `checkpoint_state` is stored
     in each checkpoint's state.json (e.g. a fingerprint of the data, checked on resume).
     """
     s = settings
-    metrics = MetricsFile(run_dir / "metrics.jsonl", resume_step=start_step if start_step else None)
     per_epoch = steps_per_epoch(len(train), s.micro_batch_size, s.grad_accum, accelerator.num_processes)
     bar = tqdm(total=s.total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                disable=not (s.progress_bar and accelerator.is_main_process))
@@ -100,15 +102,16 @@ def fit(
             summary["train_loss"] = record["loss"]
             bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
             if accelerator.is_main_process:
-                metrics.write(record)
+                tracker.log(record)
             log.debug("step %d: %s", done, record)
         bar.update(1)
         if validation and ((s.eval_every and done % s.eval_every == 0) or done == s.total_steps):
-            eval_loss = evaluate_loss(model, objective, validation, s.eval_batch_size, pad_token_id, accelerator)
-            summary["eval_loss"] = eval_loss
+            result = evaluate(model, objective, validation, s.eval_batch_size, pad_token_id, accelerator)
+            eval_loss = summary["eval_loss"] = result["loss"]
+            summary["eval_metrics"] = {k: v for k, v in result.items() if k != "loss"}
             log.info("step %d: validation loss %.4f", done, eval_loss)
             if accelerator.is_main_process:
-                metrics.write({"step": done, "eval_loss": eval_loss})
+                tracker.log({"step": done, **{f"eval_{k}": v for k, v in result.items()}})
         if (s.save_every and done % s.save_every == 0) or done == s.total_steps:
             _save(model, optimizer, scheduler, accelerator, run_dir, done, s.keep_last, checkpoint_state or {})
     bar.close()
@@ -122,16 +125,20 @@ def train_step(model, objective: Objective, optimizer, scheduler, accelerator: A
     global_units = int(accelerator.reduce(torch.tensor(local_units, device=accelerator.device), "sum"))
     # DDP averages gradients over processes; multiplying by their number turns that into a sum.
     scale = accelerator.num_processes / max(global_units, 1)
+    micro_batches = [{k: v.to(accelerator.device) for k, v in b.items()} for b in micro_batches]
+    if objective.prepare is not None:
+        objective.prepare(model, micro_batches, accelerator)
     loss_sum = torch.zeros((), device=accelerator.device)
     tokens = 0
+    metric_sums: dict[str, float] = {}
     for i, batch in enumerate(micro_batches):
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         sync = i == len(micro_batches) - 1
         with contextlib.nullcontext() if sync else accelerator.no_sync(model):
             out = objective.loss(model, batch)
             accelerator.backward(out.loss_sum * scale)
         loss_sum += out.loss_sum.detach()
         tokens += int(batch["token_mask"].sum())
+        _add(metric_sums, out.metrics)
     grad_norm = accelerator.clip_grad_norm_(
         [p for p in model.parameters() if p.requires_grad], max_grad_norm or float("inf")
     )
@@ -145,28 +152,56 @@ def train_step(model, objective: Objective, optimizer, scheduler, accelerator: A
         "tokens": int(accelerator.reduce(torch.tensor(tokens, device=accelerator.device), "sum")),
         "grad_norm": float(grad_norm),
         "lr": lr,
+        "metrics": _reduce_metrics(metric_sums, accelerator),
     }
+
+
+def _add(sums: dict[str, float], metrics: dict[str, float]) -> None:
+    for name, value in metrics.items():
+        sums[name] = sums.get(name, 0.0) + float(value)
+
+
+def _reduce_metrics(sums: dict[str, float], accelerator: Accelerator) -> dict[str, float]:
+    """Objective metrics summed over processes (every process reports the same names)."""
+    if not sums or accelerator.num_processes == 1:
+        return sums
+    names = sorted(sums)
+    total = accelerator.reduce(torch.tensor([sums[n] for n in names], device=accelerator.device), "sum")
+    return dict(zip(names, total.tolist()))
 
 
 @torch.no_grad()
 def evaluate_loss(model, objective: Objective, examples: Sequence[Example], batch_size: int, pad_token_id: int,
                   accelerator: Accelerator) -> float:
     """Loss over `examples`, weighted by loss units (not a mean of batch means); memory independent of size."""
+    return evaluate(model, objective, examples, batch_size, pad_token_id, accelerator)["loss"]
+
+
+@torch.no_grad()
+def evaluate(model, objective: Objective, examples: Sequence[Example], batch_size: int, pad_token_id: int,
+             accelerator: Accelerator) -> dict[str, float]:
+    """The objective's loss and metrics over `examples`, each divided by the total loss units (a
+    unit-weighted mean, not a mean of batch means); memory independent of the number of examples."""
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     units = 0
+    metric_sums: dict[str, float] = {}
     rank, world = accelerator.process_index, accelerator.num_processes
     for start in range(rank * batch_size, len(examples), batch_size * world):
         batch = objective.collate(examples[start : start + batch_size], pad_token_id)
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        if objective.prepare is not None:
+            objective.prepare(model, [batch], accelerator)
         out = objective.loss(model, batch)
         loss_sum += out.loss_sum.double()
         units += out.num_units
+        _add(metric_sums, out.metrics)
     total = accelerator.reduce(loss_sum, "sum")
-    total_units = accelerator.reduce(torch.tensor(units, device=accelerator.device), "sum")
+    total_units = float(accelerator.reduce(torch.tensor(units, device=accelerator.device), "sum"))
     model.train(was_training)
-    return float(total / total_units)
+    metrics = _reduce_metrics(metric_sums, accelerator)
+    return {"loss": float(total) / total_units, **{k: v / total_units for k, v in metrics.items()}}
 
 
 def _save(model, optimizer, scheduler, accelerator: Accelerator, run_dir: Path, step: int, keep_last: int,
@@ -184,15 +219,18 @@ class _Interval:
 
     def __init__(self) -> None:
         self.loss_sum, self.units, self.tokens, self.start = 0.0, 0, 0, time.perf_counter()
+        self.metrics: dict[str, float] = {}
 
     def add(self, stats: dict) -> None:
         self.loss_sum += stats["loss_sum"]
         self.units += stats["units"]
         self.tokens += stats["tokens"]
+        _add(self.metrics, stats["metrics"])
 
     def flush(self) -> dict:
         elapsed = time.perf_counter() - self.start
         record = {"loss": self.loss_sum / self.units, "loss_tokens": self.units, "tokens": self.tokens,
-                  "tokens_per_s": self.tokens / elapsed if elapsed > 0 else 0.0}
+                  "tokens_per_s": self.tokens / elapsed if elapsed > 0 else 0.0,
+                  **{name: value / self.units for name, value in self.metrics.items()}}
         self.__init__()
         return record

@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import logging
 import os
@@ -18,13 +20,17 @@ from accelerate.utils import set_seed
 
 from tunesmith.config import Config, check_paths, save_config, to_dict
 from tunesmith.data.build import prepare_from_config, write_data_report
+from tunesmith.data.pipeline import ExampleTable
 from tunesmith.data.templates import end_of_turn_marker, install_template
 from tunesmith.errors import ConfigError
 from tunesmith.model.load import ensure_pad_token, load_model, load_tokenizer, resize_embeddings, resolve_dtype
 from tunesmith.model.strategies import ADAPTER_STRATEGIES, apply_strategy, parameter_counts, quantization_config
-from tunesmith.objectives import OBJECTIVES
+from tunesmith.objectives import (PREFERENCE_OBJECTIVES, REFERENCE_OBJECTIVES, UNPAIRED_OBJECTIVES,
+                                  build_objective)
+from tunesmith.objectives.align import precompute_reference
 from tunesmith.track.logs import close_logging, setup_logging
-from tunesmith.track.plots import plot_loss_curve
+from tunesmith.track.plots import plot_training_curves
+from tunesmith.track.sinks import create_tracker, require_sink_packages
 from tunesmith.train.checkpoint import latest_checkpoint, load_checkpoint
 from tunesmith.train.loop import LoopSettings, fit, steps_per_epoch
 from tunesmith.train.optim import build_optimizer, build_scheduler
@@ -37,6 +43,7 @@ def train(cfg: Config) -> dict:
     check_paths(cfg)
     run_dir = Path(cfg.train.output_dir)
     resume_from = _resume_point(run_dir, cfg.train.resume)
+    require_sink_packages(cfg.tracking.sinks)  # a missing tracker package fails before any loading
     accelerator = Accelerator()
     setup_logging(run_dir if accelerator.is_main_process else None, cfg.tracking.log_level)
     set_seed(cfg.train.seed)
@@ -47,12 +54,22 @@ def train(cfg: Config) -> dict:
     data = prepare_from_config(cfg, tokenizer)
     train_set, validation_set = data.splits["train"], data.splits["validation"]
     _log_data(data.report)
+    check_objective_data(cfg.train.objective, train_set)
     model = build_model(cfg, tokenizer, added_tokens)
+    ref_model = build_reference(cfg, model)
+    objective = build_objective(cfg.train.objective, cfg.align, ref_model, tokenizer.pad_token_id,
+                                cfg.eval.batch_size)
     settings = _loop_settings(cfg, len(train_set), accelerator.num_processes)
     optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, tuple(cfg.train.betas), cfg.train.eps)
     warmup = cfg.train.warmup_steps or round(cfg.train.warmup_ratio * settings.total_steps)
     scheduler = build_scheduler(optimizer, settings.total_steps, warmup, cfg.train.scheduler)
     model, optimizer = accelerator.prepare(model, optimizer)
+    if ref_model is not None:
+        ref_model.to(accelerator.device)
+    if cfg.align.precompute_ref and cfg.train.objective in REFERENCE_OBJECTIVES:
+        # Before a checkpoint is loaded: the model is still the reference.
+        train_set, validation_set = (with_reference(model, s, tokenizer.pad_token_id, cfg.eval.batch_size,
+                                                    accelerator.device) for s in (train_set, validation_set))
 
     data_state = {"train_fingerprint": data.fingerprint, "total_steps": settings.total_steps}
     start_step = 0
@@ -61,6 +78,7 @@ def train(cfg: Config) -> dict:
         _check_resumable(saved, data_state, resume_from)
         start_step = saved["step"]
         log.info("resumed from %s (step %d of %d)", resume_from, start_step, settings.total_steps)
+    tracker = create_tracker(run_dir, cfg.tracking, accelerator.is_main_process, resume_step=start_step or None)
     if accelerator.is_main_process:  # only now that everything checked out, so a refused resume changes nothing
         save_config(cfg, run_dir / "config.yaml")
         write_data_report(data, run_dir)
@@ -68,26 +86,31 @@ def train(cfg: Config) -> dict:
              settings.total_steps, steps_per_epoch(len(train_set), settings.micro_batch_size, settings.grad_accum,
                                                    accelerator.num_processes),
              settings.grad_accum, settings.micro_batch_size)
-    summary = fit(model, OBJECTIVES[cfg.train.objective], optimizer, scheduler, accelerator, train_set,
-                  validation_set, tokenizer.pad_token_id, settings, run_dir, start_step, data_state)
+    with tracker:  # closed also when training fails, which marks the sinks' runs as failed
+        tracker.log_params(to_dict(cfg))
+        summary = fit(model, objective, optimizer, scheduler, accelerator, train_set,
+                      validation_set, tokenizer.pad_token_id, settings, run_dir, start_step, data_state,
+                      tracker=tracker)
 
-    report = {}
-    if accelerator.is_main_process:
-        save_final(accelerator.unwrap_model(model), tokenizer, run_dir / "final")
-        trainable, total = parameter_counts(accelerator.unwrap_model(model))
-        report = {
-            "steps": settings.total_steps,
-            "train_loss": summary["train_loss"],
-            "eval_loss": summary["eval_loss"],
-            "trainable_parameters": trainable,
-            "total_parameters": total,
-            "seconds": round(time.perf_counter() - started, 2),
-            "data": data.report["splits"],
-            "config": to_dict(cfg),
-        }
-        write_report(run_dir, report)
-        plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss.png", title=run_dir.name)
-        log.info("done: final model in %s", run_dir / "final")
+        report = {}
+        if accelerator.is_main_process:
+            save_final(accelerator.unwrap_model(model), tokenizer, run_dir / "final")
+            trainable, total = parameter_counts(accelerator.unwrap_model(model))
+            report = {
+                "steps": settings.total_steps,
+                "train_loss": summary["train_loss"],
+                "eval_loss": summary["eval_loss"],
+                "trainable_parameters": trainable,
+                "total_parameters": total,
+                "seconds": round(time.perf_counter() - started, 2),
+                "data": data.report["splits"],
+                "config": to_dict(cfg),
+            }
+            write_report(run_dir, report)
+            plot_training_curves(run_dir / "metrics.jsonl", run_dir / "loss.png", title=run_dir.name)
+            for path in _artifacts(run_dir):
+                tracker.log_artifact(path)
+            log.info("done: final model in %s", run_dir / "final")
     accelerator.end_training()
     close_logging()
     return report
@@ -97,7 +120,7 @@ def build_tokenizer(cfg: Config):
     """The tokenizer with its chat template and a pad token; returns it and the template tokens it gained."""
     m = cfg.model
     tokenizer = load_tokenizer(m.tokenizer or m.name_or_path, m.revision, m.trust_remote_code)
-    added = install_template(tokenizer, cfg.data.template) if cfg.train.objective == "sft" else []
+    added = install_template(tokenizer, cfg.data.template) if cfg.train.objective != "clm" else []
     if added:
         log.info("added template tokens to the vocabulary: %s", ", ".join(added))
     ensure_pad_token(tokenizer)
@@ -111,10 +134,13 @@ def build_model(cfg: Config, tokenizer, added_tokens: list[str]):
     if strategy.name == "qlora":
         compute = resolve_dtype(strategy.quant.compute_dtype)
         quant = quantization_config(strategy.quant.quant_type, strategy.quant.double_quant, compute)
+    reward = cfg.train.objective == "reward"
     model = load_model(m.name_or_path, resolve_dtype(m.dtype), m.attn_implementation, m.revision,
-                       m.trust_remote_code, m.allow_pickle, quant)
+                       m.trust_remote_code, m.allow_pickle, quant, head="score" if reward else "causal")
     resize_embeddings(model, tokenizer)
-    if cfg.train.objective == "sft" and not cfg.data.train_on_prompt:
+    if reward:  # the score is read at each row's last non-pad token
+        model.config.pad_token_id = tokenizer.pad_token_id
+    elif cfg.train.objective != "clm" and not cfg.data.train_on_prompt:
         set_generation_eos(model, tokenizer)
     new_ids = tokenizer.convert_tokens_to_ids(added_tokens) if strategy.name in ADAPTER_STRATEGIES else []
     model = apply_strategy(
@@ -122,12 +148,47 @@ def build_model(cfg: Config, tokenizer, added_tokens: list[str]):
         lora_r=strategy.lora.r, lora_alpha=strategy.lora.alpha, lora_dropout=strategy.lora.dropout,
         target_modules=strategy.lora.target_modules, rslora=strategy.lora.rslora,
         freeze_last_n_layers=strategy.freeze.last_n_layers, freeze_modules=strategy.freeze.modules,
-        new_token_ids=new_ids,
+        new_token_ids=new_ids, task_type="SEQ_CLS" if reward else "CAUSAL_LM",
     )
     trainable, total = parameter_counts(model)
     log.info("strategy %s: %s trainable of %s parameters (%.4f%%)", strategy.name, f"{trainable:,}",
              f"{total:,}", 100 * trainable / total)
     return model
+
+
+def build_reference(cfg: Config, model):
+    """A frozen copy of the model as the reference, where one is needed and nothing cheaper serves: with
+    adapters the policy with its adapters off is the reference; `align.precompute_ref` needs none at all."""
+    if (cfg.train.objective not in REFERENCE_OBJECTIVES or cfg.align.precompute_ref
+            or cfg.strategy.name in ADAPTER_STRATEGIES):
+        return None
+    log.info("reference model: a frozen copy of the model (align.precompute_ref=true avoids the second copy)")
+    return copy.deepcopy(model).eval().requires_grad_(False)
+
+
+def with_reference(model, examples, pad_token_id: int, batch_size: int, device):
+    """The examples with the reference log-probs of their answers attached (computed with `model` as it is)."""
+    if not len(examples):
+        return examples
+    logps = precompute_reference(model, examples, pad_token_id, batch_size, device)
+    if isinstance(examples, ExampleTable):
+        return ExampleTable(examples.table.add_column("ref_logps", logps))
+    return [dataclasses.replace(e, ref_logps=v) for e, v in zip(examples, logps)]
+
+
+def check_objective_data(objective: str, examples) -> None:
+    """The objective's data kind: pairs for preference objectives, desirable flags for KTO."""
+    if not len(examples):
+        return
+    first = examples[0]
+    if objective in PREFERENCE_OBJECTIVES and first.rejected_ids is None:
+        raise ConfigError(f"train.objective: {objective} trains on preference pairs (prompt, chosen, rejected), "
+                          f"but the training data ({first.source}) has none; set data.format=preference")
+    if objective in UNPAIRED_OBJECTIVES and first.desirable is None:
+        raise ConfigError(f"train.objective: {objective} trains on (prompt, completion, desirable) rows, but the "
+                          f"training data ({first.source}) has none; set data.format=unpaired")
+    if objective in ("sft", "clm") and first.rejected_ids is not None:
+        log.warning("train.objective=%s on preference pairs: only the chosen answers are trained on", objective)
 
 
 def set_generation_eos(model, tokenizer) -> None:
@@ -154,6 +215,12 @@ def _loop_settings(cfg: Config, num_examples: int, num_processes: int) -> LoopSe
         keep_last=t.keep_last,
         progress_bar=cfg.tracking.progress_bar,
     )
+
+
+def _artifacts(run_dir: Path) -> list[Path]:
+    """The files of a finished run attached to each tracker's run: config, reports, plots."""
+    names = ("config.yaml", "report.json", "report.md", "data_report.json", "data_report.md")
+    return [run_dir / n for n in names if (run_dir / n).is_file()] + sorted(run_dir.glob("*.png"))
 
 
 def _resume_point(run_dir: Path, resume: bool) -> Path | None:
@@ -208,8 +275,9 @@ def save_final(model, tokenizer, path: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    if not (tmp / "generation_config.json").exists():  # PEFT saves only the adapter: keep the stop tokens
-        model.generation_config.save_pretrained(tmp)
+    generation_config = getattr(model, "generation_config", None)  # a reward model generates nothing
+    if generation_config is not None and not (tmp / "generation_config.json").exists():
+        generation_config.save_pretrained(tmp)  # PEFT saves only the adapter: keep the stop tokens
     if path.exists():
         shutil.rmtree(path)
     os.rename(tmp, path)
