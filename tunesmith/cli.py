@@ -55,6 +55,48 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _merge(args: argparse.Namespace) -> int:
+    from tunesmith.export.merge import merge_command
+
+    with warnings_to_log():
+        merge_command(args.source, args.output, dtype=args.dtype, allow_pickle=args.allow_pickle)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from tunesmith.export.command import export_command
+
+    with warnings_to_log():
+        export_command(args.model, args.output, fmt=args.format, quant=args.quant, max_shard_size=args.max_shard_size)
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from tunesmith.serve.chat import chat_command
+
+    return chat_command(args.model, system=args.system, max_new_tokens=args.max_new_tokens,
+                        temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from tunesmith.serve.server import serve_command
+
+    return serve_command(args.model, host=args.host, port=args.port, api_key=args.api_key,
+                         adapters=args.adapter, max_prompt_tokens=args.max_prompt_tokens,
+                         max_tokens_limit=args.max_tokens_limit, max_batch_size=args.max_batch_size)
+
+
+def _compare_strategies(args: argparse.Namespace) -> int:
+    from tunesmith.config import load_config
+
+    cfg = load_config(args.config, list(args.overrides))
+    from tunesmith.compare import compare_command
+
+    with warnings_to_log():
+        compare_command(cfg, strategies=args.strategies, output=args.output)
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from tunesmith.demo.run import run_demo
 
@@ -89,6 +131,51 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dirs", nargs="+", help="run directories (each with metrics.jsonl)")
     report.add_argument("--output", default=None, help="where to write comparison.md/.png (default: first run)")
     report.set_defaults(func=_report)
+
+    merge = commands.add_parser("merge", help="merge a run's LoRA/DoRA/QLoRA adapter into its base model")
+    merge.add_argument("source", help="a run directory (its final/) or an adapter directory")
+    merge.add_argument("--output", required=True, help="directory for the merged model")
+    merge.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    merge.add_argument("--allow-pickle", action="store_true", help="allow loading a base with pickle weights")
+    merge.set_defaults(func=_merge)
+
+    export = commands.add_parser("export", help="export a model as a Hugging Face directory or a GGUF file")
+    export.add_argument("model", help="a model directory (merged or full), or a run directory")
+    export.add_argument("--output", required=True, help="directory (hf) or .gguf file (gguf)")
+    export.add_argument("--format", default="hf", choices=["hf", "gguf"])
+    export.add_argument("--quant", default="f16", choices=["f32", "f16", "q8_0"], help="GGUF tensor type")
+    export.add_argument("--max-shard-size", default="5GB", help="hf: shard the safetensors above this size")
+    export.set_defaults(func=_export)
+
+    chat = commands.add_parser("chat", help="chat with a model in the terminal")
+    chat.add_argument("model", help="a model directory, a run directory or an adapter directory")
+    chat.add_argument("--system", default=None, help="system prompt")
+    chat.add_argument("--max-new-tokens", type=int, default=256)
+    chat.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    chat.add_argument("--top-p", type=float, default=1.0)
+    chat.add_argument("--seed", type=int, default=None)
+    chat.set_defaults(func=_chat)
+
+    serve = commands.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
+    serve.add_argument("model", help="a model directory, a run directory or an adapter directory")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=None, help="require this key as a Bearer token "
+                       "(default: the TUNESMITH_API_KEY environment variable, if set)")
+    serve.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                       help="serve a LoRA adapter on the same base under model name NAME (repeatable)")
+    serve.add_argument("--max-prompt-tokens", type=int, default=4096)
+    serve.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask")
+    serve.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together")
+    serve.set_defaults(func=_serve)
+
+    compare = commands.add_parser("compare-strategies",
+                                  help="train the same task with each strategy and compare them in one table")
+    compare.add_argument("config", help="YAML config file")
+    compare.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    compare.add_argument("--strategies", nargs="+", default=None, help="subset to run (default: all)")
+    compare.add_argument("--output", default=None, help="where the table and plot go (default: train.output_dir)")
+    compare.set_defaults(func=_compare_strategies)
 
     demo = commands.add_parser("demo", help="the offline quickstart on the embedded synthetic world")
     demo.add_argument("--output-dir", default="runs/demo")
