@@ -21,7 +21,8 @@ from tunesmith.objectives.tokens import count_loss_tokens
 
 PREFERENCE_OBJECTIVES = ("reward", "dpo", "simpo", "orpo")  # trained on pairs (prompt, chosen, rejected)
 UNPAIRED_OBJECTIVES = ("kto",)  # trained on (prompt, completion, desirable)
-REFERENCE_OBJECTIVES = ("dpo", "kto")  # need the reference model's log-probs
+REFERENCE_OBJECTIVES = ("dpo", "kto", "grpo")  # need the reference model's log-probs (grpo: when align.kl_beta > 0)
+RL_OBJECTIVES = ("grpo",)  # trained on prompts (+ reference answers) with sampled completions
 
 
 @dataclass(frozen=True)
@@ -29,8 +30,9 @@ class Objective:
     loss: Callable[[torch.nn.Module, dict[str, torch.Tensor]], LossOutput]
     count_units: Callable[[dict[str, torch.Tensor]], int]  # known before the forward pass
     collate: Callable[..., dict[str, torch.Tensor]] = collate  # (examples, pad_token_id) -> batch
-    # Called with (model, the window's micro-batches, accelerator) before their forward passes: what a loss
-    # needs from the whole window (KTO's reference point) goes into the batches here.
+    # Called with (model, the window's micro-batches, accelerator, step or None when evaluating) before their
+    # forward passes: what a loss needs from the whole window (KTO's reference point, GRPO's rollouts) goes into
+    # the batches here.
     prepare: Callable[..., None] | None = None
 
 
@@ -46,9 +48,11 @@ OBJECTIVES: dict[str, Objective] = {
 }
 
 
-def build_objective(name: str, align=None, ref_model=None, pad_token_id: int = 0, batch_size: int = 8) -> Objective:
+def build_objective(name: str, align=None, ref_model=None, pad_token_id: int = 0, batch_size: int = 8, *,
+                    tokenizer=None, run_dir=None, device="cpu") -> Objective:
     """The objective `name` with its coefficients from `align` (an AlignConfig) and its reference model
-    (None: precomputed log-probs in the batches, or the policy with its adapters off)."""
+    (None: precomputed log-probs in the batches, or the policy with its adapters off). RL objectives also need
+    the tokenizer (to read answers), the run directory (sample generations go there) and the device."""
     if name in OBJECTIVES:
         return OBJECTIVES[name]
     from tunesmith.objectives import align as a
@@ -71,7 +75,23 @@ def build_objective(name: str, align=None, ref_model=None, pad_token_id: int = 0
         prepare = functools.partial(a.kto_prepare, ref_model=ref_model, pad_token_id=pad_token_id,
                                     batch_size=batch_size)
         return Objective(loss, a.row_count, a.collate_unpaired, prepare)
+    if name == "grpo":
+        return _grpo(align, tokenizer, ref_model, run_dir, device)
     raise ValueError(f"unknown objective {name!r}")
+
+
+def _grpo(align, tokenizer, ref_model, run_dir, device) -> Objective:
+    from pathlib import Path
+
+    from tunesmith.objectives.rewards import RewardModel, reward_functions
+    from tunesmith.objectives.rl import GRPO, Rollout
+
+    rollout = Rollout(align.group_size, align.max_new_tokens, align.temperature, align.top_p, align.scale_by_std,
+                      align.samples_per_step)
+    reward_model = RewardModel(align.reward_model, tokenizer, device) if align.reward_model else None
+    grpo = GRPO(tokenizer, rollout, reward_functions(align.rewards), reward_model, align.kl_beta, align.clip_eps,
+                align.normalisation, ref_model, Path(run_dir) / "samples.jsonl" if run_dir else None)
+    return Objective(grpo.loss, grpo.count_units, collate, grpo.prepare)
 
 
 __all__ = ["LossOutput", "Objective", "OBJECTIVES", "PREFERENCE_OBJECTIVES", "UNPAIRED_OBJECTIVES",

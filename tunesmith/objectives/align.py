@@ -205,8 +205,8 @@ def kto_loss(model, batch: dict[str, torch.Tensor], *, beta: float, desirable_we
 
 
 @torch.no_grad()
-def kto_prepare(model, batches: list[dict[str, torch.Tensor]], accelerator, ref_model=None,
-                pad_token_id: int = 0, batch_size: int = 8) -> None:
+def kto_prepare(model, batches: list[dict[str, torch.Tensor]], accelerator, step: int | None = None, *,
+                ref_model=None, pad_token_id: int = 0, batch_size: int = 8) -> None:
     """KTO's reference point z0 = max(0, mean KL estimate) over the mismatched rows of the whole window (all
     processes), stored as `kto_z0` in every batch of the window."""
     from tunesmith.objectives.kto import kto_reference_point

@@ -93,7 +93,7 @@ def fit(
     for step in range(start_step, s.total_steps):
         micro = [objective.collate(b, pad_token_id) for b in window(train, step, s, accelerator.process_index,
                                                            accelerator.num_processes)]
-        stats = train_step(model, objective, optimizer, scheduler, accelerator, micro, s.max_grad_norm)
+        stats = train_step(model, objective, optimizer, scheduler, accelerator, micro, s.max_grad_norm, step + 1)
         interval.add(stats)
         done = step + 1
         if done % s.log_every == 0 or done == s.total_steps:
@@ -119,15 +119,15 @@ def fit(
 
 
 def train_step(model, objective: Objective, optimizer, scheduler, accelerator: Accelerator,
-               micro_batches: list[dict[str, torch.Tensor]], max_grad_norm: float | None) -> dict:
+               micro_batches: list[dict[str, torch.Tensor]], max_grad_norm: float | None, step: int = 0) -> dict:
     """One optimizer step over a window of micro-batches; the loss is normalised by the window's global units."""
+    micro_batches = [{k: v.to(accelerator.device) for k, v in b.items()} for b in micro_batches]
+    if objective.prepare is not None:  # e.g. KTO's reference point, GRPO's rollouts
+        objective.prepare(model, micro_batches, accelerator, step)
     local_units = sum(objective.count_units(b) for b in micro_batches)
     global_units = int(accelerator.reduce(torch.tensor(local_units, device=accelerator.device), "sum"))
     # DDP averages gradients over processes; multiplying by their number turns that into a sum.
     scale = accelerator.num_processes / max(global_units, 1)
-    micro_batches = [{k: v.to(accelerator.device) for k, v in b.items()} for b in micro_batches]
-    if objective.prepare is not None:
-        objective.prepare(model, micro_batches, accelerator)
     loss_sum = torch.zeros((), device=accelerator.device)
     tokens = 0
     metric_sums: dict[str, float] = {}
@@ -192,7 +192,7 @@ def evaluate(model, objective: Objective, examples: Sequence[Example], batch_siz
         batch = objective.collate(examples[start : start + batch_size], pad_token_id)
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         if objective.prepare is not None:
-            objective.prepare(model, [batch], accelerator)
+            objective.prepare(model, [batch], accelerator, None)
         out = objective.loss(model, batch)
         loss_sum += out.loss_sum.double()
         units += out.num_units

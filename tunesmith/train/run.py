@@ -58,7 +58,8 @@ def train(cfg: Config) -> dict:
     model = build_model(cfg, tokenizer, added_tokens)
     ref_model = build_reference(cfg, model)
     objective = build_objective(cfg.train.objective, cfg.align, ref_model, tokenizer.pad_token_id,
-                                cfg.eval.batch_size)
+                                cfg.eval.batch_size, tokenizer=tokenizer, run_dir=run_dir,
+                                device=accelerator.device)
     settings = _loop_settings(cfg, len(train_set), accelerator.num_processes)
     optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, tuple(cfg.train.betas), cfg.train.eps)
     warmup = cfg.train.warmup_steps or round(cfg.train.warmup_ratio * settings.total_steps)
@@ -66,7 +67,7 @@ def train(cfg: Config) -> dict:
     model, optimizer = accelerator.prepare(model, optimizer)
     if ref_model is not None:
         ref_model.to(accelerator.device)
-    if cfg.align.precompute_ref and cfg.train.objective in REFERENCE_OBJECTIVES:
+    if cfg.align.precompute_ref and cfg.train.objective in ("dpo", "kto"):
         # Before a checkpoint is loaded: the model is still the reference.
         train_set, validation_set = (with_reference(model, s, tokenizer.pad_token_id, cfg.eval.batch_size,
                                                     accelerator.device) for s in (train_set, validation_set))
@@ -160,7 +161,7 @@ def build_reference(cfg: Config, model):
     """A frozen copy of the model as the reference, where one is needed and nothing cheaper serves: with
     adapters the policy with its adapters off is the reference; `align.precompute_ref` needs none at all."""
     if (cfg.train.objective not in REFERENCE_OBJECTIVES or cfg.align.precompute_ref
-            or cfg.strategy.name in ADAPTER_STRATEGIES):
+            or cfg.strategy.name in ADAPTER_STRATEGIES or (cfg.train.objective == "grpo" and not cfg.align.kl_beta)):
         return None
     log.info("reference model: a frozen copy of the model (align.precompute_ref=true avoids the second copy)")
     return copy.deepcopy(model).eval().requires_grad_(False)

@@ -1,0 +1,131 @@
+"""GRPO on the one loop: prompts, rollouts with their stop token, rewards, logging, learning."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import write_jsonl
+from tunesmith.config import config_from_dict
+from tunesmith.config.schema import AlignConfig
+from tunesmith.data.batching import collate
+from tunesmith.data.formats import load_rows
+from tunesmith.data.templates import install_template
+from tunesmith.data.tokenize import IGNORE_INDEX, tokenize_rows
+from tunesmith.errors import ConfigError
+from tunesmith.objectives import build_objective
+from tunesmith.objectives.rewards import answer_format, exact_answer
+from tunesmith.objectives.rl import GRPO, Rollout, mean_reward, sample_completions, split_prompts
+from tunesmith.track.metrics import read_metrics
+from tunesmith.train.run import set_generation_eos, train
+
+
+def arithmetic_rows() -> list[dict]:
+    return [{"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
+                          {"role": "assistant", "content": str(a + b)}]} for a in range(5) for b in range(5)]
+
+
+@pytest.fixture(scope="module")
+def arithmetic(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("grpo") / "arith.jsonl", arithmetic_rows())
+
+
+def run_config(model_dir, data_file, out, **sections) -> dict:
+    raw = {
+        "model": {"name_or_path": str(model_dir)},
+        "data": {"train": [str(data_file)], "template": "chatml", "max_seq_len": 64},
+        "strategy": {"name": "full"},
+        "train": {"output_dir": str(out), "objective": "grpo", "max_steps": 2, "micro_batch_size": 5, "lr": 1e-3,
+                  "seed": 1, "scheduler": "constant"},
+        "align": {"group_size": 4, "max_new_tokens": 4},
+        "tracking": {"progress_bar": False, "log_level": "warning"},
+    }
+    for section, values in sections.items():
+        raw[section] = {**raw.get(section, {}), **values}
+    return raw
+
+
+def test_rewards_on_final_answers():
+    assert exact_answer("The answer is 7.", "7") == 1.0
+    assert exact_answer("7", "7") == 1.0
+    assert exact_answer("It is 8", "7") == 0.0
+    assert exact_answer("Paris.", "paris") == 1.0
+    assert answer_format("12", "") == 1.0 and answer_format("", "") == 0.0
+    assert answer_format("word " * 40, "") == 0.0
+
+
+def test_prompts_are_the_tokens_before_the_answer(tokenizer, arithmetic):
+    tok = copy.deepcopy(tokenizer)
+    install_template(tok, "chatml")
+    examples, _ = tokenize_rows(tok, load_rows(arithmetic)[:3], max_seq_len=64)
+    prompts, references = split_prompts(collate(examples, tok.pad_token_id))
+    for e, prompt, reference in zip(examples, prompts, references):
+        start = next(i for i, t in enumerate(e.labels) if t != IGNORE_INDEX)
+        assert prompt == e.input_ids[:start]
+        assert reference == [t for t in e.labels if t != IGNORE_INDEX]
+    assert tok.decode(references[0], skip_special_tokens=True) == "0"
+
+
+def test_completions_keep_the_stop_token_they_stopped_at(tokenizer, model_dirs):
+    tok = copy.deepcopy(tokenizer)
+    install_template(tok, "chatml")
+    model = AutoModelForCausalLM.from_pretrained(model_dirs["llama"])
+    model.resize_token_embeddings(len(tok))
+    set_generation_eos(model, tok)
+    stop = tok.convert_tokens_to_ids("<|im_end|>")
+    with torch.no_grad():  # make the end-of-turn token by far the likeliest after the first sampled token
+        model.lm_head.weight[stop] = 0
+        model.lm_head.bias = None
+    prompt = tok("hello", add_special_tokens=False)["input_ids"]
+    completions = sample_completions(model, [prompt] * 3, tok.pad_token_id, Rollout(max_new_tokens=6))
+    for c in completions:
+        assert 1 <= len(c) <= 6
+        assert stop not in c[:-1]  # nothing after a stop token
+        assert c[-1] == stop or len(c) == 6
+
+
+def test_a_grpo_run_logs_rewards_and_writes_samples(model_dirs, arithmetic, tmp_path):
+    cfg = run_config(model_dirs["llama"], arithmetic, tmp_path / "run", strategy={"name": "lora"},
+                     align={"group_size": 4, "max_new_tokens": 4, "kl_beta": 0.05, "samples_per_step": 2})
+    train(config_from_dict(cfg))
+    records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in records] == [1, 2]
+    for key in ("reward", "reward_std", "clip_fraction", "approx_kl", "kl", "completion_tokens"):
+        assert key in records[0], key
+    assert 0.0 <= records[0]["reward"] <= 1.0
+    assert records[0]["loss_tokens"] == 5 * 4  # units: one per sampled sequence
+    samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [1, 1, 2, 2]
+    assert all({"prompt", "completion", "reward"} <= s.keys() for s in samples)
+    assert "What is" in samples[0]["prompt"]
+
+
+def test_unknown_reward_is_refused_naming_the_key(tokenizer):
+    with pytest.raises(ConfigError, match=r"align.rewards\[1\]"):
+        build_objective("grpo", AlignConfig(rewards=["exact_answer", "no_such_module:fn"]), tokenizer=tokenizer)
+
+
+@pytest.mark.slow
+def test_grpo_with_an_exact_answer_reward_raises_the_mean_reward(model_dirs, arithmetic, tmp_path):
+    """A briefly instruction-tuned model answers about half the sums; GRPO raises its sampled mean reward."""
+    sft = run_config(model_dirs["llama"], arithmetic, tmp_path / "sft",
+                     train={"objective": "sft", "max_steps": 60, "micro_batch_size": 25, "lr": 3e-3})
+    train(config_from_dict(sft))
+    grpo = run_config(tmp_path / "sft" / "final", arithmetic, tmp_path / "grpo",
+                      train={"max_steps": 20, "micro_batch_size": 25, "lr": 1e-3}, align={"group_size": 8})
+    train(config_from_dict(grpo))
+
+    tok = AutoTokenizer.from_pretrained(tmp_path / "sft" / "final")
+    examples, _ = tokenize_rows(tok, load_rows(arithmetic), max_seq_len=64)
+    scorer = GRPO(tok, Rollout(group_size=16, max_new_tokens=4), [exact_answer])
+    rewards = []
+    for stage in ("sft", "grpo"):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / stage / "final")
+        torch.manual_seed(0)
+        rewards.append(mean_reward(scorer, model, examples, batch_size=25))
+    assert 0.2 < rewards[0] < 0.8, "the tuned model should answer some sums, not all"
+    assert rewards[1] > rewards[0] + 0.05, rewards
