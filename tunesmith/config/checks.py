@@ -66,9 +66,20 @@ def _check_align(cfg: Config) -> None:
         raise ConfigError(f"align.label_smoothing: must be in [0, 0.5), got {a.label_smoothing}")
     if a.label_smoothing and objective == "dpo" and a.loss_type not in ("sigmoid", "robust"):
         raise ConfigError(f"align.label_smoothing: applies to loss_type sigmoid or robust, not {a.loss_type}")
-    for key in ("simpo_gamma", "orpo_lambda", "kto_desirable_weight", "kto_undesirable_weight", "reward_margin"):
+    for key in ("simpo_gamma", "orpo_lambda", "kto_desirable_weight", "kto_undesirable_weight", "reward_margin",
+                "kl_beta", "kl_coef", "vf_coef", "ent_coef", "clip_eps", "value_clip"):
         if getattr(a, key) < 0:
             raise ConfigError(f"align.{key}: must not be negative, got {getattr(a, key)}")
+    if objective == "grpo" and a.group_size < 2:
+        raise ConfigError(f"align.group_size: grpo compares samples of a prompt, so at least 2, got {a.group_size}")
+    for key in ("group_size", "max_new_tokens", "ppo_epochs", "samples_per_step"):
+        if getattr(a, key) < (0 if key == "samples_per_step" else 1):
+            raise ConfigError(f"align.{key}: must be at least 1, got {getattr(a, key)}")
+    if a.kl_target is not None and a.kl_target <= 0:
+        raise ConfigError(f"align.kl_target: must be positive or null, got {a.kl_target}")
+    if not 0 < a.top_p <= 1 or a.temperature < 0:
+        raise ConfigError(f"align.top_p / align.temperature: need 0 < top_p <= 1 and temperature >= 0, got "
+                          f"{a.top_p} / {a.temperature}")
     if objective == "reward" and cfg.strategy.name == "freeze" and "score" not in cfg.strategy.freeze.modules:
         raise ConfigError("strategy.freeze.modules: a reward model's new score head must train; add 'score'")
 

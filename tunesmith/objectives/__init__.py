@@ -21,8 +21,8 @@ from tunesmith.objectives.tokens import count_loss_tokens
 
 PREFERENCE_OBJECTIVES = ("reward", "dpo", "simpo", "orpo")  # trained on pairs (prompt, chosen, rejected)
 UNPAIRED_OBJECTIVES = ("kto",)  # trained on (prompt, completion, desirable)
-REFERENCE_OBJECTIVES = ("dpo", "kto", "grpo")  # need the reference model's log-probs (grpo: when align.kl_beta > 0)
-RL_OBJECTIVES = ("grpo",)  # trained on prompts (+ reference answers) with sampled completions
+REFERENCE_OBJECTIVES = ("dpo", "kto", "grpo", "ppo")  # need the reference's log-probs (grpo: when align.kl_beta > 0)
+RL_OBJECTIVES = ("grpo", "ppo")  # trained on prompts (+ reference answers) with sampled completions
 
 
 @dataclass(frozen=True)
@@ -49,10 +49,11 @@ OBJECTIVES: dict[str, Objective] = {
 
 
 def build_objective(name: str, align=None, ref_model=None, pad_token_id: int = 0, batch_size: int = 8, *,
-                    tokenizer=None, run_dir=None, device="cpu") -> Objective:
+                    tokenizer=None, run_dir=None, device="cpu", model=None) -> Objective:
     """The objective `name` with its coefficients from `align` (an AlignConfig) and its reference model
     (None: precomputed log-probs in the batches, or the policy with its adapters off). RL objectives also need
-    the tokenizer (to read answers), the run directory (sample generations go there) and the device."""
+    the tokenizer (to read answers), the run directory (sample generations go there) and the device; PPO puts
+    its value head on `model` (before the optimizer is built)."""
     if name in OBJECTIVES:
         return OBJECTIVES[name]
     from tunesmith.objectives import align as a
@@ -77,21 +78,45 @@ def build_objective(name: str, align=None, ref_model=None, pad_token_id: int = 0
         return Objective(loss, a.row_count, a.collate_unpaired, prepare)
     if name == "grpo":
         return _grpo(align, tokenizer, ref_model, run_dir, device)
+    if name == "ppo":
+        return _ppo(align, tokenizer, ref_model, run_dir, device, model)
     raise ValueError(f"unknown objective {name!r}")
 
 
-def _grpo(align, tokenizer, ref_model, run_dir, device) -> Objective:
+def _rl_parts(align, tokenizer, run_dir, device):
     from pathlib import Path
 
     from tunesmith.objectives.rewards import RewardModel, reward_functions
-    from tunesmith.objectives.rl import GRPO, Rollout
+    from tunesmith.objectives.rl import Rollout
 
     rollout = Rollout(align.group_size, align.max_new_tokens, align.temperature, align.top_p, align.scale_by_std,
                       align.samples_per_step)
     reward_model = RewardModel(align.reward_model, tokenizer, device) if align.reward_model else None
-    grpo = GRPO(tokenizer, rollout, reward_functions(align.rewards), reward_model, align.kl_beta, align.clip_eps,
-                align.normalisation, ref_model, Path(run_dir) / "samples.jsonl" if run_dir else None)
+    samples = Path(run_dir) / "samples.jsonl" if run_dir else None
+    return rollout, reward_functions(align.rewards), reward_model, samples
+
+
+def _grpo(align, tokenizer, ref_model, run_dir, device) -> Objective:
+    from tunesmith.objectives.rl import GRPO
+
+    rollout, rewards, reward_model, samples = _rl_parts(align, tokenizer, run_dir, device)
+    grpo = GRPO(tokenizer, rollout, rewards, reward_model, align.kl_beta, align.clip_eps, align.normalisation,
+                ref_model, samples)
     return Objective(grpo.loss, grpo.count_units, collate, grpo.prepare)
+
+
+def _ppo(align, tokenizer, ref_model, run_dir, device, model) -> Objective:
+    from tunesmith.objectives.ppo import AdaptiveKLController, FixedKLController
+    from tunesmith.objectives.rl import PPO, PPOSettings, attach_value_head
+
+    rollout, rewards, reward_model, samples = _rl_parts(align, tokenizer, run_dir, device)
+    kl = AdaptiveKLController(align.kl_coef, align.kl_target, align.kl_horizon) if align.kl_target \
+        else FixedKLController(align.kl_coef)
+    settings = PPOSettings(align.ppo_epochs, align.clip_eps, align.value_clip, align.vf_coef, align.ent_coef,
+                           align.gamma, align.lam)
+    attach_value_head(model)
+    ppo = PPO(tokenizer, rollout, rewards, settings, kl, reward_model, ref_model, samples)
+    return Objective(ppo.loss, ppo.count_units, collate, ppo.prepare)
 
 
 __all__ = ["LossOutput", "Objective", "OBJECTIVES", "PREFERENCE_OBJECTIVES", "UNPAIRED_OBJECTIVES",

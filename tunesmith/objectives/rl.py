@@ -1,15 +1,19 @@
-"""GRPO on the one loop: rollouts are made in the objective's `prepare`, the loss is the pure `grpo_losses`.
+"""RL on the one loop: rollouts are made in the objective's `prepare`, the losses are the pure functions of
+grpo.py and ppo.py.
 
-Per optimizer step, for the window's prompts (training rows: a prompt and its reference answer):
+Per rollout, for the window's prompts (training rows: a prompt and its reference answer):
 
     sample G completions per prompt (temperature, top-p, max new tokens, stop at end-of-turn / EOS)
       -> reward each (reward functions on (completion, reference answer), and/or a reward model)
-      -> group-relative advantages -> rows prompt + completion, loss on the completion tokens
-      -> (KL to the reference: its per-token log-probs, adapters off or a frozen copy)
+      -> GRPO: group-relative advantages; KL to the reference as a loss term (optional)
+         PPO:  per-token rewards = score at the last token - kl_coef * KL to the reference, values from a value
+               head on the policy's last hidden state, GAE advantages (whitened) and returns
+      -> rows prompt + completion, loss on the completion tokens
 
-The loop then runs its usual forward/backward over these rows. One policy update per rollout batch, so the
-sampling policy is the policy being trained (importance ratio 1): the clipped objective's gradient is the
-policy gradient, and `old_logps` need not be kept.
+The loop then runs its usual forward/backward over these rows. GRPO updates once per rollout batch, so the
+sampling policy is the policy being trained (importance ratio 1) and `old_logps` need not be kept. PPO reuses
+each rollout for `ppo_epochs` optimizer steps (the data of the windows in between is not used), which is what
+its clipping is for.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from tunesmith.eval.generate import left_pad, stop_token_ids
 from tunesmith.objectives.align import adapters_disabled
 from tunesmith.objectives.base import LossOutput
 from tunesmith.objectives.grpo import group_advantages, grpo_losses
-from tunesmith.objectives.tokens import model_inputs, target_mask, token_logps
+from tunesmith.objectives.ppo import clipped_policy_losses, clipped_value_losses, gae, shaped_rewards, whiten
+from tunesmith.objectives.tokens import model_inputs, target_mask, token_entropy, token_logps
 
 
 @dataclass
@@ -41,19 +46,69 @@ class Rollout:
     samples_per_step: int = 4  # written to samples.jsonl in the run directory
 
 
-class GRPO:
-    """The GRPO objective's state: how to sample, how to reward, where samples go."""
+class Rollouts:
+    """What every RL objective shares: how to sample, how to reward, the reference, where samples go."""
 
-    def __init__(self, tokenizer, rollout: Rollout, reward_fns: Sequence, reward_model=None, beta: float = 0.0,
-                 clip_eps: float = 0.2, normalisation: str = "sequence", ref_model=None,
+    def __init__(self, tokenizer, rollout: Rollout, reward_fns: Sequence, reward_model=None, ref_model=None,
                  samples_file: Path | None = None) -> None:
         self.tokenizer = tokenizer
         self.rollout = rollout
         self.reward_fns = list(reward_fns)
         self.reward_model = reward_model
-        self.beta, self.clip_eps, self.normalisation = beta, clip_eps, normalisation
         self.ref_model = ref_model
         self.samples_file = samples_file
+
+    def sample(self, model, prompts: list[list[int]], reference_ids: list[list[int]]
+               ) -> tuple[list[Example], torch.Tensor, torch.Tensor]:
+        """G completions per prompt: rows (prompt + completion, loss on the completion and its stop token),
+        rewards (N*G,) and completion lengths (N*G,)."""
+        g = self.rollout.group_size
+        references = self.tokenizer.batch_decode(reference_ids, skip_special_tokens=True)
+        repeated = [p for p in prompts for _ in range(g)]
+        completions = sample_completions(getattr(model, "module", model), repeated, self.tokenizer.pad_token_id,
+                                         self.rollout)
+        texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
+        rewards = torch.zeros(len(repeated))
+        for fn in self.reward_fns:
+            rewards += torch.tensor([float(fn(t, references[i // g])) for i, t in enumerate(texts)])
+        if self.reward_model is not None:
+            rewards += self.reward_model([p + c for p, c in zip(repeated, completions)])
+        rows = [Example(p + c, [IGNORE_INDEX] * len(p) + c, source=t) for p, c, t in zip(repeated, completions, texts)]
+        return rows, rewards, torch.tensor([len(c) for c in completions])
+
+    def rollout_batch(self, model, batch: dict[str, torch.Tensor], device) -> tuple[dict[str, torch.Tensor], list]:
+        """The prompts of a batch of training rows -> a batch of sampled rows with `rewards` and
+        `completion_tokens`; also returns the rows (for `write_samples`)."""
+        prompts, references = split_prompts(batch)
+        rows, rewards, lengths = self.sample(model, prompts, references)
+        new = {k: v.to(device) for k, v in collate(rows, self.tokenizer.pad_token_id).items()}
+        new["rewards"] = rewards.to(device)
+        new["completion_tokens"] = lengths.to(device)
+        return new, rows
+
+    def reference_token_logps(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.ref_model is not None:
+            return token_logps(self.ref_model(**model_inputs(batch)).logits, batch["labels"])
+        with adapters_disabled(model):
+            return token_logps(model(**model_inputs(batch)).logits, batch["labels"])
+
+    def write_samples(self, step: int, rows: list[Example], rewards: torch.Tensor) -> None:
+        if self.samples_file is None:
+            return
+        with self.samples_file.open("a") as f:
+            for row, reward in list(zip(rows, rewards.tolist()))[: self.rollout.samples_per_step]:
+                prompt = self.tokenizer.decode([t for t, lab in zip(row.input_ids, row.labels) if lab == IGNORE_INDEX])
+                f.write(json.dumps({"step": step, "prompt": prompt, "completion": row.source, "reward": reward}) + "\n")
+
+
+class GRPO(Rollouts):
+    """GRPO: group-relative advantages of G samples per prompt, no value model."""
+
+    def __init__(self, tokenizer, rollout: Rollout, reward_fns: Sequence, reward_model=None, beta: float = 0.0,
+                 clip_eps: float = 0.2, normalisation: str = "sequence", ref_model=None,
+                 samples_file: Path | None = None) -> None:
+        super().__init__(tokenizer, rollout, reward_fns, reward_model, ref_model, samples_file)
+        self.beta, self.clip_eps, self.normalisation = beta, clip_eps, normalisation
 
     # -- the Objective's parts ---------------------------------------------------------------------
 
@@ -61,18 +116,12 @@ class GRPO:
     def prepare(self, model, batches: list[dict[str, torch.Tensor]], accelerator, step: int | None = None) -> None:
         """Replace each batch of prompts by its rollouts (in place)."""
         for i, batch in enumerate(batches):
-            prompts, references = split_prompts(batch)
-            rows, rewards, lengths = self.sample(model, prompts, references)
-            advantages = group_advantages(rewards, self.rollout.group_size, self.rollout.scale_by_std)
-            new = collate(rows, self.tokenizer.pad_token_id)
-            new = {k: v.to(accelerator.device) for k, v in new.items()}
-            new["advantages"] = advantages.to(accelerator.device)
-            new["rewards"] = rewards.to(accelerator.device)
-            new["completion_tokens"] = lengths.to(accelerator.device)
+            new, rows = self.rollout_batch(model, batch, accelerator.device)
+            new["advantages"] = group_advantages(new["rewards"], self.rollout.group_size, self.rollout.scale_by_std)
             if self.beta > 0:
                 new["ref_token_logps"] = self.reference_token_logps(model, new)
             if i == 0 and step is not None and accelerator.is_main_process:
-                self.write_samples(step, rows, rewards)
+                self.write_samples(step, rows, new["rewards"])
             batch.clear()
             batch.update(new)
 
@@ -93,39 +142,107 @@ class GRPO:
         mask = target_mask(batch["labels"])
         return int(mask.sum()) if self.normalisation == "token" else int((mask.sum(-1) > 0).sum())
 
-    # -- rollouts ----------------------------------------------------------------------------------
 
-    def sample(self, model, prompts: list[list[int]], reference_ids: list[list[int]]
-               ) -> tuple[list[Example], torch.Tensor, torch.Tensor]:
-        """G completions per prompt: rows (prompt + completion, loss on the completion and its stop token),
-        rewards (N*G,) and completion lengths (N*G,)."""
-        g = self.rollout.group_size
-        references = self.tokenizer.batch_decode(reference_ids, skip_special_tokens=True)
-        repeated = [p for p in prompts for _ in range(g)]
-        completions = sample_completions(getattr(model, "module", model), repeated, self.tokenizer.pad_token_id,
-                                         self.rollout)
-        texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
-        rewards = torch.zeros(len(repeated))
-        for fn in self.reward_fns:
-            rewards += torch.tensor([float(fn(t, references[i // g])) for i, t in enumerate(texts)])
-        if self.reward_model is not None:
-            rewards += self.reward_model([p + c for p, c in zip(repeated, completions)])
-        rows = [Example(p + c, [IGNORE_INDEX] * len(p) + c, source=t) for p, c, t in zip(repeated, completions, texts)]
-        return rows, rewards, torch.tensor([len(c) for c in completions])
+@dataclass
+class PPOSettings:
+    epochs: int = 2  # optimizer steps per rollout
+    clip_eps: float = 0.2
+    value_clip: float = 0.2
+    vf_coef: float = 0.1
+    ent_coef: float = 0.0
+    gamma: float = 1.0
+    lam: float = 0.95
 
-    def reference_token_logps(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if self.ref_model is not None:
-            return token_logps(self.ref_model(**model_inputs(batch)).logits, batch["labels"])
-        with adapters_disabled(model):
-            return token_logps(model(**model_inputs(batch)).logits, batch["labels"])
 
-    def write_samples(self, step: int, rows: list[Example], rewards: torch.Tensor) -> None:
-        if self.samples_file is None:
+class PPO(Rollouts):
+    """PPO with a value head on the policy's last hidden state and a per-token KL penalty to the reference."""
+
+    def __init__(self, tokenizer, rollout: Rollout, reward_fns: Sequence, settings: PPOSettings, kl_controller,
+                 reward_model=None, ref_model=None, samples_file: Path | None = None) -> None:
+        super().__init__(tokenizer, rollout, reward_fns, reward_model, ref_model, samples_file)
+        self.settings = settings
+        self.kl = kl_controller
+        self.cached: list[dict[str, torch.Tensor]] | None = None
+
+    @torch.no_grad()
+    def prepare(self, model, batches: list[dict[str, torch.Tensor]], accelerator, step: int | None = None) -> None:
+        """New rollouts every `epochs` steps; the steps in between train on the cached ones."""
+        s = self.settings
+        if step is not None and self.cached is not None and (step - 1) % s.epochs and len(self.cached) == len(batches):
+            for batch, cached in zip(batches, self.cached):
+                batch.clear()
+                batch.update(cached)
             return
-        with self.samples_file.open("a") as f:
-            for row, reward in list(zip(rows, rewards.tolist()))[: self.rollout.samples_per_step]:
-                prompt = self.tokenizer.decode([t for t, lab in zip(row.input_ids, row.labels) if lab == IGNORE_INDEX])
-                f.write(json.dumps({"step": step, "prompt": prompt, "completion": row.source, "reward": reward}) + "\n")
+        kls = []
+        for i, batch in enumerate(batches):
+            new, rows = self.rollout_batch(model, batch, accelerator.device)
+            mask = target_mask(new["labels"])
+            logits, values = policy_and_values(model, new)
+            new["old_logps"] = token_logps(logits, new["labels"])
+            new["old_values"] = values
+            kl = torch.where(mask, new["old_logps"] - self.reference_token_logps(model, new), 0.0)  # k1
+            rewards = shaped_rewards(new["rewards"], kl, mask, self.kl.value)
+            advantages, new["returns"] = gae(rewards, values, mask, s.gamma, s.lam)
+            new["advantages"] = whiten(advantages, mask)
+            new["kl"] = kl.sum(-1)  # (R,) per sequence
+            kls.append(new["kl"])
+            if i == 0 and step is not None and accelerator.is_main_process:
+                self.write_samples(step, rows, new["rewards"])
+            batch.clear()
+            batch.update(new)
+        if step is not None:
+            kl_mean = accelerator.reduce(torch.cat(kls).mean().reshape(1), "mean")
+            self.kl.update(float(kl_mean), sum(len(k) for k in kls))
+            self.cached = [dict(b) for b in batches]
+
+    def loss(self, model, batch: dict[str, torch.Tensor]) -> LossOutput:
+        s = self.settings
+        mask = target_mask(batch["labels"])
+        logits, values = policy_and_values(model, batch)
+        logps = token_logps(logits, batch["labels"])
+        policy, clipped, approx_kl = clipped_policy_losses(logps, batch["old_logps"], batch["advantages"], mask,
+                                                           s.clip_eps)
+        value, value_clipped = clipped_value_losses(values, batch["old_values"], batch["returns"], mask, s.value_clip)
+        per_token = policy + s.vf_coef * value
+        entropy = token_entropy(logits, batch["labels"]) if s.ent_coef else None
+        if entropy is not None:
+            per_token = per_token - s.ent_coef * entropy
+        tokens = mask.sum(-1).float()  # (R,) the loss unit is a token
+        metrics = {"policy_loss": float(policy.detach().sum()), "value_loss": float(value.detach().sum()),
+                   "clip_fraction": float(clipped.sum()), "value_clip_fraction": float(value_clipped.sum()),
+                   "approx_kl": float(approx_kl.sum()),
+                   "reward": float((batch["rewards"] * tokens).sum()),
+                   "kl": float((batch["kl"] * tokens).sum()),
+                   "kl_coef": self.kl.value * float(tokens.sum()),
+                   "completion_tokens": float((batch["completion_tokens"] * tokens).sum())}
+        if entropy is not None:
+            metrics["entropy"] = float(entropy.detach().sum())
+        return LossOutput(torch.where(mask, per_token, 0.0).sum(), int(mask.sum()), metrics)
+
+    def count_units(self, batch: dict[str, torch.Tensor]) -> int:
+        return int(target_mask(batch["labels"]).sum())
+
+
+def attach_value_head(model) -> torch.nn.Module:
+    """A scalar value head (zero-initialised: every value starts at 0) on the policy's last hidden state,
+    registered on the model as `v_head` so the optimizer and checkpoints include it."""
+    config = getattr(model, "config", None) or model.get_base_model().config
+    hidden = getattr(config, "hidden_size", None) or config.n_embd
+    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+    head = torch.nn.Linear(hidden, 1, dtype=torch.float32 if dtype not in (torch.float32, torch.bfloat16,
+                                                                         torch.float16) else dtype)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    model.add_module("v_head", head)
+    return head
+
+
+def policy_and_values(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (R, T, V) and float32 values (R, T) from one forward pass."""
+    out = model(**model_inputs(batch), output_hidden_states=True)
+    head = getattr(model, "module", model).v_head
+    hidden = out.hidden_states[-1]
+    return out.logits, head(hidden.to(head.weight.dtype)).squeeze(-1).float()
 
 
 def split_prompts(batch: dict[str, torch.Tensor]) -> tuple[list[list[int]], list[str]]:

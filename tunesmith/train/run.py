@@ -59,7 +59,7 @@ def train(cfg: Config) -> dict:
     ref_model = build_reference(cfg, model)
     objective = build_objective(cfg.train.objective, cfg.align, ref_model, tokenizer.pad_token_id,
                                 cfg.eval.batch_size, tokenizer=tokenizer, run_dir=run_dir,
-                                device=accelerator.device)
+                                device=accelerator.device, model=model)
     settings = _loop_settings(cfg, len(train_set), accelerator.num_processes)
     optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, tuple(cfg.train.betas), cfg.train.eps)
     warmup = cfg.train.warmup_steps or round(cfg.train.warmup_ratio * settings.total_steps)
@@ -274,7 +274,10 @@ def save_final(model, tokenizer, path: Path) -> None:
     """Adapter (PEFT format) or full model (safetensors) plus tokenizer, written atomically."""
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    value_head = model._modules.pop("v_head", None)  # PPO's value head is training state, not the policy
     model.save_pretrained(tmp)
+    if value_head is not None:
+        model.add_module("v_head", value_head)
     tokenizer.save_pretrained(tmp)
     generation_config = getattr(model, "generation_config", None)  # a reward model generates nothing
     if generation_config is not None and not (tmp / "generation_config.json").exists():

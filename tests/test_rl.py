@@ -1,4 +1,4 @@
-"""GRPO on the one loop: prompts, rollouts with their stop token, rewards, logging, learning."""
+"""RL on the one loop (GRPO, PPO): prompts, rollouts with their stop token, rewards, logging, learning."""
 
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ def arithmetic(tmp_path_factory):
 
 
 def run_config(model_dir, data_file, out, **sections) -> dict:
+    """A small full-fine-tuning GRPO config; `sections` override keys, e.g. train={"objective": "ppo"}."""
     raw = {
         "model": {"name_or_path": str(model_dir)},
         "data": {"train": [str(data_file)], "template": "chatml", "max_seq_len": 64},
@@ -128,4 +129,46 @@ def test_grpo_with_an_exact_answer_reward_raises_the_mean_reward(model_dirs, ari
         torch.manual_seed(0)
         rewards.append(mean_reward(scorer, model, examples, batch_size=25))
     assert 0.2 < rewards[0] < 0.8, "the tuned model should answer some sums, not all"
+    assert rewards[1] > rewards[0] + 0.05, rewards
+
+
+def test_a_ppo_run_trains_a_value_head_and_delivers_only_the_policy(model_dirs, arithmetic, tmp_path):
+    from safetensors.torch import load_file
+
+    cfg = run_config(model_dirs["llama"], arithmetic, tmp_path / "run", strategy={"name": "lora"},
+                     train={"objective": "ppo", "max_steps": 4, "save_every": 2},
+                     align={"group_size": 2, "ppo_epochs": 2, "kl_coef": 0.1, "kl_target": 0.5, "kl_horizon": 100})
+    train(config_from_dict(cfg))
+    records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    for key in ("policy_loss", "value_loss", "clip_fraction", "approx_kl", "reward", "kl", "kl_coef"):
+        assert key in records[0], key
+    assert records[0]["approx_kl"] == pytest.approx(0.0, abs=1e-6)  # the first step trains on its own samples
+    assert records[1]["approx_kl"] > 0  # the second reuses them after an update
+    assert records[2]["kl_coef"] != records[0]["kl_coef"]  # adaptive: moved after the first rollout
+    saved = load_file(tmp_path / "run" / "checkpoints" / "step-4" / "trainable.safetensors")
+    assert any(name.endswith("v_head.weight") for name in saved)
+    final = load_file(tmp_path / "run" / "final" / "adapter_model.safetensors")
+    assert not any("v_head" in name for name in final)
+    samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert sorted({s["step"] for s in samples}) == [1, 3]  # new rollouts every ppo_epochs steps
+
+
+@pytest.mark.slow
+def test_ppo_with_an_exact_answer_reward_raises_the_mean_reward(model_dirs, arithmetic, tmp_path):
+    sft = run_config(model_dirs["llama"], arithmetic, tmp_path / "sft",
+                     train={"objective": "sft", "max_steps": 60, "micro_batch_size": 25, "lr": 3e-3})
+    train(config_from_dict(sft))
+    ppo = run_config(tmp_path / "sft" / "final", arithmetic, tmp_path / "ppo",
+                     train={"objective": "ppo", "max_steps": 20, "micro_batch_size": 25, "lr": 1e-3},
+                     align={"group_size": 4, "ppo_epochs": 2, "kl_coef": 0.02, "vf_coef": 0.5})
+    train(config_from_dict(ppo))
+
+    tok = AutoTokenizer.from_pretrained(tmp_path / "sft" / "final")
+    examples, _ = tokenize_rows(tok, load_rows(arithmetic), max_seq_len=64)
+    scorer = GRPO(tok, Rollout(group_size=16, max_new_tokens=4), [exact_answer])
+    rewards = []
+    for stage in ("sft", "ppo"):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / stage / "final")
+        torch.manual_seed(0)
+        rewards.append(mean_reward(scorer, model, examples, batch_size=25))
     assert rewards[1] > rewards[0] + 0.05, rewards
