@@ -177,8 +177,9 @@ def test_unknown_key_from_yaml_file(tmp_path):
 
 def test_unknown_key_without_close_match_lists_valid_keys():
     """With nothing close, the message lists the valid keys of that section."""
-    message = config_error(["eval.zzzzzz=1"])
-    assert message == "unknown config key 'eval.zzzzzz' (valid keys here: eval.every, eval.batch_size)"
+    message = config_error(["strategy.freeze.zzzzzz=1"])
+    assert message == ("unknown config key 'strategy.freeze.zzzzzz' "
+                       "(valid keys here: strategy.freeze.last_n_layers, strategy.freeze.modules)")
 
 
 # ------------------------------------------------------------------------------------------------

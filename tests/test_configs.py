@@ -1,4 +1,4 @@
-"""Every shipped SFT recipe runs end to end on a tiny model: parsed, built, trained two steps, saved."""
+"""Every shipped training recipe runs end to end on a tiny model: parsed, built, trained two steps, saved."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from conftest import chat_rows, write_jsonl
 from tunesmith.config import load_config
 from tunesmith.train.run import train
 
-RECIPES = sorted((Path(__file__).parent.parent / "configs").glob("sft_*.yaml"))
+CONFIGS = Path(__file__).parent.parent / "configs"
+RECIPES = sorted(CONFIGS.glob("sft_*.yaml"))
+ALIGN_RECIPES = sorted(CONFIGS / f"{name}.yaml" for name in ("reward", "dpo", "ipo", "simpo", "orpo", "kto", "grpo", "ppo"))
 
 
 def test_recipes_exist():
@@ -29,3 +31,26 @@ def test_recipe_trains_on_a_tiny_model(recipe, model_dirs, tmp_path):
     assert report["steps"] == 2
     assert (tmp_path / "run" / "final").is_dir()
     assert (tmp_path / "run" / "config.yaml").read_text().count("max_steps: 2") == 1
+
+
+def _alignment_data(kind: str, tmp_path: Path) -> Path:
+    from test_align import preference_rows, unpaired_rows
+    from test_rl import arithmetic_rows
+
+    rows = {"preference": preference_rows(12, seed=0), "unpaired": unpaired_rows(12, seed=0),
+            "prompts": arithmetic_rows()[:12]}[kind]
+    return write_jsonl(tmp_path / f"{kind}.jsonl", rows)
+
+
+@pytest.mark.parametrize("recipe", ALIGN_RECIPES, ids=lambda p: p.stem)
+def test_alignment_recipe_trains_on_a_tiny_model(recipe, model_dirs, tmp_path):
+    cfg = load_config(recipe)
+    kind = {"kto": "unpaired", "grpo": "prompts", "ppo": "prompts"}.get(cfg.train.objective, "preference")
+    data = _alignment_data(kind, tmp_path)
+    overrides = [f"model.name_or_path={model_dirs['llama']}", f"data.train=[{data}]", "data.validation=[]",
+                 f"data.format={'auto' if kind == 'prompts' else kind}", "data.max_seq_len=128",
+                 f"train.output_dir={tmp_path / 'run'}", "train.max_steps=2", "train.micro_batch_size=4",
+                 "train.grad_accum=1", "tracking.progress_bar=false", "align.max_new_tokens=4"]
+    report = train(load_config(recipe, overrides))
+    assert report["steps"] == 2
+    assert (tmp_path / "run" / "final").is_dir()

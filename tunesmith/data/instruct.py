@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -272,32 +271,11 @@ def _turns(shots: list[tuple[str, str]], query: tuple[str, str], fmt: str, separ
 
 # ---------------------------------------------------------------- chain of thought
 
-_ANSWER_MARK = re.compile(r"\bthe\s+(?:final\s+)?answer\s+is\b|\banswer\s*:|####", re.IGNORECASE)
-_NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
-
-
 def final_answer(text: str) -> str | None:
-    """The answer a chain-of-thought response ends on.
+    """The answer a chain-of-thought response ends on (see `tunesmith.eval.metrics.extract_answer`)."""
+    from tunesmith.eval.metrics import extract_answer
 
-    The text after the last "the answer is" / "Answer:" / "####" (a number there wins, without "$" or
-    thousands commas; otherwise the words up to the end of the sentence), else the last number in the text.
-
-    Args:
-        text: a model's response.
-    Returns:
-        The answer as a string, or None when there is neither a marker nor a number.
-    """
-    marks = list(_ANSWER_MARK.finditer(text))
-    if marks:
-        # the answer may sit on the marker's line or, after "Answer:", on the next one
-        tail = text[marks[-1].end():].lstrip(" \t\n:*$").split("\n", 1)[0]
-        number = _NUMBER.match(tail)
-        if number:
-            return number.group().replace(",", "")
-        words = re.split(r"[.!?](?:\s|$)", tail, maxsplit=1)[0]
-        return words.strip(" *\"'`") or None
-    numbers = _NUMBER.findall(text)
-    return numbers[-1].replace(",", "") if numbers else None
+    return extract_answer(text)
 
 
 # ---------------------------------------------------------------- datasets and clusters

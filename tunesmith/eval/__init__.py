@@ -1,7 +1,14 @@
-"""Evaluation building blocks: greedy generation through the chat template, and answer metrics."""
+"""Evaluation. Import from the modules (this package imports nothing, so `tunesmith eval` checks its config
+before torch loads):
 
-from tunesmith.eval.generate import complete_greedy, generate_greedy, greedy_token_ids, prompt_ids
-from tunesmith.eval.metrics import exact_match, exact_match_rate, normalize_answer
-
-__all__ = ["complete_greedy", "exact_match", "exact_match_rate", "generate_greedy", "greedy_token_ids",
-           "normalize_answer", "prompt_ids"]
+    metrics    exact match, ROUGE-L, BLEU, chrF, numeric match, answer extraction, streamed accumulators
+    loglik     multiple choice by option log-likelihood (length-normalised per token or per character)
+    prompting  zero-shot, k-shot and chain-of-thought prompts, chat template or plain text
+    generate   batched greedy or sampled generation with stop tokens
+    items      eval set files -> items (question, reference, options)
+    sets       an eval set as plain values
+    harness    one set on one model, streamed: loss, choice, generate; `generation_metrics` for training
+    models     load a model, a PEFT adapter or a checkpoint, and its baseline
+    report     eval.json and eval.md, deltas and forgetting
+    command    `tunesmith eval`
+"""

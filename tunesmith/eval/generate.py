@@ -1,4 +1,5 @@
-"""Batched greedy generation: chat conversations through the tokenizer's chat template, or plain-text prompts.
+"""Batched generation (greedy or sampled): chat conversations through the tokenizer's chat template, or plain
+text prompts.
 
 The prompt of a conversation is exactly what training supervised against:
 `apply_chat_template(messages, add_generation_prompt=True)` tokenised without extra special tokens (the
@@ -15,13 +16,14 @@ from typing import Sequence
 
 import torch
 
+from tunesmith.data.templates import render
+
 Conversation = Sequence[dict[str, str]]
 
 
 def prompt_ids(tokenizer, messages: Conversation) -> list[int]:
     """Token ids of the prompt that asks the model for the next assistant turn."""
-    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(render(tokenizer, messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
 
 
 def stop_token_ids(model) -> list[int]:
@@ -85,7 +87,6 @@ def complete_greedy(model, tokenizer, texts: Sequence[str], max_new_tokens: int 
     return [tokenizer.decode(ids, skip_special_tokens=True) for ids in new_ids]
 
 
-@torch.no_grad()
 def greedy_token_ids(
     model, prompts: Sequence[list[int]], pad_token_id: int, max_new_tokens: int = 32, batch_size: int = 32
 ) -> list[list[int]]:
@@ -97,11 +98,40 @@ def greedy_token_ids(
     Returns:
         The new token ids per prompt, in input order.
     """
+    return generate_token_ids(model, prompts, pad_token_id, max_new_tokens, batch_size)
+
+
+@torch.no_grad()
+def generate_token_ids(
+    model,
+    prompts: Sequence[list[int]],
+    pad_token_id: int,
+    max_new_tokens: int = 32,
+    batch_size: int = 32,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+) -> list[list[int]]:
+    """Continuations of token-id prompts, greedy (temperature 0) or sampled, each cut before its stop token.
+
+    Sampling draws from torch's global generator: seed it (`torch.manual_seed`) for repeatable samples.
+
+    Args:
+        prompts: token ids per prompt (any lengths; batched with left padding).
+        pad_token_id: fills the left padding (masked out, so any id works).
+        temperature: 0 for greedy decoding, else the softmax temperature of sampling.
+        top_p: nucleus sampling: sample from the smallest set of tokens whose probability reaches top_p.
+    Returns:
+        The new token ids per prompt, in input order.
+    """
     from transformers import GenerationConfig
 
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
     stops = stop_token_ids(model)
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
-                              pad_token_id=pad_token_id)
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if temperature > 0 \
+        else {"do_sample": False}
+    config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad_token_id,
+                              **sampling)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

@@ -1,8 +1,28 @@
-"""Answer metrics on generated text."""
+"""Answer metrics on generated text, answer extraction, and streamed accumulators.
+
+Per example: `exact_match` (after `normalize_answer`), `rouge_l` (ROUGE-L F1 of `rouge-score`), `numeric_match`
+(the answers' numbers are equal). Over a corpus: BLEU and chrF of `sacrebleu`, on its 0-100 scale.
+
+Accumulators take predictions batch by batch and keep only sums (for BLEU and chrF: sacrebleu's own sufficient
+statistics), so the memory of an evaluation does not grow with the number of examples:
+
+    acc = make_accumulator("bleu")
+    for predictions, references in batches:
+        acc.update(predictions, references)
+    acc.value()   # == sacrebleu.corpus_bleu(all predictions, [all references]).score
+"""
 
 from __future__ import annotations
 
-from typing import Sequence
+import functools
+import importlib
+import importlib.util
+import math
+import re
+from pathlib import Path
+from typing import Callable, Protocol, Sequence
+
+from tunesmith.errors import ConfigError
 
 _TRAILING_PUNCTUATION = ".,;:!?\"'"
 
@@ -32,3 +52,222 @@ def exact_match_rate(predictions: Sequence[str], references: Sequence[str]) -> f
     if not predictions:
         return 0.0
     return sum(exact_match(p, r) for p, r in zip(predictions, references)) / len(predictions)
+
+
+@functools.lru_cache(maxsize=1)
+def _rouge_scorer():
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1: from the longest common subsequence of words (lowercased, split on non-alphanumerics).
+
+    P = LCS / prediction words, R = LCS / reference words, F1 = 2PR / (P + R); 0.0 when either is empty.
+    """
+    return _rouge_scorer().score(reference, prediction)["rougeL"].fmeasure
+
+
+# ---------------------------------------------------------------------------------------------------
+# Answer extraction (chain-of-thought outputs, math answers)
+
+# A number: sign, currency, thousands commas, decimals, a fraction; not the tail of a word or another number.
+_NUMBER = re.compile(
+    r"(?<![\w.,])(?P<sign>[-\u2212+])?\$?"
+    r"(?P<digits>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)"
+    r"(?:\s*/\s*(?P<den>\d+)(?!\d|\.\d))?"
+)
+_ANSWER_MARK = re.compile(
+    r"\bthe\s+(?:final\s+)?answer\s+(?:is|was|would\s+be)\b|\banswer\s*[:=]|####", re.IGNORECASE
+)
+_BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_FRAC = re.compile(r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}")
+_TEXT = re.compile(r"\\(?:text|mathrm|textbf)\s*\{([^{}]*)\}")
+
+
+def extract_answer(text: str) -> str | None:
+    """The answer a response ends on, e.g. after chain-of-thought reasoning.
+
+    In order: the content of the last `\\boxed{...}`; else the text after the last "the answer is" / "the final
+    answer is" / "Answer:" / "####" (a number there wins, as a plain number; otherwise the words up to the end of
+    the sentence); else the last number in the text. Numbers lose "$", "+" and thousands commas ("$1,234.50" ->
+    "1234.50"), a Unicode minus becomes "-", fractions stay fractions ("1/2").
+
+    Returns:
+        The answer as a string, or None when there is no marker, box or number.
+    """
+    boxed = _last_boxed(text)
+    if boxed is not None:
+        return _answer_at(_plain_latex(boxed))
+    marks = list(_ANSWER_MARK.finditer(text))
+    if marks:
+        tail = text[marks[-1].end():].lstrip(" \t\n:=*$")
+        return _answer_at(tail.split("\n", 1)[0])
+    numbers = list(_NUMBER.finditer(text))
+    return _number_text(numbers[-1]) if numbers else None
+
+
+def extract_number(text: str) -> float | None:
+    """The value of the first number in `extract_answer(text)` ("1/2" -> 0.5, "12.5%" -> 12.5), or None."""
+    answer = extract_answer(text)
+    found = _NUMBER.search(answer) if answer is not None else None
+    if found is None:
+        return None
+    value = float(found["digits"].replace(",", ""))
+    if found["den"] is not None:
+        if int(found["den"]) == 0:
+            return None
+        value /= int(found["den"])
+    return -value if found["sign"] in ("-", "\u2212") else value
+
+
+def numeric_match(prediction: str, reference: str) -> bool:
+    """Whether the numbers `extract_number` reads from prediction and reference are equal (relative 1e-6)."""
+    a, b = extract_number(prediction), extract_number(reference)
+    return a is not None and b is not None and math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
+
+
+def _answer_at(tail: str) -> str | None:
+    """A number at the start of `tail`, else its words up to the end of the sentence."""
+    number = _NUMBER.match(tail)
+    if number:
+        return _number_text(number)
+    words = re.split(r"[.!?](?:\s|$)", tail, maxsplit=1)[0]
+    return words.strip(" *\"'`()$") or None
+
+
+def _number_text(match: re.Match) -> str:
+    sign = "-" if match["sign"] in ("-", "\u2212") else ""
+    fraction = f"/{match['den']}" if match["den"] is not None else ""
+    return sign + match["digits"].replace(",", "") + fraction
+
+
+def _last_boxed(text: str) -> str | None:
+    """The content of the last \\boxed{...} (nested braces allowed), or None."""
+    starts = [m.end() for m in _BOXED.finditer(text)]
+    if not starts:
+        return None
+    depth, start = 1, starts[-1]
+    for i in range(start, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[start:i]
+    return text[start:]  # unclosed: the rest
+
+
+def _plain_latex(text: str) -> str:
+    """'\\frac{1}{2}' -> '1/2', '\\text{cm}' -> 'cm', thin spaces and braces dropped."""
+    text = _TEXT.sub(r"\1", _FRAC.sub(r"\1/\2", text))
+    return re.sub(r"\\[,!;: ]|[{}$]", "", text).strip()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Streamed accumulators
+
+
+class Accumulator(Protocol):
+    def update(self, predictions: Sequence[str], references: Sequence[str]) -> None: ...
+
+    def value(self) -> dict[str, float]: ...
+
+
+class MeanScore:
+    """The mean of a per-example score: a running sum and count."""
+
+    def __init__(self, name: str, score: Callable[[str, str], float]) -> None:
+        self.name, self.score, self.total, self.count = name, score, 0.0, 0
+
+    def update(self, predictions: Sequence[str], references: Sequence[str]) -> None:
+        for prediction, reference in zip(predictions, references, strict=True):
+            self.total += float(self.score(prediction, reference))
+            self.count += 1
+
+    def value(self) -> dict[str, float]:
+        return {self.name: self.total / self.count if self.count else 0.0}
+
+
+class CorpusScore:
+    """A sacrebleu corpus metric (BLEU, chrF) from its summed per-sentence sufficient statistics, the sums its
+    `corpus_score` computes the score from (n-gram matches and totals, lengths)."""
+
+    def __init__(self, name: str, metric) -> None:
+        self.name, self.metric, self.stats = name, metric, None
+
+    def update(self, predictions: Sequence[str], references: Sequence[str]) -> None:
+        if len(predictions) != len(references):
+            raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+        if not predictions:
+            return
+        for stats in self.metric._extract_corpus_statistics(list(predictions), [list(references)]):
+            self.stats = list(stats) if self.stats is None else [a + b for a, b in zip(self.stats, stats)]
+
+    def value(self) -> dict[str, float]:
+        if self.stats is None:
+            return {self.name: 0.0}
+        return {self.name: float(self.metric._compute_score_from_stats(list(self.stats)).score)}
+
+
+class ScorerMeans:
+    """Means of a user's scoring function `(prediction, reference) -> float | dict[str, float]`; a float is
+    reported under the function's name."""
+
+    def __init__(self, scorer: Callable[[str, str], float | dict[str, float]]) -> None:
+        self.scorer, self.totals, self.count = scorer, {}, 0
+        self.name = getattr(scorer, "__name__", "scorer")
+
+    def update(self, predictions: Sequence[str], references: Sequence[str]) -> None:
+        for prediction, reference in zip(predictions, references, strict=True):
+            result = self.scorer(prediction, reference)
+            values = result if isinstance(result, dict) else {self.name: result}
+            for key, value in values.items():
+                self.totals[key] = self.totals.get(key, 0.0) + float(value)
+            self.count += 1
+
+    def value(self) -> dict[str, float]:
+        return {k: v / self.count for k, v in self.totals.items()} if self.count else {}
+
+
+METRIC_NAMES = ("exact_match", "rouge_l", "bleu", "chrf", "numeric")
+
+
+def make_accumulator(name: str) -> Accumulator:
+    """A fresh accumulator for metric `name` (one of METRIC_NAMES)."""
+    if name == "exact_match":
+        return MeanScore(name, exact_match)
+    if name == "rouge_l":
+        return MeanScore(name, rouge_l)
+    if name == "numeric":
+        return MeanScore(name, numeric_match)
+    if name in ("bleu", "chrf"):
+        from sacrebleu.metrics import BLEU, CHRF
+
+        return CorpusScore(name, BLEU() if name == "bleu" else CHRF())
+    raise ValueError(f"unknown metric {name!r} (expected one of {', '.join(METRIC_NAMES)})")
+
+
+def load_scorer(spec: str, key: str = "scorer") -> Callable[[str, str], float | dict[str, float]]:
+    """The function named by "package.module:function" (importable) or "path/to/file.py:function".
+
+    Raises:
+        ConfigError naming `key` when the module or function cannot be found.
+    """
+    module_name, sep, function = spec.rpartition(":")
+    if not sep or not module_name or not function:
+        raise ConfigError(f"{key}: expected 'module:function' or 'file.py:function', got {spec!r}")
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name)
+            if not path.is_file():
+                raise ConfigError(f"{key}: scorer file not found: {module_name}")
+            loader = importlib.util.spec_from_file_location(f"tunesmith_scorer_{path.stem}", path)
+            module = importlib.util.module_from_spec(loader)
+            loader.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"{key}: cannot import {module_name!r}: {exc}") from None
+    scorer = getattr(module, function, None)
+    if not callable(scorer):
+        raise ConfigError(f"{key}: {module_name!r} has no function {function!r}")
+    return scorer
