@@ -52,6 +52,24 @@ def check(cfg: Config) -> None:
     if cfg.strategy.name == "freeze" and not (cfg.strategy.freeze.last_n_layers or cfg.strategy.freeze.modules):
         raise ConfigError("strategy.freeze: set last_n_layers and/or modules, otherwise nothing trains")
     _check_align(cfg)
+    _check_eval(cfg)
+
+
+def _check_eval(cfg: Config) -> None:
+    e = cfg.eval
+    if e.generate_samples < 0:
+        raise ConfigError(f"eval.generate_samples: must not be negative, got {e.generate_samples}")
+    if e.max_new_tokens < 1:
+        raise ConfigError(f"eval.max_new_tokens: must be at least 1, got {e.max_new_tokens}")
+    if e.early_stopping_patience is not None:
+        if e.early_stopping_patience < 1:
+            raise ConfigError(f"eval.early_stopping_patience: must be at least 1 or null, got {e.early_stopping_patience}")
+        if not e.best_metric:
+            raise ConfigError("eval.early_stopping_patience: needs eval.best_metric (what must improve)")
+    if (e.best_metric or e.load_best_at_end) and not (cfg.data.validation or cfg.data.split.validation):
+        raise ConfigError("eval.best_metric: needs validation data (data.validation or data.split.validation)")
+    if e.load_best_at_end and not e.best_metric:
+        raise ConfigError("eval.load_best_at_end: needs eval.best_metric")
 
 
 def _check_align(cfg: Config) -> None:

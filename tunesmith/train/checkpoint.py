@@ -44,8 +44,10 @@ def save_checkpoint(
     scheduler: Any,
     state: dict[str, Any],
     keep_last: int,
+    keep: tuple[int, ...] = (),
 ) -> Path:
-    """Write checkpoint `step` atomically under `root` and prune all but the newest `keep_last`."""
+    """Write checkpoint `step` atomically under `root` and prune all but the newest `keep_last` and the steps
+    in `keep` (the best checkpoint)."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
     tmp = root / f".tmp-step-{step}"
@@ -64,7 +66,7 @@ def save_checkpoint(
         shutil.rmtree(final)
     os.rename(tmp, final)
     _fsync(root)
-    prune(root, keep_last)
+    prune(root, keep_last, keep)
     return final
 
 
@@ -109,9 +111,10 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     return json.loads((path / "state.json").read_text())
 
 
-def prune(root: Path, keep_last: int) -> None:
+def prune(root: Path, keep_last: int, keep: tuple[int, ...] = ()) -> None:
     for path in complete_checkpoints(root)[:-keep_last]:
-        shutil.rmtree(path, ignore_errors=True)
+        if int(STEP_DIR.match(path.name).group(1)) not in keep:
+            shutil.rmtree(path, ignore_errors=True)
     for path in root.glob(".tmp-step-*"):  # left by a run killed mid-write
         shutil.rmtree(path, ignore_errors=True)
 

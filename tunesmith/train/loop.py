@@ -16,7 +16,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from accelerate import Accelerator
@@ -26,6 +26,7 @@ from tunesmith.data.batching import epoch_batches
 from tunesmith.data.tokenize import Example
 from tunesmith.objectives import Objective
 from tunesmith.track.sinks import Tracker
+from tunesmith.train.best import BestTracker
 from tunesmith.train.checkpoint import save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,9 @@ class LoopSettings:
     eval_batch_size: int = 8
     keep_last: int = 2
     progress_bar: bool = True
+    best_metric: str | None = None  # e.g. eval_loss: its best checkpoint is kept (see train/best.py)
+    best_mode: str = "auto"
+    early_stopping_patience: int | None = None
 
 
 def steps_per_epoch(num_examples: int, micro_batch_size: int, grad_accum: int, num_processes: int = 1) -> int:
@@ -76,8 +80,12 @@ def fit(
     checkpoint_state: dict | None = None,
     *,
     tracker: Tracker,
+    sample_eval: Callable[[torch.nn.Module], dict[str, float]] | None = None,
 ) -> dict:
-    """Train from `start_step` to `settings.total_steps`; returns the last logged train and eval losses.
+    """Train from `start_step` to `settings.total_steps` (or an early stop); returns the last logged train and
+    eval losses, the steps run and the best checkpoint.
+
+    `sample_eval(model)` adds metrics to every validation pass (e.g. generation metrics on a sample).
 
     Logs train and eval records through `tracker` (metrics.jsonl and any other sinks; a no-op on processes
     other than the main one) and writes checkpoints under `run_dir/checkpoints/`; `checkpoint_state` is stored
@@ -89,7 +97,10 @@ def fit(
                disable=not (s.progress_bar and accelerator.is_main_process))
     model.train()
     interval = _Interval()
-    summary: dict = {"train_loss": None, "eval_loss": None}
+    summary: dict = {"train_loss": None, "eval_loss": None, "steps": s.total_steps}
+    checkpoints = run_dir / "checkpoints"
+    best = BestTracker.create(s.best_metric, s.best_mode, s.early_stopping_patience, checkpoints, start_step) \
+        if s.best_metric else None
     for step in range(start_step, s.total_steps):
         micro = [objective.collate(b, pad_token_id) for b in window(train, step, s, accelerator.process_index,
                                                            accelerator.num_processes)]
@@ -105,16 +116,34 @@ def fit(
                 tracker.log(record)
             log.debug("step %d: %s", done, record)
         bar.update(1)
+        improved = stop = False
         if validation and ((s.eval_every and done % s.eval_every == 0) or done == s.total_steps):
             result = evaluate(model, objective, validation, s.eval_batch_size, pad_token_id, accelerator)
+            if sample_eval is not None:
+                result.update(sample_eval(model))
             eval_loss = summary["eval_loss"] = result["loss"]
             summary["eval_metrics"] = {k: v for k, v in result.items() if k != "loss"}
+            record = {"step": done, **{f"eval_{k}": v for k, v in result.items()}}
             log.info("step %d: validation loss %.4f", done, eval_loss)
             if accelerator.is_main_process:
-                tracker.log({"step": done, **{f"eval_{k}": v for k, v in result.items()}})
-        if (s.save_every and done % s.save_every == 0) or done == s.total_steps:
-            _save(model, optimizer, scheduler, accelerator, run_dir, done, s.keep_last, checkpoint_state or {})
+                tracker.log(record)
+            if best is not None:
+                improved = best.update(done, record)
+                stop = best.exhausted() and done < s.total_steps
+                if accelerator.is_main_process:
+                    best.write(checkpoints)
+        if (s.save_every and done % s.save_every == 0) or done == s.total_steps or improved or stop:
+            keep = (best.best[0],) if best is not None and best.best else ()
+            _save(model, optimizer, scheduler, accelerator, run_dir, done, s.keep_last, checkpoint_state or {}, keep)
+        if stop:
+            log.info("early stopping at step %d: %s has not improved for %d validation passes (best %.4f at "
+                     "step %d)", done, best.metric, best.patience, best.best[1], best.best[0])
+            summary["steps"] = done
+            break
     bar.close()
+    if best is not None and best.best:
+        summary["best"] = {"metric": best.metric, "step": best.best[0], "value": best.best[1],
+                           "checkpoint": str(checkpoints / f"step-{best.best[0]}")}
     return summary
 
 
@@ -205,11 +234,11 @@ def evaluate(model, objective: Objective, examples: Sequence[Example], batch_siz
 
 
 def _save(model, optimizer, scheduler, accelerator: Accelerator, run_dir: Path, step: int, keep_last: int,
-          state: dict) -> None:
+          state: dict, keep: tuple[int, ...] = ()) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         path = save_checkpoint(run_dir / "checkpoints", step, accelerator.unwrap_model(model), optimizer,
-                               scheduler, state, keep_last)
+                               scheduler, state, keep_last, keep)
         log.debug("saved %s", path)
     accelerator.wait_for_everyone()
 

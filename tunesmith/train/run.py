@@ -17,6 +17,7 @@ from pathlib import Path
 
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from safetensors.torch import load_file
 
 from tunesmith.config import Config, check_paths, save_config, to_dict
 from tunesmith.data.build import prepare_from_config, write_data_report
@@ -31,7 +32,7 @@ from tunesmith.objectives.align import precompute_reference
 from tunesmith.track.logs import close_logging, setup_logging
 from tunesmith.track.plots import plot_training_curves
 from tunesmith.track.sinks import create_tracker, require_sink_packages
-from tunesmith.train.checkpoint import latest_checkpoint, load_checkpoint
+from tunesmith.train.checkpoint import latest_checkpoint, load_checkpoint, load_trainable_state
 from tunesmith.train.loop import LoopSettings, fit, steps_per_epoch
 from tunesmith.train.optim import build_optimizer, build_scheduler
 
@@ -91,16 +92,23 @@ def train(cfg: Config) -> dict:
         tracker.log_params(to_dict(cfg))
         summary = fit(model, objective, optimizer, scheduler, accelerator, train_set,
                       validation_set, tokenizer.pad_token_id, settings, run_dir, start_step, data_state,
-                      tracker=tracker)
+                      tracker=tracker, sample_eval=build_sample_eval(cfg, tokenizer, validation_set))
+        if cfg.eval.load_best_at_end and summary.get("best"):
+            load_trainable_state(accelerator.unwrap_model(model),
+                                 load_file(Path(summary["best"]["checkpoint"]) / "trainable.safetensors"))
+            log.info("final/ holds the best checkpoint (step %d, %s %.4f)", summary["best"]["step"],
+                     summary["best"]["metric"], summary["best"]["value"])
 
         report = {}
         if accelerator.is_main_process:
             save_final(accelerator.unwrap_model(model), tokenizer, run_dir / "final")
             trainable, total = parameter_counts(accelerator.unwrap_model(model))
             report = {
-                "steps": settings.total_steps,
+                "steps": summary["steps"],
                 "train_loss": summary["train_loss"],
                 "eval_loss": summary["eval_loss"],
+                **({"eval_metrics": summary["eval_metrics"]} if summary.get("eval_metrics") else {}),
+                **({"best": summary["best"]} if summary.get("best") else {}),
                 "trainable_parameters": trainable,
                 "total_parameters": total,
                 "seconds": round(time.perf_counter() - started, 2),
@@ -215,7 +223,22 @@ def _loop_settings(cfg: Config, num_examples: int, num_processes: int) -> LoopSe
         eval_batch_size=cfg.eval.batch_size,
         keep_last=t.keep_last,
         progress_bar=cfg.tracking.progress_bar,
+        best_metric=cfg.eval.best_metric,
+        best_mode=cfg.eval.best_mode,
+        early_stopping_patience=cfg.eval.early_stopping_patience,
     )
+
+
+def build_sample_eval(cfg: Config, tokenizer, validation):
+    """Generation metrics on the first `eval.generate_samples` validation examples, or None."""
+    n = min(cfg.eval.generate_samples, len(validation))
+    if not n or cfg.train.objective in ("clm", "reward") + PREFERENCE_OBJECTIVES + UNPAIRED_OBJECTIVES:
+        return None
+    from tunesmith.eval.during import sample_generation_metrics
+
+    sample = [validation[i] for i in range(n)]
+    return lambda model: sample_generation_metrics(model, tokenizer, sample, cfg.eval.generate_metrics,
+                                                   cfg.eval.max_new_tokens, cfg.eval.batch_size)
 
 
 def _artifacts(run_dir: Path) -> list[Path]:
@@ -293,6 +316,11 @@ def write_report(run_dir: Path, report: dict) -> None:
     for key in ("steps", "train_loss", "eval_loss", "trainable_parameters", "total_parameters", "seconds"):
         value = report.get(key)
         lines.append(f"| {key} | {value:.4f} |" if isinstance(value, float) else f"| {key} | {value} |")
+    for key, value in report.get("eval_metrics", {}).items():
+        lines.append(f"| eval_{key} | {value:.4f} |")
+    if "best" in report:
+        b = report["best"]
+        lines += ["", f"Best checkpoint: step {b['step']} ({b['metric']} {b['value']:.4f}), {b['checkpoint']}."]
     d = report["data"]["train"]
     lines += ["", f"Train data: {d['rows']} rows, {d['examples']} examples, {d['truncated']} truncated, "
               f"{d['dropped_no_loss_tokens']} dropped for having no loss-bearing token (see data_report.md)."]
