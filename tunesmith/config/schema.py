@@ -137,13 +137,107 @@ class QuantConfig:
 
 
 @dataclass
+class HeadConfig:
+    """strategy head: only a task head trains on the frozen body. With train.objective=classify it is a new
+    classification (or regression) head; otherwise the LM head alone trains."""
+
+    labels: list[str] = field(default_factory=list)  # classify: class names in id order; []: sorted data labels
+    regression: bool = False  # classify: one real-valued output trained with squared error
+
+
+@dataclass
+class FeaturesConfig:
+    """strategy features: the frozen model turns texts into vectors, a scikit-learn classifier learns on them."""
+
+    pooling: Literal["mean", "last", "cls"] = "mean"
+    layer: int = -1  # index into the hidden states: 0 the embeddings, -1 the last layer
+    classifier: Literal["logistic_regression", "linear_svm", "ridge", "knn", "random_forest"] = "logistic_regression"
+    c: float = 1.0  # inverse regularisation strength (logistic_regression, linear_svm)
+    max_iter: int = 1000
+    standardize: bool = True  # scale each feature to zero mean, unit variance before the classifier
+    batch_size: int = 32
+    max_length: int = 512  # tokens per text (longer texts are cut at the right)
+    cache: bool = True  # features cached under <data cache>/features, keyed by model, pooling, layer and texts
+    allow_pickle: bool = False  # knn / random_forest can only be saved as pickle (runs code when loaded)
+
+
+@dataclass
+class PromptConfig:
+    """strategy prompt_tuning / prefix_tuning: trained virtual tokens (PEFT)."""
+
+    num_virtual_tokens: int = 20
+    init_text: Optional[str] = None  # prompt tuning: start from this text's token embeddings (None: random)
+    prefix_projection: bool = False  # prefix tuning: produce the prefix through a 2-layer MLP (Li & Liang 2021)
+    projection_hidden_size: int = 512  # that MLP's width
+
+
+@dataclass
+class ReftConfig:
+    """strategy reft: LoReFT interventions h + R^T (W h + b - R h) on the residual stream (Wu et al. 2024)."""
+
+    layers: Union[str, list[int]] = "all"  # "all", or block indices (negative counts from the end)
+    rank: int = 4
+    first: int = 3  # intervene on the first `first` prompt tokens
+    last: int = 3  # and on the last `last` prompt tokens
+    dropout: float = 0.0  # on the edit W h + b - R h, while training
+
+
+StrategyName = Literal["full", "freeze", "lora", "dora", "qlora", "head", "features", "prompt_tuning",
+                       "prefix_tuning", "reft"]
+
+
+@dataclass
 class StrategyConfig:
     """Which parameters train."""
 
-    name: Literal["full", "freeze", "lora", "dora", "qlora"] = "lora"
+    name: StrategyName = "lora"
     lora: LoraConfig = field(default_factory=LoraConfig)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    reft: ReftConfig = field(default_factory=ReftConfig)
+
+
+Objective = Literal["sft", "clm", "reward", "dpo", "simpo", "orpo", "kto", "grpo", "ppo"]
+
+
+@dataclass
+class AlignConfig:
+    """Preference objectives (reward, dpo, simpo, orpo, kto): their coefficients and the reference model."""
+
+    beta: float = 0.1  # dpo/kto: strength of the pull towards the reference; simpo: reward scale
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"  # dpo variant
+    label_smoothing: float = 0.0  # dpo sigmoid (conservative) / robust: assumed share of flipped labels
+    simpo_gamma: float = 0.5  # simpo target margin (in units of beta-scaled average log-prob)
+    orpo_lambda: float = 0.1  # weight of orpo's odds-ratio term next to the chosen answers' NLL
+    kto_desirable_weight: float = 1.0
+    kto_undesirable_weight: float = 1.0
+    reward_margin: float = 0.0  # reward: required score gap between chosen and rejected
+    precompute_ref: bool = False  # dpo/kto: reference log-probs computed once before training, no second model
+    # grpo and ppo: rollouts, rewards and the clipped policy loss
+    group_size: int = 4  # completions sampled per prompt
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    rewards: list[str] = field(default_factory=lambda: ["exact_answer"])  # built-ins or module:function
+    reward_model: Optional[str] = None  # a reward run (or model dir) whose score is added to the rewards
+    scale_by_std: bool = True  # advantages divided by the group's reward std (false: Dr. GRPO)
+    kl_beta: float = 0.0  # weight of the per-token KL to the reference (0: no reference needed)
+    clip_eps: float = 0.2
+    normalisation: Literal["sequence", "token"] = "sequence"  # token mean per sequence, or per token (DAPO)
+    samples_per_step: int = 4  # sample generations written to samples.jsonl per step
+    # ppo: a value head on the policy, per-token KL penalty in the rewards, GAE
+    ppo_epochs: int = 2  # optimizer steps on each rollout
+    kl_coef: float = 0.05  # initial (adaptive) or fixed KL penalty coefficient
+    kl_target: Optional[float] = None  # set: adapt kl_coef towards this KL per sequence (Ziegler et al.)
+    kl_horizon: float = 10000.0
+    vf_coef: float = 0.1
+    value_clip: float = 0.2
+    ent_coef: float = 0.0
+    gamma: float = 1.0
+    lam: float = 0.95
 
 
 @dataclass
@@ -151,7 +245,7 @@ class TrainConfig:
     """The optimisation loop."""
 
     output_dir: str = "runs/default"
-    objective: Literal["sft", "clm"] = "sft"
+    objective: Objective = "sft"
     epochs: int = 1
     max_steps: Optional[int] = None  # optimizer steps; overrides epochs when set
     micro_batch_size: int = 4
@@ -171,16 +265,88 @@ class TrainConfig:
     resume: bool = False
 
 
+EvalMetric = Literal["exact_match", "rouge_l", "bleu", "chrf", "numeric"]
+
+
+@dataclass
+class EvalSetConfig:
+    """One evaluation set: a data file, what is measured on it, and how the model is prompted."""
+
+    name: str = ""  # "": the file's stem
+    path: str = ""  # read by the training data readers (jsonl/json/csv/parquet/txt ...)
+    kind: Literal["loss", "choice", "generate"] = "generate"
+    format: Optional[DataFormat] = None  # loss/generate: None detects it from the first record
+    fields: dict[str, str] = field(default_factory=dict)  # internal name -> name in the file
+    limit: Optional[int] = None  # only the first N rows
+    general: bool = False  # measures general ability: reported as forgetting (also: eval.general)
+    # choice: the options are each row's `options`, else this fixed list; the winner has the highest log-likelihood
+    options: list[str] = field(default_factory=list)
+    length_normalize: Literal["none", "token", "char"] = "none"  # divide by option tokens or characters
+    # generate
+    metrics: list[EvalMetric] = field(default_factory=lambda: ["exact_match"])
+    scorer: Optional[str] = None  # "module:function" or "file.py:function": (prediction, reference) -> float | dict
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    # prompting (choice and generate)
+    prompt_format: Literal["auto", "chat", "plain"] = "auto"  # auto: chat template when the tokenizer has one
+    shots: int = 0  # k exemplars per item, drawn from fewshot_path, never the item itself
+    fewshot_path: Optional[str] = None
+    cot: bool = False  # exemplars with worked reasoning; the answer is read after the reasoning
+    cot_instruction: str = "Let's think step by step."
+
+
 @dataclass
 class EvalConfig:
     every: Optional[int] = None  # optimizer steps between validation passes; None: only at the end
     batch_size: int = 8
+    sets: list[EvalSetConfig] = field(default_factory=list)  # what `tunesmith eval` runs
+    general: list[str] = field(default_factory=list)  # names of sets that measure forgetting
+    output_dir: Optional[str] = None  # eval.json and eval.md; None: <train.output_dir>/eval
+    examples: int = 3  # generations shown per set in eval.json/eval.md
+    # During training, at every validation pass:
+    generate_samples: int = 0  # greedy answers to this many validation examples, scored by generate_metrics
+    generate_metrics: list[Literal["exact_match", "rouge_l", "bleu", "chrf", "numeric"]] = field(
+        default_factory=lambda: ["exact_match"])
+    max_new_tokens: int = 64
+    best_metric: Optional[str] = None  # e.g. eval_loss, eval_exact_match: its best checkpoint is kept
+    best_mode: Literal["auto", "min", "max"] = "auto"  # auto: min for losses and perplexity, else max
+    early_stopping_patience: Optional[int] = None  # stop after this many validation passes without improvement
+    load_best_at_end: bool = False  # final/ holds the best checkpoint's weights instead of the last ones
+
+
+@dataclass
+class WandbConfig:
+    """A Weights & Biases run (used when "wandb" is in tracking.sinks)."""
+
+    project: str = "tunesmith"
+    entity: Optional[str] = None
+    name: Optional[str] = None  # None: the run directory's name
+    mode: Literal["offline", "online"] = "offline"  # offline: a local run to upload later with `wandb sync`
+    dir: Optional[str] = None  # None: the run directory (W&B writes its own wandb/ folder inside)
+
+
+@dataclass
+class MlflowConfig:
+    """An MLflow run (used when "mlflow" is in tracking.sinks)."""
+
+    tracking_uri: Optional[str] = None  # None: a local file store, file:<run dir>/mlruns
+    experiment: str = "tunesmith"
+    run_name: Optional[str] = None  # None: the run directory's name
+
+
+Sink = Literal["tensorboard", "wandb", "mlflow"]
 
 
 @dataclass
 class TrackingConfig:
+    """Where a run's metrics go: metrics.jsonl always, plus each of `sinks`."""
+
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     progress_bar: bool = True
+    sinks: list[Sink] = field(default_factory=list)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
 
 @dataclass
@@ -189,5 +355,6 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
