@@ -18,6 +18,8 @@ def _train(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + (["train.resume=true"] if args.resume else [])
     cfg = load_config(args.config, overrides)
     check_paths(cfg)  # config and file errors come before the seconds spent importing torch
+    if args.nproc > 1:
+        return launch(args.nproc, ["train", args.config, *overrides])
     from tunesmith.train.run import train
 
     with warnings_to_log():
@@ -59,7 +61,8 @@ def _merge(args: argparse.Namespace) -> int:
     from tunesmith.export.merge import merge_command
 
     with warnings_to_log():
-        merge_command(args.source, args.output, dtype=args.dtype, allow_pickle=args.allow_pickle)
+        merge_command(args.source, args.output, dtype=args.dtype, allow_pickle=args.allow_pickle, base=args.base,
+                      max_shard_size=args.max_shard_size)
     return 0
 
 
@@ -67,23 +70,27 @@ def _export(args: argparse.Namespace) -> int:
     from tunesmith.export.command import export_command
 
     with warnings_to_log():
-        export_command(args.model, args.output, fmt=args.format, quant=args.quant, max_shard_size=args.max_shard_size)
+        export_command(args.model, args.output, fmt=args.format, quant=args.quant, max_shard_size=args.max_shard_size,
+                       allow_pickle=args.allow_pickle, base=args.base)
     return 0
 
 
 def _chat(args: argparse.Namespace) -> int:
     from tunesmith.serve.chat import chat_command
 
-    return chat_command(args.model, system=args.system, max_new_tokens=args.max_new_tokens,
-                        temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    with warnings_to_log():
+        return chat_command(args.model, system=args.system, max_new_tokens=args.max_new_tokens,
+                            temperature=args.temperature, top_p=args.top_p, seed=args.seed, base=args.base)
 
 
 def _serve(args: argparse.Namespace) -> int:
     from tunesmith.serve.server import serve_command
 
-    return serve_command(args.model, host=args.host, port=args.port, api_key=args.api_key,
-                         adapters=args.adapter, max_prompt_tokens=args.max_prompt_tokens,
-                         max_tokens_limit=args.max_tokens_limit, max_batch_size=args.max_batch_size)
+    with warnings_to_log():
+        return serve_command(args.model, host=args.host, port=args.port, api_key=args.api_key,
+                             adapters=args.adapter, max_prompt_tokens=args.max_prompt_tokens,
+                             max_tokens_limit=args.max_tokens_limit, max_batch_size=args.max_batch_size,
+                             max_request_bytes=args.max_request_bytes, base=args.base)
 
 
 def _compare_strategies(args: argparse.Namespace) -> int:
@@ -113,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="YAML config file")
     train.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.lr=1e-4")
     train.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    train.add_argument("--nproc", type=int, default=1,
+                       help="processes on this machine (one per GPU; on CPU, gloo): launched with torchrun")
     train.set_defaults(func=_train)
 
     prepare = commands.add_parser("prepare", help="read, clean, split, tokenise and pack the data of a config")
@@ -137,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--output", required=True, help="directory for the merged model")
     merge.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     merge.add_argument("--allow-pickle", action="store_true", help="allow loading a base with pickle weights")
+    merge.add_argument("--base", default=None, help="the adapter's base model, if it has moved since training")
+    merge.add_argument("--max-shard-size", default="5GB", help="shard the safetensors above this size")
     merge.set_defaults(func=_merge)
 
     export = commands.add_parser("export", help="export a model as a Hugging Face directory or a GGUF file")
@@ -145,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", default="hf", choices=["hf", "gguf"])
     export.add_argument("--quant", default="f16", choices=["f32", "f16", "q8_0"], help="GGUF tensor type")
     export.add_argument("--max-shard-size", default="5GB", help="hf: shard the safetensors above this size")
+    export.add_argument("--allow-pickle", action="store_true", help="allow loading a base with pickle weights")
+    export.add_argument("--base", default=None, help="an adapter's base model, if it has moved since training")
     export.set_defaults(func=_export)
 
     chat = commands.add_parser("chat", help="chat with a model in the terminal")
@@ -154,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     chat.add_argument("--top-p", type=float, default=1.0)
     chat.add_argument("--seed", type=int, default=None)
+    chat.add_argument("--base", default=None, help="an adapter's base model, if it has moved since training")
     chat.set_defaults(func=_chat)
 
     serve = commands.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
@@ -167,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-prompt-tokens", type=int, default=4096)
     serve.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask")
     serve.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together")
+    serve.add_argument("--max-request-bytes", type=int, default=1_000_000, help="larger request bodies get 413")
+    serve.add_argument("--base", default=None, help="an adapter's base model, if it has moved since training")
     serve.set_defaults(func=_serve)
 
     compare = commands.add_parser("compare-strategies",
@@ -198,6 +214,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         logging.getLogger("tunesmith").warning("interrupted")
         return 130
+
+
+def launch(nproc: int, argv: list[str]) -> int:
+    """Run `tunesmith ARGV` in `nproc` local processes with torchrun (accelerate reads its environment); for
+    several machines, start torchrun (or `accelerate launch`) yourself, see the README."""
+    import subprocess
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "tunesmith", *argv]
+    return subprocess.call(command)
 
 
 @contextlib.contextmanager

@@ -58,11 +58,23 @@ def steps_per_epoch(num_examples: int, micro_batch_size: int, grad_accum: int, n
 
 def window(examples: Sequence[Example], step: int, s: LoopSettings, rank: int, world: int) -> list[list[Example]]:
     """This process's micro-batches for optimizer step `step` (0-based)."""
+    return padded_window(examples, step, s, rank, world)[0]
+
+
+def padded_window(examples: Sequence[Example], step: int, s: LoopSettings, rank: int, world: int
+                  ) -> tuple[list[list[Example]], int]:
+    """This process's micro-batches for step `step`, padded to as many as the first process has, and how many
+    of them are real. At the end of an epoch a process may get fewer examples than the others; it then runs
+    padding micro-batches (copies of the window's first examples, weighted 0), since every process must take
+    part in every gradient synchronisation."""
     per_epoch = steps_per_epoch(len(examples), s.micro_batch_size, s.grad_accum, world)
     epoch, k = divmod(step, per_epoch)
-    batches = epoch_batches(len(examples), s.micro_batch_size * world, s.seed, epoch)
+    batches = epoch_batches(len(examples), s.micro_batch_size * world, s.seed, epoch)[k * s.grad_accum:
+                                                                                    (k + 1) * s.grad_accum]
     own = [b[rank * s.micro_batch_size : (rank + 1) * s.micro_batch_size] for b in batches]
-    return [[examples[i] for i in b] for b in own[k * s.grad_accum : (k + 1) * s.grad_accum] if b]
+    real = [[examples[i] for i in b] for b in own if b]
+    filler = [examples[i] for i in batches[0][: s.micro_batch_size]]
+    return real + [filler] * (len(batches) - len(real)), len(real)  # the first process has one per batch
 
 
 def fit(
@@ -102,9 +114,10 @@ def fit(
     best = BestTracker.create(s.best_metric, s.best_mode, s.early_stopping_patience, checkpoints, start_step) \
         if s.best_metric else None
     for step in range(start_step, s.total_steps):
-        micro = [objective.collate(b, pad_token_id) for b in window(train, step, s, accelerator.process_index,
-                                                           accelerator.num_processes)]
-        stats = train_step(model, objective, optimizer, scheduler, accelerator, micro, s.max_grad_norm, step + 1)
+        own, real = padded_window(train, step, s, accelerator.process_index, accelerator.num_processes)
+        micro = [objective.collate(b, pad_token_id) for b in own]
+        stats = train_step(model, objective, optimizer, scheduler, accelerator, micro, s.max_grad_norm, step + 1,
+                           real)
         interval.add(stats)
         done = step + 1
         if done % s.log_every == 0 or done == s.total_steps:
@@ -148,12 +161,16 @@ def fit(
 
 
 def train_step(model, objective: Objective, optimizer, scheduler, accelerator: Accelerator,
-               micro_batches: list[dict[str, torch.Tensor]], max_grad_norm: float | None, step: int = 0) -> dict:
-    """One optimizer step over a window of micro-batches; the loss is normalised by the window's global units."""
+               micro_batches: list[dict[str, torch.Tensor]], max_grad_norm: float | None, step: int = 0,
+               real: int | None = None) -> dict:
+    """One optimizer step over a window of micro-batches; the loss is normalised by the window's global units.
+    Micro-batches after the first `real` ones are padding: they run (for the gradient synchronisation) with
+    weight 0 and count nothing."""
+    real = len(micro_batches) if real is None else real
     micro_batches = [{k: v.to(accelerator.device) for k, v in b.items()} for b in micro_batches]
     if objective.prepare is not None:  # e.g. KTO's reference point, GRPO's rollouts
         objective.prepare(model, micro_batches, accelerator, step)
-    local_units = sum(objective.count_units(b) for b in micro_batches)
+    local_units = sum(objective.count_units(b) for b in micro_batches[:real])
     global_units = int(accelerator.reduce(torch.tensor(local_units, device=accelerator.device), "sum"))
     # DDP averages gradients over processes; multiplying by their number turns that into a sum.
     scale = accelerator.num_processes / max(global_units, 1)
@@ -164,7 +181,10 @@ def train_step(model, objective: Objective, optimizer, scheduler, accelerator: A
         sync = i == len(micro_batches) - 1
         with contextlib.nullcontext() if sync else accelerator.no_sync(model):
             out = objective.loss(model, batch)
-            accelerator.backward(out.loss_sum * scale)
+            accelerator.backward(out.loss_sum * (scale if i < real else 0.0))
+        if i >= real:
+            _add(metric_sums, {name: 0.0 for name in out.metrics})  # every process reduces the same names
+            continue
         loss_sum += out.loss_sum.detach()
         tokens += int(batch["token_mask"].sum())
         _add(metric_sums, out.metrics)

@@ -45,14 +45,15 @@ def train(cfg: Config) -> dict:
     run_dir = Path(cfg.train.output_dir)
     resume_from = _resume_point(run_dir, cfg.train.resume)
     require_sink_packages(cfg.tracking.sinks)  # a missing tracker package fails before any loading
-    accelerator = Accelerator()
+    accelerator = Accelerator(cpu=_multi_cpu())
     setup_logging(run_dir if accelerator.is_main_process else None, cfg.tracking.log_level)
     set_seed(cfg.train.seed)
     started = time.perf_counter()
 
     tokenizer, added_tokens = build_tokenizer(cfg)
     # The data before the model: a bad row is reported without waiting for the weights.
-    data = prepare_from_config(cfg, tokenizer)
+    with accelerator.main_process_first():  # tokenised once, by the main process; the others read its cache
+        data = prepare_from_config(cfg, tokenizer)
     train_set, validation_set = data.splits["train"], data.splits["validation"]
     _log_data(data.report)
     check_objective_data(cfg.train.objective, train_set)
@@ -123,6 +124,13 @@ def train(cfg: Config) -> dict:
     accelerator.end_training()
     close_logging()
     return report
+
+
+def _multi_cpu() -> bool:
+    """Several processes and no GPU: accelerate runs them on CPU over gloo only when told to."""
+    import torch
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
 def build_tokenizer(cfg: Config):
