@@ -263,6 +263,14 @@ class TrainConfig:
     save_every: Optional[int] = None
     keep_last: int = 2
     resume: bool = False
+    # A NaN/inf loss or gradient norm: "skip" drops that update (counted in metrics.jsonl and the report; the
+    # learning-rate schedule still advances), "stop" ends the run with an error, keeping the checkpoints so far.
+    on_nonfinite: Literal["skip", "stop"] = "stop"
+    # Speed and memory
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # autocast with fp32 master weights (bf16 also on CPU)
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% slower
+    compile: bool = False  # torch.compile the model (first steps are slow while it compiles)
+    probe_memory: bool = True  # run the longest micro-batch once before training, so an out-of-memory shows at once
 
 
 EvalMetric = Literal["exact_match", "rouge_l", "bleu", "chrf", "numeric"]

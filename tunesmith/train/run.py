@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from safetensors.torch import load_file
 
@@ -26,8 +27,9 @@ from tunesmith.data.templates import end_of_turn_marker, install_template
 from tunesmith.errors import ConfigError
 from tunesmith.model.load import ensure_pad_token, load_model, load_tokenizer, resize_embeddings, resolve_dtype
 from tunesmith.model.strategies import ADAPTER_STRATEGIES, apply_strategy, parameter_counts, quantization_config
-from tunesmith.objectives import (PREFERENCE_OBJECTIVES, REFERENCE_OBJECTIVES, UNPAIRED_OBJECTIVES,
+from tunesmith.objectives import (PREFERENCE_OBJECTIVES, REFERENCE_OBJECTIVES, RL_OBJECTIVES, UNPAIRED_OBJECTIVES,
                                   build_objective)
+from tunesmith.train.probe import probe_memory
 from tunesmith.objectives.align import precompute_reference
 from tunesmith.track.logs import close_logging, setup_logging
 from tunesmith.track.plots import plot_training_curves
@@ -43,10 +45,14 @@ def train(cfg: Config) -> dict:
     """Run one training job described by `cfg`; returns the report (also written to the run directory)."""
     check_paths(cfg)
     run_dir = Path(cfg.train.output_dir)
-    resume_from = _resume_point(run_dir, cfg.train.resume)
+    damaged: list[tuple[Path, str]] = []  # checkpoints that fail their checksums, reported once logging is set up
+    resume_from = _resume_point(run_dir, cfg.train.resume, damaged)
     require_sink_packages(cfg.tracking.sinks)  # a missing tracker package fails before any loading
-    accelerator = Accelerator(cpu=_multi_cpu())
+    AcceleratorState._reset_state()  # accelerate keeps one global state; a new run in this process sets its own
+    accelerator = Accelerator(cpu=_multi_cpu(), mixed_precision=cfg.train.mixed_precision)
     setup_logging(run_dir if accelerator.is_main_process else None, cfg.tracking.log_level)
+    for path, problem in damaged:
+        log.warning("skipping damaged checkpoint %s: %s; resuming from the one before it", path, problem)
     set_seed(cfg.train.seed)
     started = time.perf_counter()
 
@@ -73,13 +79,19 @@ def train(cfg: Config) -> dict:
         # Before a checkpoint is loaded: the model is still the reference.
         train_set, validation_set = (with_reference(model, s, tokenizer.pad_token_id, cfg.eval.batch_size,
                                                     accelerator.device) for s in (train_set, validation_set))
+    if cfg.train.probe_memory and cfg.train.objective not in RL_OBJECTIVES:
+        # Before a checkpoint is loaded, whose RNG state then replaces whatever the probe drew.
+        probe_memory(model, objective, train_set, cfg.train.micro_batch_size, tokenizer.pad_token_id, accelerator,
+                     f"lower train.micro_batch_size (now {cfg.train.micro_batch_size}) or data.max_seq_len (now "
+                     f"{cfg.data.max_seq_len}), set train.gradient_checkpointing=true or "
+                     "train.mixed_precision=bf16, or use strategy qlora")
 
     data_state = {"train_fingerprint": data.fingerprint, "total_steps": settings.total_steps}
-    start_step = 0
+    start_step, nonfinite_steps = 0, []
     if resume_from is not None:
         saved = load_checkpoint(resume_from, accelerator.unwrap_model(model), optimizer, scheduler)
         _check_resumable(saved, data_state, resume_from)
-        start_step = saved["step"]
+        start_step, nonfinite_steps = saved["step"], saved.get("nonfinite_steps", [])
         log.info("resumed from %s (step %d of %d)", resume_from, start_step, settings.total_steps)
     tracker = create_tracker(run_dir, cfg.tracking, accelerator.is_main_process, resume_step=start_step or None)
     if accelerator.is_main_process:  # only now that everything checked out, so a refused resume changes nothing
@@ -93,15 +105,18 @@ def train(cfg: Config) -> dict:
         tracker.log_params(to_dict(cfg))
         summary = fit(model, objective, optimizer, scheduler, accelerator, train_set,
                       validation_set, tokenizer.pad_token_id, settings, run_dir, start_step, data_state,
-                      tracker=tracker, sample_eval=build_sample_eval(cfg, tokenizer, validation_set))
-        if cfg.eval.load_best_at_end and summary.get("best"):
+                      tracker=tracker, sample_eval=build_sample_eval(cfg, tokenizer, validation_set),
+                      nonfinite_steps=nonfinite_steps)
+        # Stopped by SIGTERM/SIGINT: its checkpoint is written; final/ and the report wait for --resume.
+        preempted = summary.get("preempted")
+        if cfg.eval.load_best_at_end and summary.get("best") and not preempted:
             load_trainable_state(accelerator.unwrap_model(model),
                                  load_file(Path(summary["best"]["checkpoint"]) / "trainable.safetensors"))
             log.info("final/ holds the best checkpoint (step %d, %s %.4f)", summary["best"]["step"],
                      summary["best"]["metric"], summary["best"]["value"])
 
-        report = {}
-        if accelerator.is_main_process:
+        report = {"preempted": preempted, "steps": summary["steps"]} if preempted else {}
+        if accelerator.is_main_process and not preempted:
             save_final(accelerator.unwrap_model(model), tokenizer, run_dir / "final")
             trainable, total = parameter_counts(accelerator.unwrap_model(model))
             report = {
@@ -110,6 +125,7 @@ def train(cfg: Config) -> dict:
                 "eval_loss": summary["eval_loss"],
                 **({"eval_metrics": summary["eval_metrics"]} if summary.get("eval_metrics") else {}),
                 **({"best": summary["best"]} if summary.get("best") else {}),
+                "nonfinite_steps": summary["nonfinite_steps"],  # skipped (train.on_nonfinite=skip)
                 "trainable_parameters": trainable,
                 "total_parameters": total,
                 "seconds": round(time.perf_counter() - started, 2),
@@ -170,6 +186,11 @@ def build_model(cfg: Config, tokenizer, added_tokens: list[str]):
     trainable, total = parameter_counts(model)
     log.info("strategy %s: %s trainable of %s parameters (%.4f%%)", strategy.name, f"{trainable:,}",
              f"{total:,}", 100 * trainable / total)
+    if cfg.train.gradient_checkpointing:
+        # Non-reentrant checkpointing needs no input gradients, so it also works under frozen embeddings.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.train.compile:
+        model.compile()  # in place: parameter names, saving and unwrapping stay as they are
     return model
 
 
@@ -234,6 +255,7 @@ def _loop_settings(cfg: Config, num_examples: int, num_processes: int) -> LoopSe
         best_metric=cfg.eval.best_metric,
         best_mode=cfg.eval.best_mode,
         early_stopping_patience=cfg.eval.early_stopping_patience,
+        on_nonfinite=t.on_nonfinite,
     )
 
 
@@ -255,18 +277,21 @@ def _artifacts(run_dir: Path) -> list[Path]:
     return [run_dir / n for n in names if (run_dir / n).is_file()] + sorted(run_dir.glob("*.png"))
 
 
-def _resume_point(run_dir: Path, resume: bool) -> Path | None:
+def _resume_point(run_dir: Path, resume: bool, damaged: list[tuple[Path, str]] | None = None) -> Path | None:
+    """The checkpoint to resume from (None: start afresh); damaged checkpoints skipped on the way are appended
+    to `damaged`."""
     checkpoints = run_dir / "checkpoints"
     if not resume:
-        if (run_dir / "final").exists() or latest_checkpoint(checkpoints) is not None:
+        if (run_dir / "final").exists() or latest_checkpoint(checkpoints, []) is not None:
             raise ConfigError(
                 f"train.output_dir: {run_dir} already holds a run; pass --resume to continue it "
                 "or choose another output_dir"
             )
         return None
-    found = latest_checkpoint(checkpoints)
+    found = latest_checkpoint(checkpoints, damaged)
     if found is None:
-        raise ConfigError(f"--resume: no complete checkpoint in {checkpoints}")
+        raise ConfigError(f"--resume: no complete checkpoint in {checkpoints}"
+                          + "".join(f"; {path.name} is damaged ({problem})" for path, problem in damaged or ()))
     return found
 
 
@@ -329,6 +354,10 @@ def write_report(run_dir: Path, report: dict) -> None:
     if "best" in report:
         b = report["best"]
         lines += ["", f"Best checkpoint: step {b['step']} ({b['metric']} {b['value']:.4f}), {b['checkpoint']}."]
+    if report.get("nonfinite_steps"):
+        steps = report["nonfinite_steps"]
+        lines += ["", f"Skipped {len(steps)} step(s) with a non-finite loss or gradient (train.on_nonfinite=skip): "
+                  f"{', '.join(map(str, steps[:20]))}{' ...' if len(steps) > 20 else ''}."]
     d = report["data"]["train"]
     lines += ["", f"Train data: {d['rows']} rows, {d['examples']} examples, {d['truncated']} truncated, "
               f"{d['dropped_no_loss_tokens']} dropped for having no loss-bearing token (see data_report.md)."]
