@@ -27,6 +27,18 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _estimate(args: argparse.Namespace) -> int:
+    from tunesmith.config import check_paths, load_config
+
+    cfg = load_config(args.config, list(args.overrides))
+    check_paths(cfg)
+    from tunesmith.train.estimate import estimate_command
+
+    with warnings_to_log():
+        estimate_command(cfg, measure=args.measure)
+    return 0
+
+
 def _prepare(args: argparse.Namespace) -> int:
     from tunesmith.config import check_paths, load_config
 
@@ -123,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--nproc", type=int, default=1,
                        help="processes on this machine (one per GPU; on CPU, gloo): launched with torchrun")
     train.set_defaults(func=_train)
+
+    estimate = commands.add_parser("estimate", help="predict peak memory and speed of a training config")
+    estimate.add_argument("config", help="YAML config file")
+    estimate.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    estimate.add_argument("--measure", action="store_true", help="also run a few steps and compare")
+    estimate.set_defaults(func=_estimate)
 
     prepare = commands.add_parser("prepare", help="read, clean, split, tokenise and pack the data of a config")
     prepare.add_argument("config", help="YAML config file")
