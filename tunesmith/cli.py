@@ -71,6 +71,9 @@ def _report(args: argparse.Namespace) -> int:
 
 def _merge(args: argparse.Namespace) -> int:
     from tunesmith.export.merge import merge_command
+    from tunesmith.track.logs import setup_logging
+
+    setup_logging(None, "warning")
 
     with warnings_to_log():
         merge_command(args.source, args.output, dtype=args.dtype, allow_pickle=args.allow_pickle, base=args.base,
@@ -80,6 +83,9 @@ def _merge(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from tunesmith.export.command import export_command
+    from tunesmith.track.logs import setup_logging
+
+    setup_logging(None, "warning")
 
     with warnings_to_log():
         export_command(args.model, args.output, fmt=args.format, quant=args.quant, max_shard_size=args.max_shard_size,
@@ -89,6 +95,9 @@ def _export(args: argparse.Namespace) -> int:
 
 def _chat(args: argparse.Namespace) -> int:
     from tunesmith.serve.chat import chat_command
+    from tunesmith.track.logs import setup_logging
+
+    setup_logging(None, "error")  # the terminal belongs to the conversation
 
     with warnings_to_log():
         return chat_command(args.model, system=args.system, max_new_tokens=args.max_new_tokens,
@@ -97,6 +106,9 @@ def _chat(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from tunesmith.serve.server import serve_command
+    from tunesmith.track.logs import setup_logging
+
+    setup_logging(None, "warning")
 
     with warnings_to_log():
         return serve_command(args.model, host=args.host, port=args.port, api_key=args.api_key,
