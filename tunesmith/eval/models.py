@@ -68,6 +68,13 @@ def load_for_eval(path: str, options: LoadOptions = LoadOptions()) -> Loaded:
     kind = model_kind(path)
     if kind == "checkpoint":
         model, tokenizer, baseline = _checkpoint(Path(path))
+    elif kind == "adapter" and not options.tokenizer and not options.template:
+        # The delivery loader: embeddings grown to the run's tokenizer, a QLoRA base dequantised from its 4-bit
+        # weights (the model that was trained, not the full-precision original).
+        from tunesmith.export.loading import load_model_and_tokenizer
+
+        model, tokenizer = load_model_and_tokenizer(path, dtype=options.dtype, allow_pickle=options.allow_pickle)
+        baseline = _adapter_base(Path(path))
     else:
         base = _adapter_base(Path(path)) if kind == "adapter" else path
         tokenizer = _tokenizer(options.tokenizer or (path if _has_tokenizer(path) else base), options)
