@@ -40,6 +40,8 @@ def check(cfg: Config) -> None:
                        ("strategy.freeze.last_n_layers", cfg.strategy.freeze.last_n_layers)):
         if value < 0:
             raise ConfigError(f"{key}: must not be negative, got {value}")
+    if not 0 <= t.seed < 2**32:  # what NumPy (and so every run's seeding) accepts
+        raise ConfigError(f"train.seed: must be in [0, 2**32), got {t.seed}")
     if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):
         raise ConfigError(f"train.betas: expected two numbers in [0, 1), got {t.betas}")
     for key, value in (("train.lr", t.lr), ("train.eps", t.eps), ("train.max_grad_norm", t.max_grad_norm)):

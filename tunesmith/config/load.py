@@ -61,6 +61,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise ConfigError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    except RecursionError:  # PyYAML's parser recurses for every nesting level: a few hundred exhaust the stack
+        raise ConfigError(f"{path}: invalid YAML: nested too deeply") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
     return raw
@@ -94,7 +96,7 @@ def _override_value(text: str, tp: Any) -> Any:
         return ""
     try:
         value = yaml.safe_load(text)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):  # not YAML (or nested too deeply to parse): the text as written
         return text
     if _is_text(tp) and value is not None:
         quoted = len(text) >= 2 and text[0] == text[-1] and text[0] in "'\""
@@ -297,6 +299,8 @@ def _type_name(tp: Any) -> str:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if dataclasses.is_dataclass(tp):
+        return "a mapping of its keys"
     return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
 
 

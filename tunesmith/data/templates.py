@@ -3,10 +3,18 @@
 Each template is Jinja, installed as `tokenizer.chat_template`, so training, evaluation, chat and the saved
 tokenizer all render conversations the same way. Assistant turns end with an end-of-turn token that is
 supervised, so the tuned model learns to stop.
+
+Message content is data, never markup: text in it that spells a control token (`<|im_start|>`, `<|eot_id|>`,
+the EOS token ...) must not become that token, or a row or a request could forge a turn. `render_marked` wraps
+such text in two private marks before rendering, and `tokenize.encode_rendered` encodes what the marks enclose
+as ordinary text; the template's own control tokens stay tokens.
 """
 
 from __future__ import annotations
 
+import functools
+import re
+import weakref
 from dataclasses import dataclass
 
 from jinja2 import TemplateError
@@ -105,7 +113,9 @@ def render(tokenizer, messages, add_generation_prompt: bool = False) -> str:
     """The conversation as text, exactly as `apply_chat_template(..., tokenize=False)` gives it.
 
     Raises:
-        DataError when the template refuses the conversation (e.g. its `raise_exception` on a role order).
+        DataError when the template refuses the conversation (e.g. its `raise_exception` on a role order) or
+        fails on it: a template is code from the tokenizer's files, so any error in it (a syntax error, a
+        division by zero, a type error, the sandbox's limits) is reported as the template's, never as a crash.
     """
     try:
         return tokenizer.apply_chat_template(
@@ -113,6 +123,66 @@ def render(tokenizer, messages, add_generation_prompt: bool = False) -> str:
         )
     except TemplateError as exc:
         raise DataError(f"the chat template cannot render this conversation: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - the template's own code failed (see above)
+        raise DataError(f"the chat template cannot render this conversation: {type(exc).__name__}: {exc}") from None
+
+
+# Two Unicode noncharacters (reserved for a program's internal use, never assigned to a character) enclose
+# control-token text found in message content; any already in the content are removed first, so content
+# cannot mark (and so disarm) a token the template writes itself.
+MARK_START, MARK_END = "\ufdd0", "\ufdd1"
+
+
+def control_tokens(tokenizer) -> tuple[str, ...]:
+    """Texts that stay ordinary text inside message content: the tokenizer's special tokens and the added tokens
+    its chat template writes (whitespace tokens aside), longest first, so a token wins over one inside it.
+
+    Memoised per tokenizer (listing its added tokens takes ~1 ms with Llama 3's 256) until its vocabulary size,
+    special tokens or template change."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    template = "".join(template.values()) if isinstance(template, dict) else template
+    key = (len(tokenizer), template, tuple(tokenizer.all_special_tokens))
+    cached = _CONTROL_TOKENS.get(tokenizer)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    added = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special or t.content in template}
+    tokens = {t for t in added | set(tokenizer.all_special_tokens) if t.strip()}
+    result = tuple(sorted(tokens, key=lambda t: (-len(t), t)))
+    _CONTROL_TOKENS[tokenizer] = (key, result)
+    return result
+
+
+_CONTROL_TOKENS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> (key, control tokens)
+
+
+@functools.lru_cache(maxsize=64)
+def control_pattern(tokens: tuple[str, ...]) -> re.Pattern:
+    """Matches any of `tokens` (a `control_tokens` tuple)."""
+    return re.compile("|".join(map(re.escape, tokens)) or "(?!)")
+
+
+def mark_control_text(tokenizer, messages) -> list[dict]:
+    """The messages with every control token in their strings (content, role, text parts of list content: every
+    value, at any depth, but not dict keys) enclosed in MARK_START ... MARK_END."""
+    pattern = control_pattern(control_tokens(tokenizer))
+
+    def mark(value):
+        if isinstance(value, str):
+            value = value.replace(MARK_START, "").replace(MARK_END, "")
+            return pattern.sub(lambda m: MARK_START + m.group(0) + MARK_END, value)
+        if isinstance(value, dict):
+            return {key: mark(v) for key, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [mark(v) for v in value]
+        return value
+
+    return [mark(dict(m)) for m in messages]
+
+
+def render_marked(tokenizer, messages, add_generation_prompt: bool = False) -> str:
+    """`render` of the messages with their control-token text marked: the text for `tokenize.encode_rendered`.
+    Equal to `render` when no content holds control-token text (or a mark character)."""
+    return render(tokenizer, mark_control_text(tokenizer, messages), add_generation_prompt)
 
 
 def end_of_turn_marker(tokenizer) -> str:

@@ -6,15 +6,22 @@ growing prefixes of the conversation: for assistant turn k, everything between
 its end-of-turn token (trailing whitespace after it is not supervised). Token ids come from tokenising the
 whole conversation once; each prefix must tokenise to a prefix of those ids, so the prompt the model is
 trained on is exactly what `apply_chat_template(..., add_generation_prompt=True)` gives at inference.
+
+Text in message content that spells a control token is encoded as ordinary text (`encode_rendered`), never as
+the token, so data cannot forge a turn; `eval.generate.prompt_ids` encodes prompts the same way. For content
+without such text the ids are exactly `apply_chat_template`'s; with it, they differ from it only there.
 """
 
 from __future__ import annotations
 
+import functools
+import re
 from dataclasses import dataclass, field
 from typing import Sequence
 
 from tunesmith.data.formats import Row
-from tunesmith.data.templates import end_of_turn_marker, render
+from tunesmith.data.templates import (MARK_END, MARK_START, control_pattern, control_tokens, end_of_turn_marker,
+                                      mark_control_text, render)
 from tunesmith.errors import DataError
 
 IGNORE_INDEX = -100
@@ -84,19 +91,21 @@ def encode_chat(
         comes first, since no prompt can be rendered for it.
     """
     texts, turns = chat_texts(tokenizer, messages, train_on_prompt, last_turn_only)
-    return chat_mask([_ids(tokenizer, t) for t in texts], turns)
+    return chat_mask([encode_rendered(tokenizer, t) for t in texts], turns)
 
 
 def chat_texts(
     tokenizer, messages: Sequence[dict[str, str]], train_on_prompt: bool = False, last_turn_only: bool = False
 ) -> tuple[list[str], list[int]]:
-    """The texts whose token ids give a conversation's ids and mask, and the supervised turns' indices.
+    """The texts whose token ids give a conversation's ids and mask, and the supervised turns' indices. The
+    texts are rendered with control-token text in the content marked: tokenise them with `encode_rendered`.
 
     Returns:
         [whole conversation, then per supervised assistant turn k: the prompt before it (with the generation
         prompt) and the conversation up to its end-of-turn token], and the turn indices k.
     """
-    full_text = render(tokenizer, messages)
+    marked = mark_control_text(tokenizer, messages)
+    full_text = render(tokenizer, marked)
     texts, turns = [full_text], []
     if train_on_prompt:
         return texts, turns
@@ -108,8 +117,8 @@ def chat_texts(
                 "messages[0]: the conversation starts with an assistant turn, so there is no prompt to "
                 "answer (a chat template cannot render an empty conversation); add a user or system turn first"
             )
-        prompt_text = render(tokenizer, messages[:k], add_generation_prompt=True)
-        turn_text = render(tokenizer, messages[: k + 1]).rstrip()
+        prompt_text = render(tokenizer, marked[:k], add_generation_prompt=True)
+        turn_text = render(tokenizer, marked[: k + 1]).rstrip()
         if not (turn_text.startswith(prompt_text) and full_text.startswith(turn_text)):
             raise DataError(
                 f"messages[{k}]: the chat template is not prefix-stable: the conversation rendered up to this "
@@ -146,6 +155,68 @@ def encode_text(tokenizer, text: str) -> tuple[list[int], list[int]]:
 def _ids(tokenizer, text: str) -> list[int]:
     # The template already wrote BOS (if any) as text: adding special tokens again would double it.
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_rendered(tokenizer, text: str) -> list[int]:
+    """Token ids of a conversation rendered by `templates.render_marked` (or `chat_texts`): the template's control
+    tokens are tokens, the control-token text the marks enclose is ordinary text, and the marks are dropped.
+
+    Text without marks is tokenised as a whole, exactly as `apply_chat_template` does. Otherwise the text is cut
+    at the marks: the first piece is tokenised as usual, each later piece as a continuation (after a newline that
+    is then removed, so a SentencePiece tokenizer adds no word-start space), marked tokens without any added-token
+    matching. Text on the two sides of a marked token therefore never merges with it into one token.
+
+    Raises:
+        DataError when the tokenizer produces a control token even from its plain text.
+    """
+    if not _is_marked(text):
+        return _ids(tokenizer, text)
+    tokens = control_tokens(tokenizer)
+    marked = _marked_pattern(control_pattern(tokens).pattern)
+    pieces = marked.split(text)  # [text, marked token or None (a lone mark), text, ...]
+    ids = _ids(tokenizer, pieces[0])
+    for i, piece in enumerate(pieces[1:], start=1):
+        if not piece:
+            continue
+        if i % 2:  # a marked control token: ordinary text
+            plain = _continuation_ids(lambda t: _plain_ids(tokenizer, t), piece)
+            if tokenizer.convert_tokens_to_ids(piece) in plain:
+                raise DataError(f"{piece!r} in a message cannot be kept as ordinary text: this tokenizer encodes "
+                                "it as its control token even then; remove it from the data")
+            ids += plain
+        else:
+            ids += _continuation_ids(lambda t: _ids(tokenizer, t), piece)
+    return ids
+
+
+def _is_marked(text: str) -> bool:
+    return MARK_START in text or MARK_END in text
+
+
+@functools.lru_cache(maxsize=64)
+def _marked_pattern(tokens_pattern: str) -> re.Pattern:
+    # A marked token (captured), or a lone mark that a template's string handling separated from its token.
+    return re.compile(f"{MARK_START}({tokens_pattern}){MARK_END}|[{MARK_START}{MARK_END}]")
+
+
+def _continuation_ids(encode, text: str) -> list[int]:
+    """`encode(text)` as text that continues a line: encoded after a newline whose ids are then removed."""
+    newline = encode("\n")
+    ids = encode("\n" + text)
+    return ids[len(newline):] if ids[: len(newline)] == newline else encode(text)
+
+
+def _plain_ids(tokenizer, text: str) -> list[int]:
+    """Ids of `text` with no added token (special or not) recognised. Through the backend's own normaliser,
+    pre-tokenizer and model, so no shared tokenizer state is switched (`split_special_tokens=True` flips a flag
+    on the shared Rust tokenizer, which a concurrent request would see)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:  # a Python tokenizer takes the option per call
+        return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    if backend.normalizer is not None:
+        text = backend.normalizer.normalize_str(text)
+    words = [w for w, _ in backend.pre_tokenizer.pre_tokenize_str(text)] if backend.pre_tokenizer else [text]
+    return [token.id for word in words for token in backend.model.tokenize(word)]
 
 
 def _prefix_len(prefix: list[int], ids: list[int], turn: int) -> int:
@@ -207,13 +278,18 @@ def encode_rows(tokenizer, rows: Sequence[Row], train_on_prompt: bool = False):
         except DataError as exc:
             results[i] = DataError(f"{row.source}: {exc}")
     flat = [t for _, convs in pending for texts, _ in convs for t in texts]
-    ids = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
+    # Texts with control-token text in their content (marked, rare) are encoded one by one, below.
+    plain = [t for t in flat if not _is_marked(t)]
+    plain_ids = iter(tokenizer(plain, add_special_tokens=False)["input_ids"] if plain else [])
+    ids = [None if _is_marked(t) else next(plain_ids) for t in flat]
     offset = 0
     for i, convs in pending:
         encoded = []
         for texts, turns in convs:
             try:
-                encoded += chat_mask(ids[offset : offset + len(texts)], turns)
+                conv_ids = [encode_rendered(tokenizer, t) if ids[offset + k] is None else ids[offset + k]
+                            for k, t in enumerate(texts)]
+                encoded += chat_mask(conv_ids, turns)
             except DataError as exc:
                 results[i] = DataError(f"{rows[i].source}: {exc}")
             offset += len(texts)

@@ -16,14 +16,17 @@ from typing import Sequence
 
 import torch
 
-from tunesmith.data.templates import render
+from tunesmith.data.templates import render_marked
+from tunesmith.data.tokenize import encode_rendered
 
 Conversation = Sequence[dict[str, str]]
 
 
 def prompt_ids(tokenizer, messages: Conversation) -> list[int]:
-    """Token ids of the prompt that asks the model for the next assistant turn."""
-    return tokenizer(render(tokenizer, messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    """Token ids of the prompt that asks the model for the next assistant turn, encoded as training encodes it:
+    text in the messages that spells a control token stays ordinary text (see `tokenize.encode_rendered`), so a
+    user cannot forge a turn; otherwise the ids equal `apply_chat_template(..., add_generation_prompt=True)`."""
+    return encode_rendered(tokenizer, render_marked(tokenizer, messages, add_generation_prompt=True))
 
 
 def stop_token_ids(model) -> list[int]:

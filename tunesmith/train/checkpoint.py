@@ -11,14 +11,20 @@ Contents of `step-N/`:
     rng.pt                  torch / CUDA / Python / NumPy random states
     state.json              step and anything else the loop needs (data position is derived from step)
     manifest.json           file -> sha256, written last
+
+A write that fails (a full disk, a file size limit) removes its temporary directory and raises
+`CheckpointError` naming the checkpoint, the file and the reason; the checkpoints already on disk, and so
+what `latest_checkpoint` returns, are untouched (pruning happens only after a checkpoint is complete).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -27,13 +33,21 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from tunesmith.errors import TunesmithError
 
 log = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 MANIFEST = "manifest.json"
+FILES = ("trainable.safetensors", "optimizer.pt", "scheduler.json", "rng.pt", "state.json")  # all in the manifest
+
+
+class CheckpointError(TunesmithError):
+    """A checkpoint could not be written (the checkpoints before it are intact) or loaded safely."""
 
 
 def save_checkpoint(
@@ -52,22 +66,59 @@ def save_checkpoint(
     final = root / f"step-{step}"
     tmp = root / f".tmp-step-{step}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(trainable_state(model), tmp / "trainable.safetensors")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
-    torch.save(rng_state(), tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps({**state, "step": step}))
-    manifest = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
-    _write_synced(tmp / MANIFEST, json.dumps({"step": step, "files": manifest}, indent=1))
-    for p in tmp.iterdir():
-        _fsync(p)
+    writing = tmp
+    try:
+        tmp.mkdir()
+        files = {
+            "trainable.safetensors": lambda path: save_file(trainable_state(model), path),
+            "optimizer.pt": lambda path: _torch_save(optimizer.state_dict(), path),
+            "scheduler.json": lambda path: path.write_text(json.dumps(scheduler.state_dict())),
+            "rng.pt": lambda path: _torch_save(rng_state(), path),
+            "state.json": lambda path: path.write_text(json.dumps({**state, "step": step})),
+        }
+        for name, write in files.items():
+            writing = tmp / name
+            write(writing)
+        writing = tmp / MANIFEST
+        manifest = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+        _write_synced(writing, json.dumps({"step": step, "files": manifest}, indent=1))
+        for writing in tmp.iterdir():
+            _fsync(writing)
+    except (OSError, RuntimeError, SafetensorError) as exc:  # torch.save reports a failed write as RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)  # gives back the space the partial checkpoint took
+        raise CheckpointError(_write_failure(final, writing, exc)) from exc
     if final.exists():  # a checkpoint of the same step from an earlier attempt
         shutil.rmtree(final)
     os.rename(tmp, final)
     _fsync(root)
     prune(root, keep_last, keep)
     return final
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    # Through a Python file, so a failed write surfaces its OSError (as the RuntimeError's context).
+    with path.open("wb") as fh:
+        torch.save(obj, fh)
+
+
+def _write_failure(final: Path, path: Path, exc: BaseException) -> str:
+    """What went wrong writing `path` of checkpoint `final`, how much space is left, and what is still safe."""
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, OSError) and cause.errno is not None:
+        reason = f"{cause.strerror} ({errno.errorcode.get(cause.errno, cause.errno)})"
+    else:
+        reason = str(exc).strip() or type(exc).__name__
+    try:
+        free = f"{shutil.disk_usage(final.parent).free / 2**20:.0f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    previous = latest_checkpoint(final.parent)
+    kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+    return (f"could not write checkpoint {final}: writing {path.name} failed: {reason} ({free}); the partial "
+            f"checkpoint was removed and {kept}; free disk space (or raise the file size limit) and continue with "
+            "--resume")
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -78,13 +129,17 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def latest_checkpoint(root: Path) -> Path | None:
-    """The newest checkpoint whose files match their manifest; damaged ones are skipped with a warning."""
+def latest_checkpoint(root: Path, skipped: list[tuple[Path, str]] | None = None) -> Path | None:
+    """The newest checkpoint whose files match their manifest. Damaged ones are skipped with a warning, or,
+    when a `skipped` list is given, appended to it as (path, problem) for the caller to report."""
     for path in reversed(complete_checkpoints(root)):
         problem = verify(path)
         if problem is None:
             return path
-        log.warning("skipping damaged checkpoint %s: %s", path, problem)
+        if skipped is None:
+            log.warning("skipping damaged checkpoint %s: %s; trying the one before it", path, problem)
+        else:
+            skipped.append((path, problem))
     return None
 
 
@@ -92,8 +147,14 @@ def verify(path: Path) -> str | None:
     """None if every file listed in the manifest exists with the recorded checksum, else the problem."""
     try:
         files = json.loads((path / MANIFEST).read_text())["files"]
-    except (OSError, ValueError, KeyError) as exc:
-        return f"unreadable manifest ({exc})"
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"unreadable manifest ({type(exc).__name__}: {exc})"
+    if not (isinstance(files, dict) and files and all(isinstance(n, str) and isinstance(d, str) and n == Path(n).name
+                                                        and n not in ("", ".", "..") for n, d in files.items())):
+        return "unreadable manifest (expected a mapping of file names in the checkpoint to checksums)"
+    unlisted = [name for name in FILES if name not in files]
+    if unlisted:
+        return f"the manifest does not list {', '.join(unlisted)}"
     for name, digest in files.items():
         if not (path / name).is_file():
             return f"{name} is missing"
@@ -105,10 +166,21 @@ def verify(path: Path) -> str | None:
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
     """Restore trainable weights, optimizer, scheduler and RNG states; return the saved loop state."""
     load_trainable_state(model, load_file(path / "trainable.safetensors"))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    optimizer.load_state_dict(_torch_load(path / "optimizer.pt"))
     scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
-    set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    set_rng_state(_torch_load(path / "rng.pt"))
     return json.loads((path / "state.json").read_text())
+
+
+def _torch_load(path: Path) -> Any:
+    """Tensors and plain containers only (`weights_only=True`): a pickle that would build other objects, and so
+    could run code, is refused."""
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"{path}: refused by weights_only loading, as it holds more than tensors and plain "
+                              f"containers (unpickling it could run code): {reason}") from None
 
 
 def prune(root: Path, keep_last: int, keep: tuple[int, ...] = ()) -> None:

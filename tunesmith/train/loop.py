@@ -6,6 +6,17 @@ step. The update therefore equals that of one large batch, whatever the accumula
 
 The data position is derived from the step number alone (the order of an epoch depends only on the seed and
 the epoch), so resuming from a checkpoint at step N replays exactly the batches an uninterrupted run sees.
+
+Faults the loop survives:
+- SIGTERM / SIGINT (preemption, Ctrl-C): the step in progress finishes, a checkpoint is written at that step
+  boundary and `fit` returns with `summary["preempted"]`; `--resume` continues bitwise as if never stopped. A
+  second signal stops at once (the default action).
+- A non-finite loss or gradient norm: the update is never applied. `on_nonfinite="skip"` drops the step: the
+  gradients are zeroed, the optimizer does not step (its moments and step count stay), the learning-rate
+  schedule does step, so step N keeps the learning rate and batches it has in a run without the fault; the
+  skipped steps are counted in metrics.jsonl (`nonfinite_steps`), the report and each checkpoint (so a resumed run
+  reports them too). A skipped step depends only on the state and the batch, so resuming replays it exactly.
+  `on_nonfinite="stop"` raises `NonFiniteError` before the update; the checkpoints written so far are kept.
 """
 
 from __future__ import annotations
@@ -13,6 +24,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +37,11 @@ from tqdm.auto import tqdm
 
 from tunesmith.data.batching import epoch_batches
 from tunesmith.data.tokenize import Example
+from tunesmith.errors import TunesmithError
 from tunesmith.objectives import Objective
 from tunesmith.track.sinks import Tracker
 from tunesmith.train.best import BestTracker
-from tunesmith.train.checkpoint import save_checkpoint
+from tunesmith.train.checkpoint import latest_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +62,11 @@ class LoopSettings:
     best_metric: str | None = None  # e.g. eval_loss: its best checkpoint is kept (see train/best.py)
     best_mode: str = "auto"
     early_stopping_patience: int | None = None
+    on_nonfinite: str = "stop"  # a NaN/inf loss or gradient: "skip" the step or "stop" the run
+
+
+class NonFiniteError(TunesmithError):
+    """A NaN or infinite loss or gradient norm with `on_nonfinite="stop"`; no update was applied."""
 
 
 def steps_per_epoch(num_examples: int, micro_batch_size: int, grad_accum: int, num_processes: int = 1) -> int:
@@ -93,9 +112,12 @@ def fit(
     *,
     tracker: Tracker,
     sample_eval: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+    nonfinite_steps: Sequence[int] = (),
 ) -> dict:
-    """Train from `start_step` to `settings.total_steps` (or an early stop); returns the last logged train and
-    eval losses, the steps run and the best checkpoint.
+    """Train from `start_step` to `settings.total_steps` (or an early stop, or a preemption signal); returns the
+    last logged train and eval losses, the steps run, the best checkpoint, the steps skipped for a non-finite
+    loss or gradient (`nonfinite_steps`: the list a resumed checkpoint held, continued) and, when SIGTERM or
+    SIGINT stopped the run, `preempted` = {"signal", "step"} (a checkpoint of that step was written).
 
     `sample_eval(model)` adds metrics to every validation pass (e.g. generation metrics on a sample).
 
@@ -113,51 +135,127 @@ def fit(
     checkpoints = run_dir / "checkpoints"
     best = BestTracker.create(s.best_metric, s.best_mode, s.early_stopping_patience, checkpoints, start_step) \
         if s.best_metric else None
-    for step in range(start_step, s.total_steps):
-        own, real = padded_window(train, step, s, accelerator.process_index, accelerator.num_processes)
-        micro = [objective.collate(b, pad_token_id) for b in own]
-        stats = train_step(model, objective, optimizer, scheduler, accelerator, micro, s.max_grad_norm, step + 1,
-                           real)
-        interval.add(stats)
-        done = step + 1
-        if done % s.log_every == 0 or done == s.total_steps:
-            record = {"step": done, "epoch": round(done / per_epoch, 4), **interval.flush(), "lr": stats["lr"],
-                      "grad_norm": stats["grad_norm"]}
-            summary["train_loss"] = record["loss"]
-            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
-            if accelerator.is_main_process:
-                tracker.log(record)
-            log.debug("step %d: %s", done, record)
-        bar.update(1)
-        improved = stop = False
-        if validation and ((s.eval_every and done % s.eval_every == 0) or done == s.total_steps):
-            result = evaluate(model, objective, validation, s.eval_batch_size, pad_token_id, accelerator)
-            if sample_eval is not None:
-                result.update(sample_eval(model))
-            eval_loss = summary["eval_loss"] = result["loss"]
-            summary["eval_metrics"] = {k: v for k, v in result.items() if k != "loss"}
-            record = {"step": done, **{f"eval_{k}": v for k, v in result.items()}}
-            log.info("step %d: validation loss %.4f", done, eval_loss)
-            if accelerator.is_main_process:
-                tracker.log(record)
-            if best is not None:
-                improved = best.update(done, record)
-                stop = best.exhausted() and done < s.total_steps
+    nonfinite = list(nonfinite_steps)
+    with _Preemption() as preemption:  # SIGTERM/SIGINT: finish the step, save, return; handlers restored after
+        for step in range(start_step, s.total_steps):
+            own, real = padded_window(train, step, s, accelerator.process_index, accelerator.num_processes)
+            micro = [objective.collate(b, pad_token_id) for b in own]
+            stats = train_step(model, objective, optimizer, scheduler, accelerator, micro, s.max_grad_norm,
+                               step + 1, real)
+            done = step + 1
+            if stats["nonfinite"]:
+                _on_nonfinite(done, stats, s.on_nonfinite, checkpoints, len(nonfinite) + 1)
+                nonfinite.append(done)
+            interval.add(stats)
+            if done % s.log_every == 0 or done == s.total_steps:
+                record = {"step": done, "epoch": round(done / per_epoch, 4), **interval.flush(), "lr": stats["lr"]}
+                if not stats["nonfinite"]:
+                    record["grad_norm"] = stats["grad_norm"]
+                if "loss" in record:  # absent when every step of the interval was skipped
+                    summary["train_loss"] = record["loss"]
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                                    refresh=False)
                 if accelerator.is_main_process:
-                    best.write(checkpoints)
-        if (s.save_every and done % s.save_every == 0) or done == s.total_steps or improved or stop:
+                    tracker.log(record)
+                log.debug("step %d: %s", done, record)
+            bar.update(1)
+            improved = stop = False
+            if validation and ((s.eval_every and done % s.eval_every == 0) or done == s.total_steps):
+                result = evaluate(model, objective, validation, s.eval_batch_size, pad_token_id, accelerator)
+                if sample_eval is not None:
+                    result.update(sample_eval(model))
+                eval_loss = summary["eval_loss"] = result["loss"]
+                summary["eval_metrics"] = {k: v for k, v in result.items() if k != "loss"}
+                record = {"step": done, **{f"eval_{k}": v for k, v in result.items()}}
+                log.info("step %d: validation loss %.4f", done, eval_loss)
+                if accelerator.is_main_process:
+                    tracker.log(record)
+                if best is not None:
+                    improved = best.update(done, record)
+                    stop = best.exhausted() and done < s.total_steps
+                    if accelerator.is_main_process:
+                        best.write(checkpoints)
             keep = (best.best[0],) if best is not None and best.best else ()
-            _save(model, optimizer, scheduler, accelerator, run_dir, done, s.keep_last, checkpoint_state or {}, keep)
-        if stop:
-            log.info("early stopping at step %d: %s has not improved for %d validation passes (best %.4f at "
-                     "step %d)", done, best.metric, best.patience, best.best[1], best.best[0])
-            summary["steps"] = done
-            break
+            state = {**(checkpoint_state or {}), "nonfinite_steps": nonfinite}
+            saved = (s.save_every and done % s.save_every == 0) or done == s.total_steps or improved or stop
+            if saved:
+                _save(model, optimizer, scheduler, accelerator, run_dir, done, s.keep_last, state, keep)
+            if stop:
+                log.info("early stopping at step %d: %s has not improved for %d validation passes (best %.4f at "
+                         "step %d)", done, best.metric, best.patience, best.best[1], best.best[0])
+                summary["steps"] = done
+                break
+            if done < s.total_steps and preemption.requested(accelerator):  # at a step boundary: save and return
+                if not saved:
+                    _save(model, optimizer, scheduler, accelerator, run_dir, done, s.keep_last, state, keep)
+                log.warning("stopped by %s after step %d of %d: checkpoint %s written; continue with --resume",
+                            preemption.name, done, s.total_steps, checkpoints / f"step-{done}")
+                summary["steps"] = done
+                summary["preempted"] = {"signal": preemption.name, "step": done}
+                break
     bar.close()
+    summary["nonfinite_steps"] = nonfinite
     if best is not None and best.best:
         summary["best"] = {"metric": best.metric, "step": best.best[0], "value": best.best[1],
                            "checkpoint": str(checkpoints / f"step-{best.best[0]}")}
     return summary
+
+
+def _on_nonfinite(step: int, stats: dict, policy: str, checkpoints: Path, count: int) -> None:
+    """Log a skipped step, or raise NonFiniteError when the policy is to stop."""
+    what = f"step {step}: non-finite loss ({stats['loss_sum']}) or gradient norm ({stats['grad_norm']})"
+    if policy == "stop":
+        last = latest_checkpoint(checkpoints)
+        raise NonFiniteError(
+            f"{what}; stopped before the update (train.on_nonfinite=stop); the last good checkpoint is "
+            f"{last if last is not None else 'none (none was written yet)'}; lower train.lr or check the data, "
+            "or set train.on_nonfinite=skip to drop such steps"
+        )
+    log.warning("%s: the update was skipped (train.on_nonfinite=skip); %d step(s) skipped so far", what, count)
+
+
+class _Preemption:
+    """SIGTERM/SIGINT handlers for the duration of `fit`: the first signal sets a flag that the loop reads at
+    the next step boundary; a second one restores the previous handlers and re-raises, stopping at once.
+
+    Installed only in the main thread (Python delivers signals there) and not over a signal that was
+    ignored (a launcher that ignores SIGINT keeps ignoring it)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.name: str | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "_Preemption":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        while self._previous:
+            sig, handler = self._previous.popitem()
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.name is not None:
+            self.__exit__()
+            signal.raise_signal(signum)
+            return
+        self.name = signal.Signals(signum).name
+        log.warning("received %s: finishing this step, then saving a checkpoint (send it again to stop at once)",
+                    self.name)
+
+    def requested(self, accelerator: Accelerator) -> bool:
+        """Whether any process got a signal (all processes must agree, or their checkpoint barriers would hang)."""
+        if accelerator.num_processes == 1:
+            return self.name is not None
+        flag = torch.tensor(int(self.name is not None), device=accelerator.device)
+        if int(accelerator.reduce(flag, "sum")) and self.name is None:
+            self.name = "a signal to another process"
+        return self.name is not None
 
 
 def train_step(model, objective: Objective, optimizer, scheduler, accelerator: Accelerator,
@@ -165,7 +263,11 @@ def train_step(model, objective: Objective, optimizer, scheduler, accelerator: A
                real: int | None = None) -> dict:
     """One optimizer step over a window of micro-batches; the loss is normalised by the window's global units.
     Micro-batches after the first `real` ones are padding: they run (for the gradient synchronisation) with
-    weight 0 and count nothing."""
+    weight 0 and count nothing.
+
+    A non-finite loss or gradient norm is never applied: the optimizer does not step, the schedule does, and
+    `nonfinite` is True in the returned stats (`fit` then skips or stops). Under an fp16 gradient scaler,
+    overflowing steps are the scaler's to skip (it also lowers its scale), so they are not reported."""
     real = len(micro_batches) if real is None else real
     micro_batches = [{k: v.to(accelerator.device) for k, v in b.items()} for b in micro_batches]
     if objective.prepare is not None:  # e.g. KTO's reference point, GRPO's rollouts
@@ -192,11 +294,15 @@ def train_step(model, objective: Objective, optimizer, scheduler, accelerator: A
         [p for p in model.parameters() if p.requires_grad], max_grad_norm or float("inf")
     )
     lr = optimizer.param_groups[0]["lr"]
-    optimizer.step()
+    total_loss = float(accelerator.reduce(loss_sum, "sum"))  # the same on every process, as is grad_norm
+    nonfinite = not (math.isfinite(total_loss) and math.isfinite(float(grad_norm))) and accelerator.scaler is None
+    if not nonfinite:
+        optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return {
-        "loss_sum": float(accelerator.reduce(loss_sum, "sum")),
+        "loss_sum": total_loss,
+        "nonfinite": nonfinite,
         "units": global_units,
         "tokens": int(accelerator.reduce(torch.tensor(tokens, device=accelerator.device), "sum")),
         "grad_norm": float(grad_norm),
@@ -269,8 +375,12 @@ class _Interval:
     def __init__(self) -> None:
         self.loss_sum, self.units, self.tokens, self.start = 0.0, 0, 0, time.perf_counter()
         self.metrics: dict[str, float] = {}
+        self.nonfinite = 0  # skipped steps: counted, kept out of the averages
 
     def add(self, stats: dict) -> None:
+        if stats.get("nonfinite"):
+            self.nonfinite += 1
+            return
         self.loss_sum += stats["loss_sum"]
         self.units += stats["units"]
         self.tokens += stats["tokens"]
@@ -280,6 +390,8 @@ class _Interval:
         elapsed = time.perf_counter() - self.start
         record = {"loss": self.loss_sum / self.units, "loss_tokens": self.units, "tokens": self.tokens,
                   "tokens_per_s": self.tokens / elapsed if elapsed > 0 else 0.0,
-                  **{name: value / self.units for name, value in self.metrics.items()}}
+                  **{name: value / self.units for name, value in self.metrics.items()}} if self.units else {}
+        if self.nonfinite:
+            record["nonfinite_steps"] = self.nonfinite
         self.__init__()
         return record
