@@ -25,7 +25,7 @@ from test_export import make_adapter
 from tunesmith.data.templates import install_template
 from tunesmith.demo.tiny import build_model, save_tiny
 from tunesmith.eval.generate import prompt_ids
-from tunesmith.serve.server import bind, create_app, make_server
+from tunesmith.serve.server import bind, make_server
 from tunesmith.serve.service import Limits, load_service
 
 KEY = "test-key-123"
@@ -94,7 +94,7 @@ def server(tmp_path_factory, tokenizer):
                            limits=Limits(max_prompt_tokens=64, max_tokens_limit=48, max_request_bytes=4096),
                            api_key=KEY)
     sock = bind("127.0.0.1", 0)
-    http = make_server(create_app(service), sock)
+    http = make_server(service)
     thread = threading.Thread(target=http.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not http.started:
@@ -292,10 +292,115 @@ def test_serve_refuses_bad_adapters_and_options(server, model_dirs, tmp_path):
         load_service(str(model_dirs["llama"]), [f"alpha={server.adapters['alpha']}"])
     with pytest.raises(ConfigError, match="--max-batch-size"):
         serve_command(str(server.base), max_batch_size=0)
+    for option, value in (("max_queue", 0), ("request_timeout", 0.0), ("shutdown_grace", -1.0), ("threads", 0)):
+        with pytest.raises(ConfigError, match="--" + option.replace("_", "-")):
+            serve_command(str(server.base), **{option: value})
+    from tunesmith.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "m", "--adapter-dir", "adapters", "--max-queue", "4",
+                                      "--request-timeout", "2.5", "--shutdown-grace", "3", "--threads", "1"])
+    assert (args.adapter_dir, args.max_queue, args.request_timeout, args.shutdown_grace, args.threads) == (
+        "adapters", 4, 2.5, 3.0, 1)
     taken = server.url.rsplit(":", 1)[1]
     with pytest.raises(ConfigError, match="cannot listen"):
         serve_command(str(server.base), port=int(taken))
 
+
+
+def test_adapter_names_and_paths_are_checked_before_anything_loads(server, tmp_path):
+    """--adapter NAME=PATH: NAME is a plain name (never '..' or a path); PATH a directory holding
+    adapter_config.json, or a run whose final/ does, resolved to that directory."""
+    from tunesmith.errors import ConfigError
+    from tunesmith.serve.adapters import configured_adapters
+
+    alpha = Path(server.adapters["alpha"])
+    for name in ("..", "../x", "a/b", "/etc", "x y", ".hidden", "-x", "né", "a" * 65, "a\nb"):
+        with pytest.raises(ConfigError, match="is not allowed"):
+            configured_adapters([f"{name}={alpha}"])
+    (tmp_path / "file").write_text("not an adapter")
+    for path, message in ((tmp_path / "missing", "not a directory"), (tmp_path / "file", "not a directory"),
+                          (tmp_path, "holds no adapter_config.json")):
+        with pytest.raises(ConfigError, match=message):
+            configured_adapters([f"x={path}"])
+    with pytest.raises(ConfigError, match="used twice"):
+        configured_adapters([f"x={alpha}", f"x={alpha}"])
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "final").symlink_to(alpha)
+    assert configured_adapters([f"a.b_c-1={run}"]) == [("a.b_c-1", alpha.resolve())]
+    with pytest.raises(ConfigError, match="is not allowed"):
+        load_service(str(server.base), [f"../up={alpha}"])
+
+
+def test_adapter_dir_serves_each_folder_by_name_and_nothing_outside(server, tmp_path):
+    """--adapter-dir DIR serves each adapter folder in DIR (a plain copy, a link that stays inside DIR) under
+    its folder's name and skips folders and files that are no adapter; a folder, final/ or file that links
+    outside DIR, or a folder name that is not a plain name, is refused."""
+    import shutil
+
+    from tunesmith.errors import ConfigError
+    from tunesmith.serve.adapters import adapters_in
+
+    alpha, beta = Path(server.adapters["alpha"]), Path(server.adapters["beta"])
+
+    def adapter_dir(name: str, bad=None) -> Path:
+        root = tmp_path / name
+        shutil.copytree(alpha, root / "alpha")
+        shutil.copytree(beta, root / ".store" / "beta")
+        (root / "gamma").symlink_to(root / ".store" / "beta")  # a link that stays inside
+        (root / "notes").mkdir()
+        (root / "readme.txt").write_text("not an adapter")
+        if bad is not None:
+            bad(root)
+        return root
+
+    good = adapter_dir("good")
+    assert adapters_in(str(good)) == [("alpha", good.resolve() / "alpha"),
+                                      ("gamma", good.resolve() / ".store" / "beta")]
+
+    def linked_folder(root):
+        (root / "evil").symlink_to(beta)
+
+    def linked_final(root):
+        (root / "evil").mkdir()
+        (root / "evil" / "final").symlink_to(beta)
+
+    def linked_file(root):
+        shutil.copytree(alpha, root / "evil")
+        (root / "evil" / "adapter_model.safetensors").unlink()
+        (root / "evil" / "adapter_model.safetensors").symlink_to(beta / "adapter_model.safetensors")
+
+    def bad_name(root):
+        shutil.copytree(alpha, root / "bad name")
+
+    for bad, message in ((linked_folder, "evil reads .*, outside"), (linked_final, "evil reads .*, outside"),
+                         (linked_file, "evil reads .*adapter_model.safetensors, outside"),
+                         (bad_name, "'bad name' is not allowed")):
+        with pytest.raises(ConfigError, match=message):
+            adapters_in(str(adapter_dir(bad.__name__, bad)))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="holds no adapter folder"):
+        adapters_in(str(tmp_path / "empty"))
+    with pytest.raises(ConfigError, match="'alpha' is used twice"):
+        load_service(str(server.base), [f"alpha={alpha}"], adapter_dir=str(good))
+    service = load_service(str(server.base), adapter_dir=str(good))
+    try:
+        assert list(service.models) == ["tiny-chat", "alpha", "gamma"]
+    finally:
+        service.engine.close()
+
+
+def test_a_request_names_a_served_model_never_a_path(server):
+    """The `model` field is looked up among the served names only: paths, '..' and near misses are 404, and
+    nothing is loaded."""
+    served = dict(server.service.models)
+    for model in ("../alpha", str(server.adapters["alpha"]), "/etc/passwd", "alpha/../beta", "ALPHA", "alpha ", ""):
+        with pytest.raises(openai.NotFoundError) as caught:
+            server.client.chat.completions.create(model=model, messages=QUESTION, max_tokens=2)
+        assert caught.value.body["code"] == "model_not_found"
+    headers = {"Authorization": f"Bearer {KEY}"}
+    assert httpx.get(server.url + "/v1/models/..%2Falpha", headers=headers).status_code == 404
+    assert server.service.models == served
 
 def test_text_stream_holds_back_partial_characters_and_stop_strings(tokenizer):
     """Deltas joined equal the full decode; a character split over byte-level tokens is sent once complete; text

@@ -114,7 +114,10 @@ def _serve(args: argparse.Namespace) -> int:
         return serve_command(args.model, host=args.host, port=args.port, api_key=args.api_key,
                              adapters=args.adapter, max_prompt_tokens=args.max_prompt_tokens,
                              max_tokens_limit=args.max_tokens_limit, max_batch_size=args.max_batch_size,
-                             max_request_bytes=args.max_request_bytes, base=args.base)
+                             max_request_bytes=args.max_request_bytes, base=args.base,
+                             adapter_dir=args.adapter_dir, max_queue=args.max_queue,
+                             request_timeout=args.request_timeout, shutdown_grace=args.shutdown_grace,
+                             threads=args.threads)
 
 
 def _compare_strategies(args: argparse.Namespace) -> int:
@@ -207,11 +210,23 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", default=None, help="require this key as a Bearer token "
                        "(default: the TUNESMITH_API_KEY environment variable, if set)")
     serve.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
-                       help="serve a LoRA adapter on the same base under model name NAME (repeatable)")
+                       help="serve a LoRA adapter (or run) directory on the same base under model name NAME "
+                            "(repeatable; NAME: letters, digits, '.', '_', '-')")
+    serve.add_argument("--adapter-dir", default=None, metavar="DIR",
+                       help="serve every adapter folder in DIR under its folder's name (links leading outside DIR "
+                            "are refused)")
     serve.add_argument("--max-prompt-tokens", type=int, default=4096)
     serve.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask")
     serve.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together")
     serve.add_argument("--max-request-bytes", type=int, default=1_000_000, help="larger request bodies get 413")
+    serve.add_argument("--max-queue", type=int, default=256,
+                       help="generations that may wait for the engine; a request that does not fit gets 429")
+    serve.add_argument("--request-timeout", type=float, default=600.0, metavar="SECONDS",
+                       help="a request not finished after this long gets 504 (queueing included)")
+    serve.add_argument("--shutdown-grace", type=float, default=10.0, metavar="SECONDS",
+                       help="on SIGTERM/SIGINT, time the running batch has to finish; queued requests get 503")
+    serve.add_argument("--threads", type=int, default=None,
+                       help="CPU threads for decoding (default: PyTorch's, one per core)")
     serve.add_argument("--base", default=None, help="an adapter's base model, if it has moved since training")
     serve.set_defaults(func=_serve)
 

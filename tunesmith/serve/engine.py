@@ -1,19 +1,26 @@
 """The engine: one thread that owns the model and decodes queued requests in batches.
 
-Requests wait in one first-in-first-out queue and are never dropped. The engine takes the oldest request and
-up to `max_batch_size - 1` more that use the same adapter, decodes them together to the end (a finished row
-leaves the batch at once), then takes the next batch. Several LoRA adapters share one base: a batch switches
-to its adapter (or runs the base with adapters off) before it starts.
+Requests wait in one first-in-first-out queue of at most `max_queue` generations; a request that does not fit is
+refused at once (QueueFull), never left waiting. The engine takes the oldest generation and up to
+`max_batch_size - 1` more that use the same adapter, decodes them together to the end (a finished row leaves the
+batch at once), then takes the next batch. Several LoRA adapters share one base: a batch switches to its adapter
+(or runs the base with adapters off) before it starts.
 
 Events go back to the request through its `on_event` callback, from the engine thread:
     ("token", token_id, finish_reason or None)     finish_reason: "stop" (a stop token) or "length"
-    ("error", message, None)                         the batch failed; the request is over
+    ("error", message, cause)                       the request is over; cause: "failed" (its batch raised) or
+                                                    "stopped" (the engine shut down before it finished)
+
+Shutting down: `stop()` refuses new work (EngineStopped) and ends every queued generation with a "stopped" error
+at once; the running batch goes on. `close(grace)` stops, gives the running batch `grace` seconds, then ends its
+generations too and joins the thread.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -43,13 +50,23 @@ class Job:
             self.row.cancelled = True
 
 
+class QueueFull(Exception):
+    """The queue cannot take the generations of a request now."""
+
+
+class EngineStopped(Exception):
+    """The engine takes no more work: the server is shutting down."""
+
+
 class Engine:
-    def __init__(self, model, stop_ids: list[int], pad_id: int, max_batch_size: int = 8):
+    def __init__(self, model, stop_ids: list[int], pad_id: int, max_batch_size: int = 8, max_queue: int = 256):
         self.model = model
         self.stop_ids = set(stop_ids)
         self.pad_id = pad_id
         self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
         self._queue: deque[Job] = deque()
+        self._running: list[Job] = []
         self._ready = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="tunesmith-engine", daemon=True)
@@ -60,22 +77,66 @@ class Engine:
         self._thread.start()
         return self
 
-    def close(self) -> None:
-        with self._ready:
-            self._closed = True
-            self._ready.notify_all()
-        self._thread.join(timeout=10)
+    def submit(self, jobs: list[Job]) -> None:
+        """Queue all of `jobs` (one request's generations) or none.
 
-    def submit(self, job: Job) -> None:
+        Raises:
+            EngineStopped: after `stop()`.
+            QueueFull: the waiting generations and `jobs` together would be more than `max_queue`.
+        """
         with self._ready:
             if self._closed:
-                raise RuntimeError("the engine is shut down")
-            self._queue.append(job)
+                raise EngineStopped("the server is shutting down")
+            if len(self._queue) + len(jobs) > self.max_queue:
+                self._queue = deque(j for j in self._queue if not j.cancelled)  # timed-out requests leave room
+                if len(self._queue) + len(jobs) > self.max_queue:
+                    raise QueueFull(f"{len(self._queue)} generations are waiting, this server queues at most "
+                                    f"{self.max_queue}")
+            self._queue.extend(jobs)
             self._ready.notify()
+
+    def stop(self, message: str = "the server is shutting down") -> None:
+        """Refuse new work and end every queued generation with a "stopped" error; the running batch goes on."""
+        with self._ready:
+            self._closed = True
+            queued, self._queue = list(self._queue), deque()
+            self._ready.notify_all()
+        for job in queued:
+            if not job.cancelled:
+                job.cancel()
+                job.on_event(("error", message, "stopped"))
+
+    def fail_running(self, message: str = "the server shut down before this request finished") -> None:
+        """End the generations of the running batch with a "stopped" error (they leave it at the next token)."""
+        for job in list(self._running):
+            if not job.cancelled:
+                job.cancel()
+                job.on_event(("error", message, "stopped"))
+
+    def close(self, grace: float = 10.0) -> bool:
+        """Stop, let the running batch finish for up to `grace` seconds, then end it; True once the thread ended."""
+        self.stop()
+        self._thread.join(timeout=grace)
+        if self._thread.is_alive():
+            self.fail_running()
+            self._thread.join(timeout=2)
+        return not self._thread.is_alive()
+
+    @property
+    def stopped(self) -> bool:
+        return self._closed
 
     @property
     def queued(self) -> int:
-        return len(self._queue)
+        """Generations waiting (those of requests that timed out or went away are not counted)."""
+        return sum(not job.cancelled for job in list(self._queue))
+
+    def retry_after(self) -> int:
+        """Seconds a refused client should wait: room is made each time a batch starts, so the mean batch time
+        (at least 1, at most 60)."""
+        batches = self.stats["batches"]
+        mean = self.stats["decode_seconds"] / batches if batches else 1.0
+        return min(60, max(1, math.ceil(mean)))
 
     def _run(self) -> None:
         while True:
@@ -98,6 +159,7 @@ class Engine:
             batch = [j for j in self._queue if j.adapter == adapter and not j.cancelled][:self.max_batch_size]
             chosen = {id(j) for j in batch}
             self._queue = deque(j for j in self._queue if id(j) not in chosen and not j.cancelled)
+            self._running = batch  # under the lock: a job is always either queued or running for stop()
             return batch
 
     def _decode(self, batch: list[Job]) -> None:
@@ -118,8 +180,9 @@ class Engine:
             log.exception("generation failed for a batch of %d", len(batch))
             self.stats["errors"] += 1
             for job in batch:
-                job.on_event(("error", f"generation failed: {type(exc).__name__}: {exc}", None))
+                job.on_event(("error", f"generation failed: {type(exc).__name__}: {exc}", "failed"))
         finally:
+            self._running = []
             self.stats["decode_seconds"] += time.perf_counter() - started
             self.stats["jobs_finished"] += len(batch)
             self.stats["running"] = 0

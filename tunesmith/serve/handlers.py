@@ -21,6 +21,7 @@ from tunesmith.serve.service import Generation, Service
 async def chat(service: Service, body: object):
     request = parse(ChatRequest, body)
     adapter = service.adapter_for(request.model)
+    service.check_room()
     ids = chat_prompt(service, request)
     limit = service.max_new_tokens(request.token_limit(), len(ids),
                                    "max_completion_tokens" if request.max_completion_tokens else "max_tokens")
@@ -36,6 +37,7 @@ async def chat(service: Service, body: object):
 async def complete(service: Service, body: object):
     request = parse(CompletionRequest, body)
     adapter = service.adapter_for(request.model)
+    service.check_room()
     prompts = completion_prompts(service, request.prompt)
     limits = [service.max_new_tokens(request.token_limit(), len(p), "max_tokens") for p in prompts]
     generation = Generation(service, prompts, request.n, limits, _sampling(request), request.stop_strings(),

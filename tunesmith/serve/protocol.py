@@ -17,9 +17,10 @@ class APIError(Exception):
     """An error answered with OpenAI's body: {"error": {"message", "type", "param", "code"}}."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
+                 kind: str = "invalid_request_error", headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.headers = headers  # extra response headers, e.g. Retry-After on 429 and 503
 
     def body(self) -> dict:
         return error_body(self.message, self.kind, self.param, self.code)

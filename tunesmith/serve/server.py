@@ -3,13 +3,18 @@
     GET  /v1/models                 the served model ids (the model's name, and NAME of each --adapter)
     POST /v1/chat/completions       messages through the model's chat template; stream=true for server-sent events
     POST /v1/completions            plain-text (or token id) prompts
-    GET  /health                    liveness, queue depth (no key needed)
+    GET  /health                    liveness, queue depth (no key needed); 503 while shutting down
     GET  /metrics                   Prometheus text: requests by route and status, tokens, queue, batches
 
 Binds 127.0.0.1 unless told otherwise. With an API key (--api-key or TUNESMITH_API_KEY) every /v1 route and
 /metrics need `Authorization: Bearer KEY` (else 401). Errors use OpenAI's body {"error": {message, type, param,
 code}}: 400 invalid JSON, unsupported feature or a prompt over the limits, 404 unknown model, 413 a body over
 --max-request-bytes, 422 a field of the wrong type or range.
+
+Under load: at most --max-queue generations wait; a request that does not fit gets 429 at once, and one during
+shutdown 503, both with Retry-After. A request gets its answer within --request-timeout seconds (504, or an error
+chunk in a stream that has started). SIGTERM or SIGINT: stop accepting, answer queued requests 503, let the
+running batch finish (up to --shutdown-grace seconds), join the engine, exit 0 (see lifecycle.py).
 """
 
 import hmac
@@ -17,6 +22,7 @@ import ipaddress
 import json
 import logging
 import os
+import signal
 import socket
 import time
 
@@ -30,31 +36,50 @@ ROUTES = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/health", "/
 
 def serve_command(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
                   adapters: list[str] = (), max_prompt_tokens: int = 4096, max_tokens_limit: int = 1024,
-                  max_batch_size: int = 8, max_request_bytes: int = 1_000_000, base: str | None = None) -> int:
-    """Load the model, bind host:port and serve until interrupted. Returns the exit code."""
+                  max_batch_size: int = 8, max_request_bytes: int = 1_000_000, base: str | None = None,
+                  adapter_dir: str | None = None, max_queue: int = 256, request_timeout: float = 600.0,
+                  shutdown_grace: float = 10.0, threads: int | None = None) -> int:
+    """Load the model, bind host:port and serve until SIGTERM or SIGINT. Returns the exit code (0)."""
     require_serve_packages()
     for option, value in (("--max-prompt-tokens", max_prompt_tokens), ("--max-tokens-limit", max_tokens_limit),
-                          ("--max-batch-size", max_batch_size), ("--max-request-bytes", max_request_bytes)):
+                          ("--max-batch-size", max_batch_size), ("--max-request-bytes", max_request_bytes),
+                          ("--max-queue", max_queue)):
         if value < 1:
             raise ConfigError(f"{option}: must be at least 1, got {value}")
+    for option, value in (("--request-timeout", request_timeout), ("--shutdown-grace", shutdown_grace)):
+        if not value > 0:
+            raise ConfigError(f"{option}: must be a positive number of seconds, got {value}")
+    if threads is not None:
+        if threads < 1:
+            raise ConfigError(f"--threads: must be at least 1, got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)  # the engine's CPU threads; 1 on a small shared machine (docs/PERFORMANCE.md)
     from tunesmith.serve.service import Limits, load_service
 
     api_key = api_key or os.environ.get("TUNESMITH_API_KEY") or None
     if not api_key and not _is_loopback(host):
         log.warning("serving on %s without an API key: anyone who can reach it can use the model", host)
     sock = bind(host, port)
-    limits = Limits(max_prompt_tokens, max_tokens_limit, max_request_bytes)
-    service = load_service(model, list(adapters), max_batch_size, limits, api_key, base)
+    limits = Limits(max_prompt_tokens, max_tokens_limit, max_request_bytes, max_queue=max_queue,
+                    request_timeout=request_timeout)
+    service = load_service(model, list(adapters), max_batch_size, limits, api_key, base, adapter_dir=adapter_dir)
     print(f"serving {', '.join(service.models)} at http://{host}:{sock.getsockname()[1]}/v1 "
           f"({'API key required' if api_key else 'no API key'}); Ctrl-C stops", flush=True)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        run(create_app(service), sock)
-    except KeyboardInterrupt:  # uvicorn shut down gracefully, then passed Ctrl-C on
+        run(service, sock, shutdown_grace)
+    except KeyboardInterrupt:  # uvicorn shut down gracefully, then passed the SIGINT or SIGTERM on
         pass
     finally:
-        service.engine.close()
+        signal.signal(signal.SIGTERM, previous)
+        service.engine.close(shutdown_grace)
     print("stopped", flush=True)
     return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM ends the server as Ctrl-C does, with exit code 0
 
 
 def create_app(service):
@@ -70,7 +95,7 @@ def create_app(service):
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
@@ -83,8 +108,10 @@ def create_app(service):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "models": list(service.models), "queued": service.engine.queued,
-                "running": service.engine.stats["running"]}
+        engine = service.engine
+        body = {"status": "stopping" if engine.stopped else "ok", "models": list(service.models),
+                "queued": engine.queued, "max_queue": engine.max_queue, "running": engine.stats["running"]}
+        return JSONResponse(body, status_code=503 if engine.stopped else 200)
 
     @app.get("/metrics")
     async def metrics():
@@ -189,6 +216,7 @@ def prometheus_text(service) -> str:
             ("decode_seconds_total", "counter", round(stats["decode_seconds"], 6), "Seconds spent decoding."),
             ("engine_errors_total", "counter", stats["errors"], "Batches that failed."),
             ("queue_depth", "gauge", service.engine.queued, "Generations waiting for the engine."),
+            ("queue_limit", "gauge", service.engine.max_queue, "Generations the queue holds at most (--max-queue)."),
             ("running", "gauge", stats["running"], "Generations being decoded.")):
         lines += [f"# HELP tunesmith_{name} {help_text}", f"# TYPE tunesmith_{name} {kind}",
                   f"tunesmith_{name} {value}"]
@@ -209,15 +237,16 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def make_server(app, sock: socket.socket):
-    """A uvicorn server for `app` on an already bound socket; `.run(sockets=[sock])` serves until `.should_exit`."""
-    import uvicorn
+def make_server(service, grace: float = 10.0):
+    """A uvicorn server for `service` that shuts its engine down with it (lifecycle.py);
+    `.run(sockets=[sock])` serves on a bound socket until SIGTERM, SIGINT or `.should_exit = True`."""
+    from tunesmith.serve.lifecycle import GracefulServer
 
-    return uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=5))
+    return GracefulServer(create_app(service), service.engine, grace)
 
 
-def run(app, sock: socket.socket) -> None:
-    make_server(app, sock).run(sockets=[sock])
+def run(service, sock: socket.socket, grace: float = 10.0) -> None:
+    make_server(service, grace).run(sockets=[sock])
 
 
 def require_serve_packages() -> None:

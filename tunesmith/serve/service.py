@@ -3,6 +3,10 @@ requests in flight.
 
     service = load_service("runs/x", adapters=["terse=runs/y"])
     names = service.models   # served model id -> adapter inside the PeftModel (None: the base alone)
+
+A request is answered within `Limits.request_timeout` seconds, queueing included (504, or an error chunk once a
+stream has started); one that finds the queue full gets 429 and one that comes during shutdown 503, both at
+once and with a Retry-After header.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ from tunesmith.errors import ConfigError
 from tunesmith.export.loading import (attach_adapter, best_device, context_length, load_model_and_tokenizer,
                                       resolve_source, stop_token_ids)
 from tunesmith.model.load import load_tokenizer
-from tunesmith.serve.engine import Engine, Job
+from tunesmith.serve.adapters import configured_adapters
+from tunesmith.serve.engine import Engine, EngineStopped, Job, QueueFull
 from tunesmith.serve.generation import Sampling, TextStream
 from tunesmith.serve.protocol import APIError
 
@@ -30,6 +35,9 @@ class Limits:
     max_tokens_limit: int = 1024  # the largest max_tokens a request may ask for (and the default)
     max_request_bytes: int = 1_000_000
     max_choices: int = 64  # n times the number of prompts of one request
+    max_queue: int = 256  # generations waiting for the engine; a request that does not fit gets 429
+    request_timeout: float = 600.0  # seconds from arrival to the last token; then 504
+    shutdown_retry_after: int = 10  # the Retry-After of a 503 during shutdown
 
 
 @dataclass
@@ -43,10 +51,27 @@ class Service:
     counters: dict = field(default_factory=lambda: {"prompt_tokens": 0, "completion_tokens": 0, "requests": {}})
 
     def adapter_for(self, model: str) -> str | None:
-        if model not in self.models:
-            raise APIError(404, f"model {model!r} not found; this server has: {', '.join(self.models)}", "model",
+        if model not in self.models:  # only a configured name: never a path
+            raise APIError(404, f"model {model[:100]!r} not found; this server has: {', '.join(self.models)}", "model",
                            "model_not_found")
         return self.models[model]
+
+    def check_room(self) -> None:
+        """429 (or 503) at once, before any work on the request, when the queue is full (or the server is
+        shutting down); the generations' submission checks again, atomically."""
+        engine = self.engine
+        if engine.stopped:
+            raise self.stopping("the server is shutting down")
+        if engine.queued >= engine.max_queue:
+            raise self.busy(f"{engine.max_queue} generations are waiting, as many as this server queues")
+
+    def busy(self, reason: str) -> APIError:
+        return APIError(429, f"the server is busy: {reason}; retry later", None, "queue_full", "rate_limit_error",
+                        {"Retry-After": str(self.engine.retry_after())})
+
+    def stopping(self, reason: str) -> APIError:
+        return APIError(503, f"{reason}; retry later", None, "shutting_down", "server_error",
+                        {"Retry-After": str(self.limits.shutdown_retry_after)})
 
     def max_new_tokens(self, requested: int | None, prompt_length: int, param: str) -> int:
         """The length limit of one generation, within the server's limit and the model's context."""
@@ -84,7 +109,11 @@ class Generation:
         if len(prompts) * n > service.limits.max_choices:
             raise APIError(400, f"n: {len(prompts)} prompt(s) x n={n} is more than {service.limits.max_choices} "
                            "generations in one request", "n")
+        if len(prompts) * n > service.limits.max_queue:
+            raise APIError(400, f"n: {len(prompts)} prompt(s) x n={n} is more generations than this server's queue "
+                           f"holds ({service.limits.max_queue})", "n")
         loop = asyncio.get_running_loop()
+        self.loop, self.deadline = loop, loop.time() + service.limits.request_timeout
         self.service = service
         self.queue: asyncio.Queue = asyncio.Queue()
         self.jobs, self.streams = [], []
@@ -99,8 +128,13 @@ class Generation:
         self.done = [False] * len(self.jobs)
 
     def start(self) -> "Generation":
-        for job in self.jobs:
-            self.service.engine.submit(job)
+        """Queue the generations; 429 when the queue is full, 503 when the server is shutting down."""
+        try:
+            self.service.engine.submit(self.jobs)
+        except QueueFull as exc:
+            raise self.service.busy(str(exc)) from None
+        except EngineStopped as exc:
+            raise self.service.stopping(str(exc)) from None
         return self
 
     def cancel(self) -> None:
@@ -111,12 +145,12 @@ class Generation:
         """Yields (choice index, text delta, finish reason or None) until every choice has finished."""
         remaining = len(self.jobs)
         while remaining:
-            index, (kind, value, reason) = await self.queue.get()
+            index, (kind, value, reason) = await self._next_event()
             if self.done[index]:
                 continue
             if kind == "error":
                 self.cancel()
-                raise APIError(500, value, kind="server_error")
+                raise self._error(value, reason)
             self.completion_tokens[index] += 1
             stream = self.streams[index]
             text = "" if reason == "stop" else stream.push(value)  # a stop token is not text
@@ -130,6 +164,23 @@ class Generation:
             if text or reason is not None:
                 yield index, text, reason
         self._count()
+
+    async def _next_event(self) -> tuple:
+        """The next engine event, or 504 once the request's time is up (its generations are cancelled)."""
+        if not self.queue.empty():
+            return self.queue.get_nowait()
+        try:
+            return await asyncio.wait_for(self.queue.get(), max(0.0, self.deadline - self.loop.time()))
+        except TimeoutError:
+            self.cancel()
+            raise APIError(504, f"the request did not finish within this server's limit of "
+                           f"{self.service.limits.request_timeout:g} seconds", None, "timeout",
+                           "server_error") from None
+
+    def _error(self, message: str, cause: str) -> APIError:
+        if cause == "stopped":
+            return self.service.stopping(message)
+        return APIError(500, message, kind="server_error")
 
     def usage(self) -> dict:
         from tunesmith.serve.protocol import usage
@@ -148,19 +199,23 @@ class Generation:
 
 
 def load_service(model: str, adapters: list[str] = (), max_batch_size: int = 8, limits: Limits = Limits(),
-                 api_key: str | None = None, base: str | None = None, dtype: str = "auto") -> Service:
+                 api_key: str | None = None, base: str | None = None, dtype: str = "auto",
+                 adapter_dir: str | None = None) -> Service:
     """Load the model (and the extra adapters, on the same base) and start the engine.
 
     Args:
         model: a model, run or adapter directory; served under its directory's (or run's) name.
-        adapters: "NAME=PATH" adapter directories trained on the same base, served under NAME.
+        adapters: "NAME=PATH" adapter (or run) directories trained on the same base, served under NAME.
+        adapter_dir: a directory whose adapter folders are all served, each under its folder's name.
     """
+    extra = configured_adapters(list(adapters), adapter_dir)  # names and paths checked before anything loads
     src = resolve_source(model, base)
     names: dict[str, str | None] = {src.name: "a0" if src.adapter else None}  # PEFT names may not contain "."
     loaded, tokenizer = load_model_and_tokenizer(src, dtype=dtype, adapter_name="a0")
-    for i, spec in enumerate(adapters, start=1):
-        name, path = _adapter_spec(spec, names)
-        other = resolve_source(path)
+    for i, (name, path) in enumerate(extra, start=1):
+        if name in names:
+            raise ConfigError(f"--adapter: the model name {name!r} is the served model's own")
+        other = resolve_source(str(path))
         _check_compatible(name, other, src, tokenizer)
         loaded = attach_adapter(loaded, other.adapter, f"a{i}")
         names[name] = f"a{i}"
@@ -168,18 +223,9 @@ def load_service(model: str, adapters: list[str] = (), max_batch_size: int = 8, 
     inner = loaded.get_base_model() if hasattr(loaded, "get_base_model") else loaded
     stops = stop_token_ids(inner)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    engine = Engine(loaded, stops, pad, max_batch_size).start()
+    engine = Engine(loaded, stops, pad, max_batch_size, limits.max_queue).start()
     log.info("serving %s", ", ".join(names))
     return Service(engine, tokenizer, names, context_length(inner), limits, api_key)
-
-
-def _adapter_spec(spec: str, names: dict) -> tuple[str, str]:
-    name, sep, path = spec.partition("=")
-    if not sep or not name or not path:
-        raise ConfigError(f"--adapter: {spec!r} should be NAME=PATH")
-    if name in names:
-        raise ConfigError(f"--adapter: the model name {name!r} is used twice")
-    return name, path
 
 
 def _check_compatible(name: str, other, src, tokenizer) -> None:
