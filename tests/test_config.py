@@ -205,8 +205,8 @@ def test_wrong_type_names_key_and_value(override, message):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("strategy.name=lorra", "strategy.name: 'lorra' is not one of 'full', 'freeze', 'lora', 'dora', 'qlora' "
-                            "(did you mean 'lora'?)"),
+    ("strategy.name=lorra", "strategy.name: 'lorra' is not one of 'full', 'freeze', 'lora', 'dora', 'qlora', "
+                            "'head', 'features', 'prompt_tuning', 'prefix_tuning', 'reft' (did you mean 'lora'?)"),
     ("data.template=chatm", "data.template: 'chatm' is not one of 'chatml', 'llama3', 'alpaca' "
                             "(did you mean 'chatml'?)"),  # Optional[Literal] keeps the suggestion
     ("tracking.log_level=INFO", "tracking.log_level: 'INFO' is not one of 'debug', 'info', 'warning', 'error' "

@@ -200,7 +200,7 @@ class StrategyConfig:
     reft: ReftConfig = field(default_factory=ReftConfig)
 
 
-Objective = Literal["sft", "clm", "reward", "dpo", "simpo", "orpo", "kto", "grpo", "ppo"]
+Objective = Literal["sft", "clm", "reward", "dpo", "simpo", "orpo", "kto", "grpo", "ppo", "classify"]
 
 
 @dataclass

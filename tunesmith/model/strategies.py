@@ -5,6 +5,11 @@
     lora    low-rank adapters through PEFT (rsLoRA option)
     dora    weight-decomposed LoRA through PEFT
     qlora   LoRA on a base quantised to 4 bit by bitsandbytes (NF4, double quantisation)
+    head    only the task head: a new classification/regression head (SEQ_CLS), or the LM head (`heads`)
+    prompt_tuning, prefix_tuning   trained virtual tokens through PEFT (`prompt_tuning`)
+    reft    LoReFT interventions on hidden states at prompt positions (`reft`)
+
+(`features`, a scikit-learn classifier on frozen features, trains no weights: `tunesmith.model.features`.)
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from tunesmith.errors import ConfigError
+from tunesmith.model.heads import head_module_names, train_only_head
+from tunesmith.model.prompt_tuning import PROMPT_STRATEGIES, PromptSpec, prompt_learning_model
+from tunesmith.model.reft import ReftSpec, apply_reft
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +69,8 @@ def apply_strategy(
     freeze_modules: tuple[str, ...] | list[str] = (),
     new_token_ids: tuple[int, ...] | list[int] = (),
     task_type: str = "CAUSAL_LM",
+    prompt: PromptSpec = PromptSpec(),
+    reft: ReftSpec = ReftSpec(),
 ) -> nn.Module:
     """Set `requires_grad` (or wrap with PEFT adapters) according to the strategy; returns the model to train.
 
@@ -69,13 +79,25 @@ def apply_strategy(
         freeze_last_n_layers, freeze_modules: what trains under `freeze`; everything else is frozen.
         new_token_ids: ids of tokens added to the vocabulary for this run; with adapters their embedding
             rows are made trainable (PEFT trainable tokens), since a frozen random row cannot be learnt.
-        task_type: "CAUSAL_LM", or "SEQ_CLS" for a reward model (PEFT then trains and saves its score head).
+        task_type: "CAUSAL_LM", or "SEQ_CLS" for a model with a new task head (reward or classification): that
+            head trains under every strategy (PEFT trains and saves it as a module to save).
+        prompt: soft-prompt sizes for prompt_tuning / prefix_tuning.
+        reft: interventions for reft.
     """
     if name == "full":
         model.requires_grad_(True)
         return model
     if name == "freeze":
-        return _freeze(model, freeze_last_n_layers, list(freeze_modules))
+        return _freeze(model, freeze_last_n_layers, list(freeze_modules) + _new_head(model, task_type))
+    if name == "head":
+        return train_only_head(model, task_type)
+    if name in PROMPT_STRATEGIES:
+        return prompt_learning_model(model, name, prompt, task_type)
+    if name == "reft":
+        return apply_reft(model, reft, train_modules=_new_head(model, task_type))
+    if name == "features":
+        raise ConfigError("strategy.name: features trains no weights in the loop; it runs through "
+                          "tunesmith.model.features.train_features")
     if name not in ADAPTER_STRATEGIES:
         raise ConfigError(f"strategy.name: unknown strategy {name!r}")
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -98,6 +120,11 @@ def apply_strategy(
         return get_peft_model(model, config)
     except ValueError as exc:
         raise ConfigError(f"strategy.lora.target_modules: {exc}") from None
+
+
+def _new_head(model: nn.Module, task_type: str) -> list[str]:
+    """The task head's module names for a SEQ_CLS model (a new head cannot stay at its random start)."""
+    return head_module_names(model) if task_type == "SEQ_CLS" else []
 
 
 def _freeze(model: nn.Module, last_n_layers: int, names: list[str]) -> nn.Module:

@@ -70,6 +70,10 @@ def build_objective(name: str, align=None, ref_model=None, pad_token_id: int = 0
         return Objective(loss, a.pair_count, a.collate_pairs)
     if name == "orpo":
         return Objective(functools.partial(a.orpo_loss, lam=align.orpo_lambda), a.pair_count, a.collate_pairs)
+    if name == "classify":
+        from tunesmith.objectives.classify import classify_objective
+
+        return classify_objective()
     if name == "kto":
         loss = functools.partial(a.kto_loss, beta=align.beta, desirable_weight=align.kto_desirable_weight,
                                  undesirable_weight=align.kto_undesirable_weight, ref_model=ref_model)

@@ -19,6 +19,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from tunesmith.data.pipeline import _histogram
 from tunesmith.data.tokenize import DataReport
 from tunesmith.errors import DataError
 from tunesmith.objectives.base import LossOutput
@@ -31,6 +32,7 @@ class LabelledText:
     input_ids: list[int]
     target: int | float
     source: str = ""
+    rejected_ids = None  # not a pair (what the loop's helpers ask any example)
 
     @property
     def num_loss_tokens(self) -> int:  # what reports count: one prediction per row
@@ -58,7 +60,7 @@ def encode_labelled(tokenizer, rows: Sequence, labels: Sequence[str] | None, max
         report.lengths.append(len(row_ids))
     report.examples = report.loss_tokens = len(out)
     report.tokens = sum(report.lengths)
-    return out, report.as_dict()
+    return out, {**report.as_dict(), "length_histogram": _histogram(report.lengths)}
 
 
 def _target(row, index: dict[str, int] | None) -> int | float:
@@ -97,6 +99,9 @@ def row_count(batch: dict[str, torch.Tensor]) -> int:
 def classify_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The head's outputs (B, C) for a `collate_labelled` batch."""
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+    peft_config = getattr(model, "active_peft_config", None)
+    if peft_config is not None and peft_config.is_prompt_learning:
+        del inputs["position_ids"]  # soft prompts come first and PEFT numbers the positions itself
     return model(**inputs, use_cache=False).logits
 
 

@@ -26,6 +26,9 @@ from tunesmith.data.pipeline import ExampleTable
 from tunesmith.data.templates import end_of_turn_marker, install_template
 from tunesmith.errors import ConfigError
 from tunesmith.model.load import ensure_pad_token, load_model, load_tokenizer, resize_embeddings, resolve_dtype
+from tunesmith.model.heads import load_classification_model, prepare_classification
+from tunesmith.model.prompt_tuning import PROMPT_STRATEGIES, PromptSpec
+from tunesmith.model.reft import ReftSpec, intervening_on_prompts
 from tunesmith.model.strategies import ADAPTER_STRATEGIES, apply_strategy, parameter_counts, quantization_config
 from tunesmith.objectives import (PREFERENCE_OBJECTIVES, REFERENCE_OBJECTIVES, RL_OBJECTIVES, UNPAIRED_OBJECTIVES,
                                   build_objective)
@@ -44,6 +47,10 @@ log = logging.getLogger(__name__)
 def train(cfg: Config) -> dict:
     """Run one training job described by `cfg`; returns the report (also written to the run directory)."""
     check_paths(cfg)
+    if cfg.strategy.name == "features":  # a scikit-learn classifier on frozen features: no training loop
+        from tunesmith.model.features import train_features
+
+        return train_features(cfg)
     run_dir = Path(cfg.train.output_dir)
     damaged: list[tuple[Path, str]] = []  # checkpoints that fail their checksums, reported once logging is set up
     resume_from = _resume_point(run_dir, cfg.train.resume, damaged)
@@ -59,15 +66,18 @@ def train(cfg: Config) -> dict:
     tokenizer, added_tokens = build_tokenizer(cfg)
     # The data before the model: a bad row is reported without waiting for the weights.
     with accelerator.main_process_first():  # tokenised once, by the main process; the others read its cache
-        data = prepare_from_config(cfg, tokenizer)
+        classify = cfg.train.objective == "classify"
+        data = prepare_classification(cfg, tokenizer) if classify else prepare_from_config(cfg, tokenizer)
     train_set, validation_set = data.splits["train"], data.splits["validation"]
     _log_data(data.report)
     check_objective_data(cfg.train.objective, train_set)
-    model = build_model(cfg, tokenizer, added_tokens)
+    model = build_model(cfg, tokenizer, added_tokens, data.report.get("labels"))
     ref_model = build_reference(cfg, model)
     objective = build_objective(cfg.train.objective, cfg.align, ref_model, tokenizer.pad_token_id,
                                 cfg.eval.batch_size, tokenizer=tokenizer, run_dir=run_dir,
                                 device=accelerator.device, model=model)
+    if cfg.strategy.name == "reft":  # interventions at the prompt positions each batch's labels give
+        objective = intervening_on_prompts(objective)
     settings = _loop_settings(cfg, len(train_set), accelerator.num_processes)
     optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, tuple(cfg.train.betas), cfg.train.eps)
     warmup = cfg.train.warmup_steps or round(cfg.train.warmup_ratio * settings.total_steps)
@@ -153,27 +163,37 @@ def build_tokenizer(cfg: Config):
     """The tokenizer with its chat template and a pad token; returns it and the template tokens it gained."""
     m = cfg.model
     tokenizer = load_tokenizer(m.tokenizer or m.name_or_path, m.revision, m.trust_remote_code)
-    added = install_template(tokenizer, cfg.data.template) if cfg.train.objective != "clm" else []
+    # Plain text (clm) and text + label rows (classify) are never rendered as chat.
+    added = install_template(tokenizer, cfg.data.template) if cfg.train.objective not in ("clm", "classify") else []
     if added:
         log.info("added template tokens to the vocabulary: %s", ", ".join(added))
     ensure_pad_token(tokenizer)
     return tokenizer, added
 
 
-def build_model(cfg: Config, tokenizer, added_tokens: list[str]):
-    """The model, its embeddings grown to the tokenizer, wrapped for the chosen strategy."""
+def build_model(cfg: Config, tokenizer, added_tokens: list[str], labels: list[str] | None = None):
+    """The model, its embeddings grown to the tokenizer, wrapped for the chosen strategy.
+
+    Args:
+        labels: class names for train.objective=classify (None: regression, or another objective).
+    """
     m, strategy = cfg.model, cfg.strategy
     quant = None
     if strategy.name == "qlora":
         compute = resolve_dtype(strategy.quant.compute_dtype)
         quant = quantization_config(strategy.quant.quant_type, strategy.quant.double_quant, compute)
-    reward = cfg.train.objective == "reward"
-    model = load_model(m.name_or_path, resolve_dtype(m.dtype), m.attn_implementation, m.revision,
-                       m.trust_remote_code, m.allow_pickle, quant, head="score" if reward else "causal")
+    reward, classify = cfg.train.objective == "reward", cfg.train.objective == "classify"
+    if classify:
+        model = load_classification_model(m.name_or_path, labels or [], strategy.head.regression,
+                                          tokenizer.pad_token_id, resolve_dtype(m.dtype), m.attn_implementation,
+                                          m.revision, m.trust_remote_code, m.allow_pickle, quant)
+    else:
+        model = load_model(m.name_or_path, resolve_dtype(m.dtype), m.attn_implementation, m.revision,
+                           m.trust_remote_code, m.allow_pickle, quant, head="score" if reward else "causal")
     resize_embeddings(model, tokenizer)
     if reward:  # the score is read at each row's last non-pad token
         model.config.pad_token_id = tokenizer.pad_token_id
-    elif cfg.train.objective != "clm" and not cfg.data.train_on_prompt:
+    elif cfg.train.objective not in ("clm", "classify") and not cfg.data.train_on_prompt:
         set_generation_eos(model, tokenizer)
     new_ids = tokenizer.convert_tokens_to_ids(added_tokens) if strategy.name in ADAPTER_STRATEGIES else []
     model = apply_strategy(
@@ -181,7 +201,8 @@ def build_model(cfg: Config, tokenizer, added_tokens: list[str]):
         lora_r=strategy.lora.r, lora_alpha=strategy.lora.alpha, lora_dropout=strategy.lora.dropout,
         target_modules=strategy.lora.target_modules, rslora=strategy.lora.rslora,
         freeze_last_n_layers=strategy.freeze.last_n_layers, freeze_modules=strategy.freeze.modules,
-        new_token_ids=new_ids, task_type="SEQ_CLS" if reward else "CAUSAL_LM",
+        new_token_ids=new_ids, task_type="SEQ_CLS" if reward or classify else "CAUSAL_LM",
+        prompt=PromptSpec(**dataclasses.asdict(strategy.prompt)), reft=ReftSpec(**dataclasses.asdict(strategy.reft)),
     )
     trainable, total = parameter_counts(model)
     log.info("strategy %s: %s trainable of %s parameters (%.4f%%)", strategy.name, f"{trainable:,}",
@@ -194,11 +215,15 @@ def build_model(cfg: Config, tokenizer, added_tokens: list[str]):
     return model
 
 
+# Strategies whose model can switch its trained parts off (`disable_adapter`): the base is the reference.
+WITH_BASE_SWITCH = ADAPTER_STRATEGIES + PROMPT_STRATEGIES + ("reft",)
+
+
 def build_reference(cfg: Config, model):
     """A frozen copy of the model as the reference, where one is needed and nothing cheaper serves: with
     adapters the policy with its adapters off is the reference; `align.precompute_ref` needs none at all."""
     if (cfg.train.objective not in REFERENCE_OBJECTIVES or cfg.align.precompute_ref
-            or cfg.strategy.name in ADAPTER_STRATEGIES or (cfg.train.objective == "grpo" and not cfg.align.kl_beta)):
+            or cfg.strategy.name in WITH_BASE_SWITCH or (cfg.train.objective == "grpo" and not cfg.align.kl_beta)):
         return None
     log.info("reference model: a frozen copy of the model (align.precompute_ref=true avoids the second copy)")
     return copy.deepcopy(model).eval().requires_grad_(False)
