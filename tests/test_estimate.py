@@ -1,0 +1,260 @@
+"""`tunesmith estimate`: the memory formulas against hand-computed numbers and against what autograd really keeps,
+the peak against the tensors alive during real training steps, orderings, and the command."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import weakref
+
+import pytest
+import torch
+from transformers import AutoConfig
+
+from conftest import chat_rows, write_jsonl
+from tunesmith.cli import main
+from tunesmith.demo.tiny import build_model, model_config, save_tiny
+from tunesmith.model.strategies import apply_strategy, parameter_counts
+from tunesmith.objectives import build_objective
+from tunesmith.train.estimate import (Plan, activation_bytes, estimate_memory, flops_per_token, layer_activation_bytes,
+                                      logits_bytes, mask_bytes, model_shape, trainable_params, weight_bytes)
+from tunesmith.train.optim import build_optimizer
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def tiny_config(vocab: int = 400, kv_heads: int = 2, tie: bool = False):
+    """2 layers, hidden 64, intermediate 128, 4 query heads of 16, `kv_heads` key/value heads."""
+    return model_config("llama", vocab, 64, 2, 4, kv_heads, 128, 512, tie)
+
+
+def plan(**changes) -> Plan:
+    base = Plan(rows=2, seq_len=8, loss_rows=14, mask=False, weight_bytes=4, amp=False, strategy="full")
+    return dataclasses.replace(base, **changes)
+
+
+def test_parameters_and_weight_bytes_of_a_two_layer_llama_by_hand():
+    """embeddings 400*64 = 25,600 and an untied head as many; per block q 64*64 = 4,096, k and v 64*32 = 2,048 each,
+    o 4,096, gate/up/down 64*128 = 8,192 each, two norms 64 each: 36,992; final norm 64.
+    Total 2*25,600 + 2*36,992 + 64 = 125,248 parameters: 500,992 bytes in fp32, half in bf16.
+    LoRA r=8 on every linear: 8*(in+out) = 1,024 + 768 + 768 + 1,024 + 3*1,536 = 8,192 per block, 16,384 in all."""
+    shape = model_shape(tiny_config())
+    assert shape.params == 125_248 == sum(p.numel() for p in build_model("llama", 400, 64, 2, 4, 2, 128).parameters())
+    assert weight_bytes(shape, plan()) == 500_992
+    assert weight_bytes(shape, plan(weight_bytes=2)) == 250_496
+    lora = plan(strategy="lora", lora_r=8, lora_targets=LORA_TARGETS)
+    assert trainable_params(shape, lora) == 16_384
+    peft_model = apply_strategy(build_model("llama", 400, 64, 2, 4, 2, 128), "lora", lora_r=8, target_modules="auto")
+    assert parameter_counts(peft_model)[0] == 16_384
+    assert weight_bytes(shape, lora) == 500_992 + 4 * 16_384  # adapters in fp32 on top of the base
+    assert model_shape(tiny_config(tie=True)).params == 125_248 - 25_600
+
+
+def test_activation_bytes_per_token_of_one_block_by_hand():
+    """Full fine-tuning in fp32, no mask, H = 64, I = 128, q width 64, k/v width 32, per token:
+    norm inputs 2*4*64 = 512, 1/rms 8, normalised inputs (norm weights train) 2*64*4 = 512,
+    SDPA q, k, v, out (64 + 32 + 32 + 64)*4 = 768 and log-sum-exp 4*4 = 16, MLP gate, up, silu 3*128*4 = 1,536,
+    linear inputs: norm outputs 2*64*4 = 512 (shared by q/k/v and gate/up), down_proj's 128*4 = 512
+    (o_proj reads the SDPA output already kept). Total 4,376.
+    With a padding mask k and v are repeated to 4 heads (+2*32*4), and each layer keeps the mask in fp32 (R*T*T*4).
+    LoRA: no normalised inputs (-512), norm input of block 0 not kept (-256), + r=8 per adapted module 7*8*4."""
+    shape = model_shape(tiny_config())
+    assert layer_activation_bytes(shape, plan(), 1) == 4_376
+    assert layer_activation_bytes(shape, plan(mask=True), 1) == 4_376 + 256
+    assert mask_bytes(plan(mask=True)) == 2 * 8 * 8 * 4
+    lora = plan(strategy="lora", lora_r=8, lora_targets=LORA_TARGETS)
+    assert layer_activation_bytes(shape, lora, 1) == 4_376 - 512 + 224
+    assert layer_activation_bytes(shape, lora, 0) == 4_376 - 512 - 256 + 224
+
+
+def test_logits_and_chunked_loss_bytes_by_hand():
+    """R = 2 rows of T = 8, N = 14 loss rows, V = 400, fp32 (one chunk):
+    forward: logits 2*8*400*4 = 25,600 + loss rows 14*400*4 = 22,400 + fp32 log-softmax 22,400 = 70,400;
+    chunk backward: loss rows 22,400 + three fp32 chunk buffers 67,200 = 89,600;
+    logits backward: gradient of the loss rows 22,400 + of the logits 25,600 = 48,000.
+    bf16 (no autocast): 2-byte logits and rows, but the chunk's fp32 buffers stay 4 bytes (+ the fp32 upcast)."""
+    shape = model_shape(tiny_config())
+    assert logits_bytes(shape, plan()) == {"forward": 70_400, "chunk backward": 89_600, "logits backward": 48_000}
+    half = logits_bytes(shape, plan(weight_bytes=2))
+    assert half["forward"] == 12_800 + 11_200 + 22_400 + 22_400 and half["chunk backward"] == 11_200 + 67_200
+    # Under mixed precision accelerate hands the loss fp32 logits, whatever the weights.
+    assert logits_bytes(shape, plan(amp=True, weight_bytes=2))["chunk backward"] == 89_600
+
+
+def test_flops_per_token_by_hand():
+    """Matmul parameters: 2 blocks * 36,864 + the head 400*64 = 99,328. Full: 6 per parameter; frozen weights with
+    adapters: 4 (no weight gradients); causal attention 6 * layers * 64 * T in both."""
+    shape = model_shape(tiny_config())
+    assert shape.matmul_params == 99_328
+    assert flops_per_token(shape, plan()) == 6 * 99_328 + 6 * 2 * 64 * 8
+    assert flops_per_token(shape, plan(strategy="lora", lora_targets=LORA_TARGETS)) == 4 * 99_328 + 6 * 2 * 64 * 8
+
+
+def _saved_bytes(model, batch) -> int:
+    """Bytes of every distinct storage autograd keeps for the backward pass of the SFT loss (parameters not counted)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen.setdefault(storage.data_ptr(), storage.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        build_objective("sft").loss(model, batch)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("case", [dict(), dict(mask=True), dict(strategy="lora"), dict(weight_bytes=2),
+                                  dict(strategy="lora", weight_bytes=2, mask=True)])
+def test_activations_equal_what_autograd_keeps(case):
+    """The formula against the tensors autograd saves in a real forward pass (the reference implementation)."""
+    p = plan(rows=2, seq_len=24, **case)
+    model = build_model("llama", 400, 64, 2, 4, 2, 128).to(torch.bfloat16 if p.weight_bytes == 2 else torch.float32)
+    if p.strategy == "lora":
+        model = apply_strategy(model, "lora", lora_r=8)
+        p = dataclasses.replace(p, lora_r=8, lora_targets=LORA_TARGETS)
+    ids = torch.randint(0, 400, (2, 24), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 24, dtype=torch.long)
+    mask[1, 20:] = 0 if p.mask else 1
+    labels = ids.masked_fill(mask == 0, -100)
+    p = dataclasses.replace(p, loss_rows=int((labels[:, 1:] != -100).sum()))
+    expected = activation_bytes(model_shape(tiny_config()), p) + p.loss_rows * 400 * p.weight_bytes  # + loss rows
+    saved = _saved_bytes(model, {"input_ids": ids, "attention_mask": mask, "labels": labels})
+    assert saved == pytest.approx(expected, rel=0.02)  # cos/sin tables and 1/rms rounding aside
+
+
+class LiveTensors(torch.utils._python_dispatch.TorchDispatchMode):
+    """Bytes of the storages alive, counting every storage an operation creates until it is freed; the peak."""
+
+    def __init__(self, existing):
+        super().__init__()
+        self.sizes: dict[int, int] = {}
+        self.live = self.peak = 0
+        for t in existing:
+            self._track(t)
+
+    def _track(self, t) -> None:
+        storage = t.untyped_storage()
+        if storage.data_ptr() in self.sizes or not storage.nbytes():
+            return
+        self.sizes[storage.data_ptr()] = storage.nbytes()
+        self.live += storage.nbytes()
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._free, storage.data_ptr())
+
+    def _free(self, key: int) -> None:
+        self.live -= self.sizes.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self._track(t)
+        return out
+
+
+@pytest.mark.parametrize("case", [dict(), dict(strategy="lora"), dict(gradient_checkpointing=True),
+                                  dict(rows=1, seq_len=6)])
+def test_peak_equals_the_tensors_alive_in_real_training_steps(case):
+    """Two optimizer steps (the second with AdamW's state) of the real loss, optimizer and backward pass: the
+    largest number of tensor bytes alive at once equals the estimated peak (the last case peaks in the update)."""
+    p = plan(**{"rows": 4, "seq_len": 48, **case})
+    model = build_model("llama", 2000, 64, 2, 4, 2, 128)
+    if p.strategy == "lora":
+        model = apply_strategy(model, "lora", lora_r=8)
+        p = dataclasses.replace(p, lora_r=8, lora_targets=LORA_TARGETS)
+    if p.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    optimizer = build_optimizer(model, 1e-3, 0.0, (0.9, 0.999), 1e-8)
+    ids = torch.randint(0, 2000, (p.rows, p.seq_len), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    p = dataclasses.replace(p, loss_rows=p.rows * (p.seq_len - 1))
+    tracker = LiveTensors([*model.parameters(), *model.buffers()])
+    with tracker:
+        for _ in range(2):
+            build_objective("sft").loss(model, batch).loss_sum.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())  # rotary tables, not in the estimate
+    estimate = estimate_memory(model_shape(AutoConfig.for_model("llama", **_dims(2000))), p)
+    assert estimate.peak == pytest.approx(tracker.peak - buffers, rel=0.02)
+    assert estimate.peak_phase == ("update" if p.rows == 1 else "loss")
+
+
+def _dims(vocab: int) -> dict:
+    return dict(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=128, tie_word_embeddings=False)
+
+
+def test_orderings():
+    shape = model_shape(AutoConfig.for_model("llama", **_dims(8000)))
+    full = estimate_memory(shape, plan(rows=4, seq_len=256, loss_rows=1020))
+    lora = estimate_memory(shape, plan(rows=4, seq_len=256, loss_rows=1020, strategy="lora",
+                                       lora_targets=LORA_TARGETS))
+    assert lora.peak < full.peak and lora.components["optimizer state"] < full.components["optimizer state"] / 50
+    checkpointed = estimate_memory(shape, plan(rows=4, seq_len=256, loss_rows=1020, gradient_checkpointing=True))
+    assert checkpointed.components["activations"] < full.components["activations"] / 5
+    half = estimate_memory(shape, plan(rows=4, seq_len=256, loss_rows=1020, weight_bytes=2))
+    assert half.components["weights"] == full.components["weights"] / 2
+    qlora = estimate_memory(shape, plan(rows=4, seq_len=256, loss_rows=1020, strategy="qlora",
+                                        lora_targets=LORA_TARGETS, quant_bytes=0.5))
+    assert qlora.components["weights"] < lora.components["weights"]
+    longer = estimate_memory(shape, plan(rows=4, seq_len=512, loss_rows=2044))
+    assert longer.peak > full.peak
+    dpo = estimate_memory(shape, plan(rows=8, seq_len=256, loss_rows=2040, reference_copy=True, reference_pass=True))
+    assert dpo.components["reference model"] == full.components["weights"] and dpo.peak > full.peak
+
+
+@pytest.fixture
+def sft_config(model_dirs, tmp_path):
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_rows(16))
+    path = tmp_path / "sft.yaml"
+    path.write_text(json.dumps({
+        "model": {"name_or_path": str(model_dirs["llama"])},
+        "data": {"train": [str(data)], "template": "chatml", "max_seq_len": 96, "cache_dir": str(tmp_path / "cache")},
+        "strategy": {"name": "lora", "lora": {"r": 4, "alpha": 8}},
+        "train": {"output_dir": str(tmp_path / "run"), "micro_batch_size": 4, "max_steps": 3},
+        "tracking": {"progress_bar": False},
+    }))
+    return path
+
+
+def test_the_command_prints_the_table_and_writes_estimate_json(sft_config, tmp_path, capsys):
+    assert main(["estimate", str(sft_config), "train.gradient_checkpointing=true"]) == 0
+    out = capsys.readouterr().out
+    for text in ("weights", "optimizer state", "activations", "logits and loss", "peak", "tokens/s", "to lower it"):
+        assert text in out
+    report = json.loads((tmp_path / "run" / "estimate.json").read_text())
+    assert report["plan"]["gradient_checkpointing"] and report["plan"]["source"] == "data.max_seq_len"
+    assert report["plan"]["rows"] == 4 and report["plan"]["seq_len"] == 96
+    assert report["peak_bytes"] == max(report["phases_bytes"].values()) > report["components_bytes"]["weights"]
+    assert not (tmp_path / "run" / "final").exists()  # nothing trained
+
+
+def test_prepared_data_gives_the_longest_batch(sft_config, tmp_path, capsys):
+    assert main(["prepare", str(sft_config), "data.max_seq_len=512"]) == 0
+    assert main(["estimate", str(sft_config), "data.max_seq_len=512"]) == 0
+    plan_ = json.loads((tmp_path / "run" / "estimate.json").read_text())["plan"]
+    assert plan_["source"] == "prepared data" and plan_["seq_len"] < 512  # the longest example, not the limit
+    assert plan_["loss_rows"] < plan_["rows"] * (plan_["seq_len"] - 1)  # prompts carry no loss
+
+
+@pytest.mark.slow
+def test_measure_is_close_to_the_estimate(tokenizer, tmp_path, capsys):
+    """3 real steps in a fresh process. A 32k vocabulary, so that the tensors outweigh the ~20 MiB that a
+    training run adds besides them (see docs/PERFORMANCE.md)."""
+    model_dir = save_tiny(tmp_path / "model", build_model("llama", 32000, 128, 2, 4), tokenizer)
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_rows(16))
+    path = tmp_path / "full.yaml"
+    path.write_text(json.dumps({
+        "model": {"name_or_path": str(model_dir)},
+        "data": {"train": [str(data)], "template": "chatml", "max_seq_len": 128, "cache_dir": str(tmp_path / "c")},
+        "strategy": {"name": "full"}, "train": {"output_dir": str(tmp_path / "run"), "micro_batch_size": 4},
+    }))
+    assert main(["estimate", str(path), "--measure"]) == 0
+    measured = json.loads((tmp_path / "run" / "estimate.json").read_text())["measured"]
+    assert abs(measured["relative_error"]) < 0.25
+    assert "measured peak" in capsys.readouterr().out
