@@ -389,6 +389,8 @@ def test_eval_adapter_reports_forgetting_against_its_base(dirs, tmp_path):
     assert acc["metric"] == "token_accuracy"
     assert acc["change"] == pytest.approx(after["token_accuracy"] - before["token_accuracy"])
     assert "## Forgetting" in (tmp_path / "tuned" / "eval.md").read_text()
+    assert (tmp_path / "tuned" / "eval.png").stat().st_size > 0  # base vs tuned bars
+    assert not (tmp_path / "base" / "eval.png").exists()  # nothing to compare
 
 
 def test_compare_reports_the_difference_of_two_evals(dirs, tmp_path):
@@ -407,6 +409,7 @@ def test_compare_reports_the_difference_of_two_evals(dirs, tmp_path):
     assert cmp["forgetting"]["sets"]["loss"]["perplexity"]["change"] == pytest.approx(
         b["sets"]["loss"]["metrics"]["perplexity"] - a["sets"]["loss"]["metrics"]["perplexity"])
     assert (tmp_path / "cmp" / "eval.md").read_text().startswith("# Comparison")
+    assert (tmp_path / "cmp" / "eval.png").stat().st_size > 0
 
 
 def test_eval_a_training_checkpoint_and_final(model_dirs, tmp_path):

@@ -82,6 +82,31 @@ def write_report(out_dir: Path, report: dict) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "eval.json").write_text(json.dumps(_json_safe(report), indent=2) + "\n", encoding="utf-8")
     (out_dir / "eval.md").write_text(markdown(report), encoding="utf-8")
+    bars = before_after(report)
+    if bars is not None:
+        from tunesmith.track.plots import plot_before_after
+
+        plot_before_after(*bars, out_dir / "eval.png", title="before vs after", labels=("A", "B")
+                          if "delta" in report else ("base", "tuned"))
+
+
+def before_after(report: dict) -> tuple[dict[str, float], dict[str, float]] | None:
+    """`set/metric` scores of the two models a report compares (A and B, or base and tuned for forgetting),
+    or None when it compares nothing."""
+    if "delta" in report:
+        pairs = [(report["a"]["sets"][name]["metrics"], report["b"]["sets"][name]["metrics"], name)
+                 for name in report["delta"]]
+        before = {f"{n}/{k}": v for a, _, n in pairs for k, v in scores(a).items()}
+        after = {f"{n}/{k}": v for _, b, n in pairs for k, v in scores(b).items()}
+    elif "forgetting" in report:
+        entries = [(f"{name}/{e['metric']}", e) for name, sets in report["forgetting"]["sets"].items()
+                   for e in sets.values()]
+        before = {key: e["before"] for key, e in entries}
+        after = {key: e["after"] for key, e in entries}
+    else:
+        return None
+    shared = [k for k in before if k in after]
+    return ({k: before[k] for k in shared}, {k: after[k] for k in shared}) if shared else None
 
 
 def markdown(report: dict) -> str:
