@@ -145,6 +145,11 @@ def _json(path: Path) -> Iterator[tuple[str, Record]]:
     while True:
         pos = _skip_space(text, pos)
         if text[pos : pos + 1] == "]":
+            end = _skip_space(text, pos + 1)
+            if end < len(text):  # e.g. a second array appended: its records would be lost without a word
+                line = text.count("\n", 0, end) + 1
+                raise DataError(f"{path}:{line}: invalid JSON: extra data after the array (one JSON array per file; "
+                                "use JSON Lines for appended records)")
             return
         line = text.count("\n", 0, pos) + 1
         try:
