@@ -240,6 +240,7 @@ def task_metric(cfg: Config, name: str, report: dict) -> tuple[str, float | None
 
 
 def classification_metric(cfg: Config, final: Path) -> tuple[str, float]:
+    from tunesmith.eval.models import load_trained
     from tunesmith.model.heads import prepare_classification
     from tunesmith.model.load import load_tokenizer
     from tunesmith.objectives.classify import accuracy
@@ -254,6 +255,7 @@ def classification_metric(cfg: Config, final: Path) -> tuple[str, float]:
 def generation_metric(cfg: Config, final: Path) -> tuple[str, float]:
     from tunesmith.eval.command import eval_sets, settings_from_config
     from tunesmith.eval.harness import run_set
+    from tunesmith.eval.models import load_trained
     from tunesmith.model.load import load_tokenizer
 
     spec = eval_sets(cfg)[0]
@@ -262,57 +264,6 @@ def generation_metric(cfg: Config, final: Path) -> tuple[str, float]:
     metrics = run_set(model, tokenizer, spec, settings_from_config(cfg))["metrics"]
     key = next(k for k in metrics if k != "n")
     return f"{spec.name} {key}", metrics[key]
-
-
-def load_trained(cfg: Config, final: Path, tokenizer):
-    """A run's final/ on its base, as `tunesmith train` built it: full weights, a PEFT adapter or ReFT
-    interventions; with a classification head for `classify`. Eval mode, on the best device."""
-    from tunesmith.model.load import load_model, resize_embeddings, resolve_dtype
-    from tunesmith.model.reft import is_reft_dir, load_reft
-    from tunesmith.model.strategies import quantization_config
-
-    m, s = cfg.model, cfg.strategy
-    adapter = (final / "adapter_config.json").is_file()
-    source = m.name_or_path if adapter or is_reft_dir(final) else str(final)
-    quant = None
-    if s.name == "qlora":
-        quant = quantization_config(s.quant.quant_type, s.quant.double_quant, resolve_dtype(s.quant.compute_dtype))
-    dtype = resolve_dtype(m.dtype)
-    if cfg.train.objective == "classify":
-        from tunesmith.model.heads import classification_rows, label_names, load_classification_model
-
-        labels = None if s.head.regression else label_names(classification_rows(cfg)[0]["train"], s.head.labels)
-        model = load_classification_model(source, labels or [], s.head.regression, tokenizer.pad_token_id, dtype,
-                                          m.attn_implementation, allow_pickle=m.allow_pickle,
-                                          quantization_config=quant)
-    else:
-        model = load_model(source, dtype, m.attn_implementation, allow_pickle=m.allow_pickle,
-                           quantization_config=quant)
-        if final != Path(source):
-            resize_embeddings(model, tokenizer)
-        if tokenizer.pad_token_id is not None:
-            model.generation_config.pad_token_id = tokenizer.pad_token_id
-        _stop_tokens(model, tokenizer, cfg)
-    if adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, final)
-        if s.name == "prompt_tuning" and cfg.train.objective != "classify":
-            from tunesmith.model.prompt_tuning import strip_virtual_tokens
-
-            strip_virtual_tokens(model)
-    elif is_reft_dir(final):
-        model = load_reft(model, final)
-    if quant is None:
-        model.to("cuda" if torch.cuda.is_available() else "cpu")
-    return model.eval()
-
-
-def _stop_tokens(model, tokenizer, cfg: Config) -> None:
-    from tunesmith.train.run import set_generation_eos
-
-    if cfg.train.objective != "clm" and not cfg.data.train_on_prompt:
-        set_generation_eos(model, tokenizer)
 
 
 def _task_name(cfg: Config) -> str:

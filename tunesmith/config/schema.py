@@ -282,12 +282,13 @@ class EvalSetConfig:
 
     name: str = ""  # "": the file's stem
     path: str = ""  # read by the training data readers (jsonl/json/csv/parquet/txt ...)
-    kind: Literal["loss", "choice", "generate"] = "generate"
+    kind: Literal["loss", "choice", "generate", "classify"] = "generate"  # classify: text + label rows
     format: Optional[DataFormat] = None  # loss/generate: None detects it from the first record
     fields: dict[str, str] = field(default_factory=dict)  # internal name -> name in the file
     limit: Optional[int] = None  # only the first N rows
     general: bool = False  # measures general ability: reported as forgetting (also: eval.general)
-    # choice: the options are each row's `options`, else this fixed list; the winner has the highest log-likelihood
+    # choice: the options are each row's `options`, else this fixed list; the winner has the highest log-likelihood.
+    # classify: a causal LM chooses among these labels (default: the labels in the file); a classifier predicts
     options: list[str] = field(default_factory=list)
     length_normalize: Literal["none", "token", "char"] = "none"  # divide by option tokens or characters
     # generate

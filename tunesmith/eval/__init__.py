@@ -7,8 +7,10 @@ before torch loads):
     generate   batched greedy or sampled generation with stop tokens
     items      eval set files -> items (question, reference, options)
     sets       an eval set as plain values
-    harness    one set on one model, streamed: loss, choice, generate; `generation_metrics` for training
-    models     load a model, a PEFT adapter or a checkpoint, and its baseline
+    harness    one set on one model, streamed: loss, choice, generate, classify; `generation_metrics` for
+               training
+    classifiers  text classifiers (feature-based runs, classification heads) as the harness scores them
+    models     load a model, a PEFT adapter, a ReFT run, a checkpoint or a classifier, and its baseline
     report     eval.json and eval.md, deltas and forgetting
     command    `tunesmith eval`
 """

@@ -1,6 +1,7 @@
 """`tunesmith eval CONFIG [overrides] [--compare A B]`: evaluate a model on the config's eval sets.
 
-    check the sets (before any model loads) -> load model, adapter or checkpoint -> run every set
+    check the sets (before any model loads) -> load model, adapter, ReFT run, checkpoint, feature-based or
+      classification run -> run every set
       -> general sets on the baseline too (forgetting) -> eval.json + eval.md in eval.output_dir
 
 With `--compare A B` both models run the same sets and the report gives each metric's delta B - A; the
@@ -25,9 +26,12 @@ from tunesmith.eval.sets import EvalSet, Settings
 
 log = logging.getLogger(__name__)
 
+CHOOSING = ("choice", "classify")  # kinds whose causal-LM answer is the option of highest log-likelihood
+
 
 def eval_command(cfg: Config, compare: Sequence[str] | None = None) -> dict:
     """Run `tunesmith eval`; returns the report written to eval.json (and rendered in eval.md)."""
+    from tunesmith.eval.models import check_sets
     from tunesmith.eval.report import compare_report, single_report, write_report
     from tunesmith.track.logs import setup_logging
 
@@ -35,6 +39,8 @@ def eval_command(cfg: Config, compare: Sequence[str] | None = None) -> dict:
     if not compare and not cfg.model.name_or_path:
         raise ConfigError("model.name_or_path: required (the model, adapter or checkpoint to evaluate), "
                           "or pass --compare A B")
+    for path in compare or [cfg.model.name_or_path]:
+        check_sets(path, sets)  # a classifier runs classify sets only: refused before any model loads
     setup_logging(None, cfg.tracking.log_level)
     started = time.perf_counter()
     settings, options = settings_from_config(cfg), load_options(cfg)
@@ -135,10 +141,14 @@ def eval_set(key: str, s: EvalSetConfig) -> EvalSet:
         _check_generate(key, s)
     elif s.kind == "choice" and s.format is not None:
         raise ConfigError(f"{key}.format: choice sets read prompt/options/label records; format does not apply")
-    if s.kind == "choice" and len(s.options) == 1:
+    elif s.kind == "classify" and s.format not in (None, "auto", "classification"):
+        raise ConfigError(f"{key}.format: classify sets read text + label rows (format: classification), not "
+                          f"{s.format}")
+    if s.kind in CHOOSING and len(s.options) == 1:
         raise ConfigError(f"{key}.options: a fixed list needs at least two options, got {s.options}")
-    if s.kind != "choice" and (s.options or s.length_normalize != "none"):
-        raise ConfigError(f"{key}.{'options' if s.options else 'length_normalize'}: only for kind: choice")
+    if s.kind not in CHOOSING and (s.options or s.length_normalize != "none"):
+        raise ConfigError(f"{key}.{'options' if s.options else 'length_normalize'}: only for kind: choice or "
+                          "classify")
     return EvalSet(
         name=s.name or Path(s.path).stem, path=s.path, kind=s.kind, format=s.format or "auto",
         fields=tuple(sorted(s.fields.items())), limit=s.limit, general=s.general, options=tuple(s.options),

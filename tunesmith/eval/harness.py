@@ -3,6 +3,9 @@
     loss      token-weighted next-token loss on chat, text or completion rows (the training masks and the
               training loss, `summed_nll`), perplexity = exp(loss), and top-1 accuracy on the loss tokens
     choice    multiple choice by option log-likelihood (`tunesmith.eval.loglik`): accuracy
+    classify  text + label rows: accuracy and macro-F1 of a classifier's own predictions (a feature-based run,
+              a classification head: `tunesmith.eval.classifiers`), or of a causal LM's choice among the
+              labels by log-likelihood, so both kinds of model are scored on one scale
     generate  greedy or sampled answers scored by exact_match, rouge_l, bleu, chrf, numeric and/or a user's
               scorer; with chain of thought, by the answers read off the reasoning (`extract_answer`)
 
@@ -22,10 +25,12 @@ from tunesmith.data.batching import collate
 from tunesmith.data.formats import Row
 from tunesmith.data.tokenize import Example, check_template, encode_rows, fit_example
 from tunesmith.errors import DataError
+from tunesmith.eval.classifiers import TextClassifier, require_lm
 from tunesmith.eval.generate import generate_token_ids, stop_token_ids
-from tunesmith.eval.items import item_from_row, read_items, read_rows
+from tunesmith.eval.items import item_from_row, label_item, read_items, read_labelled, read_rows, set_labels
 from tunesmith.eval.loglik import best_option, continuation_logps, option_scores
-from tunesmith.eval.metrics import ScorerMeans, extract_answer, load_scorer, make_accumulator
+from tunesmith.eval.metrics import LabelCounts, ScorerMeans, extract_answer, load_scorer, make_accumulator
+from tunesmith.model.reft import positions_as_trained
 from tunesmith.eval.prompting import FewShotPool, Item, Prompter
 from tunesmith.eval.sets import DEFAULT_COT_INSTRUCTION, EvalSet, Settings
 from tunesmith.objectives.tokens import model_inputs, shift_labels, summed_nll, target_mask
@@ -34,15 +39,21 @@ T = TypeVar("T")
 
 
 def run_set(model, tokenizer, spec: EvalSet, settings: Settings = Settings()) -> dict:
-    """Evaluate `model` on one set.
+    """Evaluate `model` (a causal LM, or a `TextClassifier` on classify sets) on one set.
 
     Returns:
         {"kind", "path", "general", "metrics": {name: value, "n": count, ...}} and, for generation sets,
         "examples": the first `settings.num_examples` predictions with their references.
+    Raises:
+        ConfigError for a loss, choice or generate set on a TextClassifier.
     """
     s = settings
     result: dict = {"kind": spec.kind, "path": spec.path, "general": spec.general}
     fields = dict(spec.fields)
+    if spec.kind == "classify":
+        result["metrics"] = classify_set_metrics(model, tokenizer, spec, s)
+        return result
+    require_lm(model, spec.name, spec.kind)
     if spec.kind == "loss":
         rows = read_rows(spec.path, spec.format, fields, spec.limit, s.system_prompt)
         result["metrics"] = loss_metrics(model, tokenizer, rows, s.batch_size, s.max_seq_len, s.truncation,
@@ -112,7 +123,8 @@ def loss_metrics(model, tokenizer, rows: Iterable[Row], batch_size: int = 8, max
         if not examples:
             continue
         batch = {k: v.to(device) for k, v in collate(examples, _pad_id(model, tokenizer)).items()}
-        logits = model(**model_inputs(batch)).logits  # (B, T, V)
+        with positions_as_trained(model, batch):  # ReFT: intervened where training intervened
+            logits = model(**model_inputs(batch)).logits  # (B, T, V)
         loss_sum, num_tokens = summed_nll(logits, batch["labels"])
         keep = target_mask(batch["labels"])  # (B, T)
         correct += int((logits.argmax(-1)[keep] == shift_labels(batch["labels"])[keep]).sum())
@@ -138,9 +150,22 @@ def choice_metrics(model, tokenizer, items: Iterable[Item], prompter: Prompter, 
     `max_seq_len` with its longest option loses its oldest tokens (counted in `truncated`).
     """
     correct, n, truncated = 0, 0, 0
+    for chunk, chosen, cut in chosen_options(model, tokenizer, items, prompter, batch_size, length_normalize,
+                                             max_seq_len):
+        correct += sum(option == item.answer for option, item in zip(chosen, chunk))
+        n += len(chunk)
+        truncated += cut
+    return {"accuracy": correct / n if n else float("nan"), "n": n, "truncated": truncated}
+
+
+def chosen_options(model, tokenizer, items: Iterable[Item], prompter: Prompter, batch_size: int = 8,
+                   length_normalize: str = "none", max_seq_len: int = 1024
+                   ) -> Iterator[tuple[list[Item], list[str], int]]:
+    """Per chunk of `batch_size` items: the items, the option each one's prompt makes most likely, and how many
+    of their prompts were cut to fit `max_seq_len` (see `choice_metrics`)."""
     pad = _pad_id(model, tokenizer)
     for chunk in batches(items, batch_size):
-        pairs, options = [], []
+        pairs, options, truncated = [], [], 0
         for item in chunk:
             option_ids = [tokenizer(o, add_special_tokens=False)["input_ids"] for o in item.options]
             if not all(option_ids):
@@ -150,12 +175,58 @@ def choice_metrics(model, tokenizer, items: Iterable[Item], prompter: Prompter, 
             pairs += [(context, ids) for ids in option_ids]
             options.append(option_ids)
         logps = iter(continuation_logps(model, pairs, pad, batch_size))
+        chosen = []
         for item, option_ids in zip(chunk, options):
             scores = option_scores([next(logps) for _ in option_ids], [len(ids) for ids in option_ids],
                                    [len(o) for o in item.options], length_normalize)
-            correct += item.options[best_option(scores)] == item.answer
-            n += 1
-    return {"accuracy": correct / n if n else float("nan"), "n": n, "truncated": truncated}
+            chosen.append(item.options[best_option(scores)])
+        yield chunk, chosen, truncated
+
+
+# ---------------------------------------------------------------------------------------------------
+# classify
+
+
+def classify_set_metrics(model, tokenizer, spec: EvalSet, settings: Settings = Settings()) -> dict:
+    """A classify set on a `TextClassifier` (its own predictions) or a causal LM (its choice among the set's
+    `options`, else the labels found in the file, by log-likelihood after the text)."""
+    s, fields = settings, dict(spec.fields)
+    rows = read_labelled(spec.path, spec.format, fields, spec.limit)
+    if isinstance(model, TextClassifier):
+        return classifier_metrics(model, rows, s.batch_size)
+    labels = list(spec.options) or set_labels(spec.path, spec.format, fields, spec.limit)
+    prompter = Prompter(tokenizer, spec.prompt_format, _fewshot_pool(spec, s.seed), None, s.system_prompt)
+    return label_choice_metrics(model, tokenizer, rows, labels, prompter, s.batch_size, spec.length_normalize,
+                                s.max_seq_len)
+
+
+def classifier_metrics(classifier: TextClassifier, rows: Iterable[Row], batch_size: int = 8) -> dict:
+    """Accuracy and macro-F1 (`LabelCounts`) of a classifier's predicted labels on text + label rows.
+
+    Raises:
+        DataError for a row whose label is not one of the classifier's classes.
+    """
+    counts, known = LabelCounts(), set(classifier.labels)
+    for chunk in batches(rows, batch_size):
+        for row in chunk:
+            if row.label not in known:
+                raise DataError(f"{row.source}: label: {row.label!r} is not one of the model's classes "
+                                f"{classifier.labels!r:.80}")
+        counts.update(classifier.predict([row.text for row in chunk]), [row.label for row in chunk])
+    return {**counts.value(), "n": counts.count}
+
+
+def label_choice_metrics(model, tokenizer, rows: Iterable[Row], labels: Sequence[str], prompter: Prompter,
+                         batch_size: int = 8, length_normalize: str = "none", max_seq_len: int = 1024) -> dict:
+    """Accuracy and macro-F1 of a causal LM on text + label rows, its prediction being the label with the
+    highest (length-normalised) log-likelihood after the text (`chosen_options` over `label_item`s)."""
+    counts, truncated = LabelCounts(), 0
+    items = (label_item(row, labels) for row in rows)
+    for chunk, chosen, cut in chosen_options(model, tokenizer, items, prompter, batch_size, length_normalize,
+                                             max_seq_len):
+        counts.update(chosen, [item.answer for item in chunk])
+        truncated += cut
+    return {**counts.value(), "n": counts.count, "truncated": truncated}
 
 
 # ---------------------------------------------------------------------------------------------------

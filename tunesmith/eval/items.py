@@ -4,6 +4,9 @@ Generation sets use the training formats (`tunesmith.data.formats`): a conversat
 the last and answered by the last assistant turn; a completion row is asked its prompt (plain text) and
 answered by its completion; a classification row is asked its text and answered by its label.
 
+Classification sets (`kind: classify`) are text + label rows (`read_labelled`); for a causal LM each becomes a
+multiple-choice item whose options are the set's labels (`label_item`).
+
 Multiple-choice records carry a prompt, options and the correct one:
 
     {"prompt": "The capital of Peru is", "options": [" Lima", " Paris"], "label": " Lima"}
@@ -38,13 +41,38 @@ def read_rows(path: str, fmt: str = "auto", fields: dict[str, str] | None = None
 
 def read_items(path: str, kind: str, fmt: str = "auto", fields: dict[str, str] | None = None,
                options: Sequence[str] = (), limit: int | None = None) -> Iterator[Item]:
-    """The first `limit` items of a generation ("generate") or multiple-choice ("choice") file, streamed."""
+    """The first `limit` items of a generation ("generate") or multiple-choice ("choice") file, streamed; a
+    classification ("classify") file gives its rows' texts and labels as questions and answers."""
     if kind == "choice":
         items = (choice_item(rename_fields(obj, fields, where), where, options)
                  for where, obj in _records(path))
     else:
         items = (item_from_row(row) for row in iter_rows(path, fmt, None, fields))
     return islice(items, limit)
+
+
+def read_labelled(path: str, fmt: str = "auto", fields: dict[str, str] | None = None, limit: int | None = None
+                  ) -> Iterator[Row]:
+    """The first `limit` text + label rows of a classification set, streamed; any other row is an error."""
+    for row in read_rows(path, fmt, fields, limit):
+        if row.kind != "classification":
+            raise DataError(f"{row.source}: a classify set needs text + label rows, got a {row.kind} row (set the "
+                            "set's format: classification, and fields if the file names them otherwise)")
+        yield row
+
+
+def set_labels(path: str, fmt: str = "auto", fields: dict[str, str] | None = None, limit: int | None = None
+               ) -> list[str]:
+    """The distinct labels of a classification set's first `limit` rows, sorted (one streamed pass)."""
+    return sorted({row.label for row in read_labelled(path, fmt, fields, limit)})
+
+
+def label_item(row: Row, labels: Sequence[str]) -> Item:
+    """A text + label row as a multiple-choice item over `labels`: the text is the user's question, the labels
+    are the options and the row's label is the correct one."""
+    if row.label not in labels:
+        raise DataError(f"{row.source}: label: {row.label!r} is not one of the set's labels {list(labels)!r:.80}")
+    return Item(row.source, ({"role": "user", "content": row.text},), row.label, tuple(labels))
 
 
 def item_from_row(row: Row) -> Item:

@@ -21,6 +21,7 @@ import torch
 
 from tunesmith.data.batching import collate
 from tunesmith.data.tokenize import IGNORE_INDEX, Example
+from tunesmith.model.reft import positions_as_trained
 from tunesmith.objectives.tokens import model_inputs, sequence_logps
 
 LENGTH_NORMALIZATION = ("none", "token", "char")
@@ -47,7 +48,8 @@ def continuation_logps(model, pairs: Sequence[tuple[list[int], list[int]]], pad_
     for start in range(0, len(pairs), batch_size):
         examples = [_example(context, continuation) for context, continuation in pairs[start:start + batch_size]]
         batch = {k: v.to(device) for k, v in collate(examples, pad_token_id).items()}
-        logits = model(**model_inputs(batch)).logits  # (B, T, V)
+        with positions_as_trained(model, batch):  # ReFT: the context is the prompt, as in generation
+            logits = model(**model_inputs(batch)).logits  # (B, T, V)
         logps, _ = sequence_logps(logits, batch["labels"])  # (B,)
         scores += logps.tolist()
     model.train(was_training)

@@ -228,6 +228,41 @@ class ScorerMeans:
         return {k: v / self.count for k, v in self.totals.items()} if self.count else {}
 
 
+class LabelCounts:
+    """Accuracy and macro-F1 of predicted labels, from per-label counts of true positives, false positives and
+    false negatives.
+
+    F1 of a label = 2 TP / (2 TP + FP + FN); macro-F1 is their mean over every label that occurs as a reference
+    or a prediction (scikit-learn's `f1_score(average="macro")`, the labels it infers).
+    """
+
+    def __init__(self) -> None:
+        self.correct, self.count = 0, 0
+        self.tp: dict[str, int] = {}
+        self.fp: dict[str, int] = {}
+        self.fn: dict[str, int] = {}
+
+    def update(self, predictions: Sequence[str], references: Sequence[str]) -> None:
+        for predicted, gold in zip(predictions, references, strict=True):
+            self.count += 1
+            for counts, label in ((self.tp, predicted), (self.fp, predicted), (self.fn, gold)):
+                counts.setdefault(label, 0)
+            if predicted == gold:
+                self.correct += 1
+                self.tp[gold] += 1
+            else:
+                self.fp[predicted] += 1
+                self.fn[gold] += 1
+
+    def value(self) -> dict[str, float]:
+        if not self.count:
+            return {"accuracy": float("nan"), "macro_f1": float("nan")}
+        labels = set(self.tp) | set(self.fn)
+        f1 = [2 * self.tp.get(k, 0) / (2 * self.tp.get(k, 0) + self.fp.get(k, 0) + self.fn.get(k, 0))
+              for k in labels]
+        return {"accuracy": self.correct / self.count, "macro_f1": sum(f1) / len(f1)}
+
+
 METRIC_NAMES = ("exact_match", "rouge_l", "bleu", "chrf", "numeric")
 
 

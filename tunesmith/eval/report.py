@@ -6,7 +6,8 @@
 
 Forgetting compares the general sets before and after fine-tuning (the baseline and the model, or A and B):
 {"before", "after", "sets": {name: {"perplexity" and/or "accuracy": {"metric", "before", "after", "change"}}}},
-where accuracy is token accuracy for loss sets, accuracy for choice sets and the first metric of a generate set.
+where accuracy is token accuracy for loss sets, accuracy for choice and classify sets and the first metric of a
+generate set.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def accuracy_key(result: dict) -> str | None:
     """The metric a set's accuracy is read from."""
     if result["kind"] == "loss":
         return "token_accuracy"
-    if result["kind"] == "choice":
+    if result["kind"] in ("choice", "classify"):
         return "accuracy"
     return next(iter(scores(result["metrics"])), None)
 

@@ -15,7 +15,7 @@ class EvalSet:
 
     name: str
     path: str
-    kind: str = "generate"  # loss | choice | generate
+    kind: str = "generate"  # loss | choice | generate | classify
     format: str = "auto"
     fields: tuple[tuple[str, str], ...] = ()
     limit: int | None = None

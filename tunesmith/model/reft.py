@@ -14,7 +14,9 @@ both). Which tokens are the prompt depends on the pass:
 
     training    the tokens before a row's first supervised label: `intervening_on_prompts` wraps an objective
                 so that its forward passes see the positions its batch's labels give
-    a new pass  (no KV cache yet: a prompt being encoded, an eval batch, a classification batch) every real token
+    scoring     a labelled batch outside training (eval loss, an option's log-likelihood) likewise, inside
+                `positions_as_trained(model, batch)`
+    a new pass  (no KV cache yet: a prompt being encoded, a classification batch) every real token
                 (attention_mask, left or right padded) is prompt
     decoding    a pass that continues a KV cache carries generated tokens: nothing is intervened on
 
@@ -278,6 +280,13 @@ def intervening_on_prompts(objective):
 
 
 def _with_positions(reft: ReftModel, batch: dict[str, torch.Tensor], fn, model):
+    with reft.positions(batch_positions(reft, batch)):
+        return fn(model, batch)
+
+
+def batch_positions(reft: ReftModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B, T) bool: where a batch is intervened on, as training does it: the first and last positions of each
+    row's prompt (the tokens before its first label), or of its real tokens when the batch has no token labels."""
     if "position_ids" in batch and "attention_mask" not in batch:
         raise ConfigError("data.pack: ReFT intervenes on each row's prompt; packed rows hold several, so set "
                           "data.pack=false")
@@ -286,5 +295,17 @@ def _with_positions(reft: ReftModel, batch: dict[str, torch.Tensor], fn, model):
         prompt = prompt_mask_from_labels(batch["labels"], mask)
     else:
         prompt = mask if mask is not None else torch.ones_like(batch["input_ids"])
-    with reft.positions(prompt_positions(prompt, reft.spec.first, reft.spec.last)):
-        return fn(model, batch)
+    return prompt_positions(prompt, reft.spec.first, reft.spec.last)
+
+
+def positions_as_trained(model: nn.Module, batch: dict[str, torch.Tensor]) -> contextlib.AbstractContextManager:
+    """A context in which `model`, if it is a ReftModel, intervenes on `batch` where training did
+    (`batch_positions`): scoring a labelled batch (eval loss, an option's log-likelihood) then gives the numbers
+    training and generation give. Any other model: nothing changes.
+
+        with positions_as_trained(model, batch):
+            logits = model(**model_inputs(batch)).logits
+    """
+    if not isinstance(model, ReftModel):
+        return contextlib.nullcontext()
+    return model.positions(batch_positions(model, batch))
