@@ -16,7 +16,6 @@ from tunesmith.data.tokenize import encode_chat
 from tunesmith.demo import evaluate as ev
 from tunesmith.demo.files import WorldSize, write_world
 from tunesmith.demo.run import (
-    ALIGNMENT_NOT_AVAILABLE,
     MARKER,
     RECIPE_ROOT,
     DemoSize,
@@ -165,6 +164,26 @@ def test_batched_greedy_matches_a_manual_argmax_loop(chat_tokenizer):
     assert texts == [chat_tokenizer.decode(e, skip_special_tokens=True) for e in expected]
 
 
+@torch.no_grad()
+def test_preference_scores_are_the_answers_log_probs_after_the_chat_prompt(chat_tokenizer):
+    """Each pair's scores equal log p(answer + end of turn | chat prompt) summed token by token, unbatched."""
+    model = build_model("llama", vocab_size=len(chat_tokenizer), seed=0).eval()
+    pairs = [{"prompt": "What is 2 + 3?", "chosen": "5", "rejected": "It is probably six.", "kind": "wrong_sum"},
+             {"prompt": "Capital of Marnburg?", "chosen": "Tellin.", "rejected": "Osk", "kind": "wrong_fact"}]
+
+    rows = ev.score_preferences(model, chat_tokenizer, pairs, batch_size=3)  # a batch boundary inside a pair
+
+    user = lambda p: [{"role": "user", "content": p["prompt"]}]  # noqa: E731
+    for pair, row in zip(pairs, rows):
+        prompt = prompt_ids(chat_tokenizer, user(pair))
+        for answer in ("chosen", "rejected"):
+            ids, labels = encode_chat(chat_tokenizer, user(pair) + [{"role": "assistant", "content": pair[answer]}])
+            logps = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+            expected = sum(logps[t - 1, ids[t]].item() for t in range(len(prompt), len(ids)) if labels[t] != -100)
+            assert row[f"{answer}_logp"] == pytest.approx(expected, abs=2e-4)
+        assert row["correct"] == (row["chosen_logp"] > row["rejected_logp"]) and row["kind"] == pair["kind"]
+
+
 # ---------------------------------------------------------------------------------------------------
 # The demo run
 
@@ -240,7 +259,7 @@ def test_bare_names_keep_a_name_s_tokens_after_a_space_and_a_newline():
     assert tok.decode(tok("The capital of Marnburg is 12.")["input_ids"]) == "The capital of Marnburg is 12."
 
 
-SMALL = DemoSize(num_countries=24, hidden_size=64, num_layers=2, pretrain_steps=150, sft_steps=60)
+SMALL = DemoSize(num_countries=24, hidden_size=64, num_layers=2, pretrain_steps=800, sft_steps=300, dpo_steps=40)
 
 
 @pytest.mark.slow
@@ -250,23 +269,30 @@ def test_small_demo_shows_each_effect_in_its_direction(tmp_path, capsys):
     prompting, clusters = report["prompting"], report["clusters"]
     assert prompting["few_shot"]["exact_match"] > prompting["zero_shot"]["exact_match"], prompting
     assert report["seen_clusters"]["tuned"] >= report["seen_clusters"]["base"] + 0.30, report["seen_clusters"]
-    assert clusters["tuned"]["nli"]["exact_match"] > clusters["base"]["nli"]["exact_match"], clusters
     assert clusters["base"]["fact_completion"]["exact_match"] > 0.5  # the base does know the facts
     forgetting = report["forgetting"]  # as numbers
-    assert 1.0 < forgetting["base"] < forgetting["tuned"]
-    assert report["alignment"] == {"ran": False, "status": ALIGNMENT_NOT_AVAILABLE,
-                                   "data": str(tmp_path / "demo" / "data" / "preference" / "train.jsonl")}
+    assert 1.0 < forgetting["base"] < forgetting["tuned"] and forgetting["aligned"] > 1.0
+    alignment = report["alignment"]
+    assert alignment["aligned"]["margin"] > alignment["tuned"]["margin"], alignment  # DPO widens the margin
+    assert alignment["aligned"]["n"] == len(ev.read_jsonl(tmp_path / "demo" / "data" / "preference" / "heldout.jsonl"))
 
     written = json.loads((tmp_path / "demo" / "report.json").read_text())
     assert written["clusters"] == clusters and written["seed"] == 0
     assert written["versions"]["torch"] == torch.__version__
     assert written["configs"]["sft"]["strategy"]["name"] == "lora"
-    assert all((tmp_path / "demo" / run / "loss.png").is_file() for run in ("pretrain", "sft"))
+    assert written["configs"]["dpo"]["train"]["objective"] == "dpo"
+    assert written["configs"]["dpo"]["model"]["name_or_path"] == str(tmp_path / "demo" / "sft-merged")
+    assert all((tmp_path / "demo" / run / "loss.png").is_file() for run in ("pretrain", "sft", "dpo"))
     markdown = (tmp_path / "demo" / "report.md").read_text()
     assert "| base + LoRA instruction tuning | chat, zero-shot |" in markdown
-    assert "| + alignment (DPO) | not available yet" in markdown
+    assert "| tuned + DPO (LoRA) | chat, zero-shot |" in markdown
     assert "| base (pretrained) | plain text, zero-shot |" in capsys.readouterr().out
     # The numbers come from the generations in the report, not from anywhere else.
     answers = written["answers"]["clusters"]["tuned"]["qa"]
     assert clusters["tuned"]["qa"]["exact_match"] == pytest.approx(
         sum(exact_match(a["prediction"], a["reference"]) for a in answers) / len(answers))
+    pairs = written["answers"]["preferences"]["aligned"]
+    assert alignment["aligned"]["preferred"] == pytest.approx(
+        sum(p["chosen_logp"] > p["rejected_logp"] for p in pairs) / len(pairs))
+    assert alignment["aligned"]["margin"] == pytest.approx(
+        sum(p["chosen_logp"] - p["rejected_logp"] for p in pairs) / len(pairs), abs=1e-3)

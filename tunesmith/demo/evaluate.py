@@ -1,9 +1,11 @@
 """The demo's evaluations: plain-text prompting of the base model, zero-shot task clusters through the chat
 template, and forgetting as perplexity on unseen corpus text. Every number is a share of greedy generations
-that match their reference (after `normalize_answer`), or a perplexity; nothing is hard-coded.
+that match their reference (after `normalize_answer`), a share of preference pairs whose chosen answer is the
+more probable, or a perplexity; nothing is hard-coded.
 
     prompts = qa_prompts(heldout, pool, shots=3, seed=0)       # "Q: ...\nA: ...\n" x3 + "Q: <query>\nA:"
     rows = score_completions(model, tokenizer, prompts)        # [{"prompt", "reference", "prediction", "correct"}]
+    rows = score_preferences(model, tokenizer, pairs)          # [{..., "chosen_logp", "rejected_logp", "correct"}]
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from tunesmith.demo.texts import quiz_lines
 from tunesmith.demo.world import QA
@@ -119,3 +123,33 @@ def perplexity(model, tokenizer, texts: list[str], batch_size: int = 32) -> floa
     loss = evaluate_loss(model, OBJECTIVES["clm"], examples, batch_size, tokenizer.pad_token_id,
                          Accelerator(cpu=True))
     return round(math.exp(loss), 3)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Preferences
+
+
+@torch.no_grad()
+def score_preferences(model, tokenizer, pairs: list[dict], batch_size: int = 16) -> list[dict]:
+    """Per pair {"prompt", "chosen", "rejected", "kind"}: the log-probabilities of both answers after the prompt
+    through the chat template (end-of-turn token included, tokenised as training tokenises them), and whether
+    the chosen one is the more probable."""
+    from tunesmith.data.batching import collate
+    from tunesmith.data.formats import Row
+    from tunesmith.data.tokenize import Example, encode_row
+    from tunesmith.objectives.tokens import model_inputs, sequence_logps
+
+    examples = []
+    for i, pair in enumerate(pairs):
+        row = Row(source=f"pair {i}", messages=({"role": "user", "content": pair["prompt"]},),
+                  chosen=pair["chosen"], rejected=pair["rejected"])
+        ids, labels, rejected_ids, rejected_labels = encode_row(tokenizer, row)
+        examples += [Example(ids, labels), Example(rejected_ids, rejected_labels)]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    logps: list[float] = []
+    for start in range(0, len(examples), batch_size):
+        batch = collate(examples[start:start + batch_size], pad)
+        logps += sequence_logps(model(**model_inputs(batch)).logits, batch["labels"])[0].tolist()
+    return [{"prompt": pair["prompt"], "kind": pair["kind"], "chosen": pair["chosen"], "rejected": pair["rejected"],
+             "chosen_logp": round(logps[2 * i], 4), "rejected_logp": round(logps[2 * i + 1], 4),
+             "correct": logps[2 * i] > logps[2 * i + 1]} for i, pair in enumerate(pairs)]

@@ -6,8 +6,9 @@
       -> base model: fact QA as plain text, zero-shot and few-shot
       -> instruction tuning (LoRA, FLAN templates, one cluster held out) configs/demo/sft_lora.yaml
       -> base and tuned model: every cluster zero-shot through the chat template
-      -> alignment (DPO)                                                 listed, not available yet
-      -> forgetting: perplexity on unseen corpus text, base vs tuned
+      -> alignment: SFT adapter merged, DPO with a new LoRA adapter      configs/demo/dpo.yaml
+      -> aligned model: held-out preference pairs and every cluster
+      -> forgetting: perplexity on unseen corpus text, base vs tuned vs aligned
       -> table on the terminal, report.md + report.json, loss curves
 
 Nothing is hard-coded: every number comes from greedy generations scored against the world's data.
@@ -16,6 +17,7 @@ Nothing is hard-coded: every number comes from greedy generations scored against
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import shutil
 import time
@@ -59,6 +61,7 @@ class DemoSize:
     num_heads: int = 4
     pretrain_steps: int | None = None  # None: train.max_steps of configs/demo/pretrain.yaml
     sft_steps: int | None = None  # None: train.max_steps of configs/demo/sft_lora.yaml
+    dpo_steps: int | None = None  # None: train.max_steps of configs/demo/dpo.yaml
     shots: int = 1  # solved examples in the base model's few-shot prompts (more distract a model this small)
     max_new_tokens: int = 24
 
@@ -88,15 +91,21 @@ def run_demo(output_dir: str | Path, seed: int = 0, size: DemoSize = DemoSize())
         prompting = evaluate_prompting(world, paths, base_dir, size, seed)
         sft = _train(demo_config("sft_lora.yaml", out, seed, size.sft_steps))
         adapter_dir = Path(sft["config"]["train"]["output_dir"]) / "final"
-        clusters = evaluate_clusters(world, paths, base_dir, adapter_dir, size, seed)
-        alignment = align(paths, adapter_dir)
-        forgetting = evaluate_forgetting(paths, base_dir, adapter_dir)
-    report = build_report(world, size, prompting, clusters, alignment, forgetting, pretrain, sft,
-                          time.perf_counter() - started)
+        merged = out / "sft-merged"
+        merge_adapter_quietly(adapter_dir, merged)
+        dpo = _train(demo_config("dpo.yaml", out, seed, size.dpo_steps))
+        aligned_dir = Path(dpo["config"]["train"]["output_dir"]) / "final"
+        models = {"base": (base_dir, None), "tuned": (merged, None), "aligned": (merged, aligned_dir)}
+        clusters = evaluate_clusters(world, paths, models, size, seed)
+        alignment = evaluate_alignment(paths, models)
+        forgetting = evaluate_forgetting(paths, models)
+    report = build_report(world, size, prompting, clusters, alignment, forgetting,
+                          {"pretrain": pretrain, "sft": sft, "dpo": dpo}, time.perf_counter() - started)
     write_report(out, report)
     print(format_table(report) + "\n\n" + format_examples(report))
     f = report["forgetting"]
-    print(f"\nForgetting: perplexity on unseen corpus text {f['base']} (base) -> {f['tuned']} (tuned)")
+    print(f"\nForgetting: perplexity on unseen corpus text {f['base']} (base) -> {f['tuned']} (tuned) -> "
+          f"{f['aligned']} (aligned)")
     print(f"\nFull report: {out / 'report.md'}")
     return report
 
@@ -194,66 +203,82 @@ def _completion_prompts(world: World) -> list[ev.Prompt]:
     return [ev.Prompt(prompt, (fact,)) for prompt, fact in fact_completions(world, world.heldout_countries)]
 
 
-def evaluate_clusters(world: World, paths: dict[str, Path], base_dir: Path, adapter_dir: Path, size: DemoSize,
-                      seed: int) -> dict[str, dict[str, list[dict]]]:
-    """Base and tuned model, zero-shot through the chat template, on the test records of every seen task and
-    on the held-out cluster's records (rendered with the templates the pipeline uses, non-inverted); and the
-    corpus's own phrasing ("The capital of X is") as a probe of what each model knows without any prompt format.
+def merge_adapter_quietly(adapter_dir: Path, output: Path) -> None:
+    """The instruction-tuned model as a plain checkpoint (`tunesmith merge`): DPO's starting point and its
+    reference, so that the reference is the tuned model, not the base under it."""
+    from tunesmith.export.merge import merge_command
 
-    Returns:
-        model ("base", "tuned") -> task (or "fact_completion") -> scored rows.
-    """
-    from peft import PeftModel
-    from transformers import AutoTokenizer
+    with contextlib.redirect_stdout(io.StringIO()):  # merge prints its one-line summary; the log has it too
+        report = merge_command(str(adapter_dir), str(output))
+    log.info("merged the instruction-tuning adapter into the base: %s (max logit difference %.1e)", output,
+             report["max_logit_diff"])
 
+
+def load_stage_model(base: Path, adapter: Path | None):
+    """A model of the demo: a checkpoint, with a LoRA adapter on top when given (loaded with plain PEFT, as a
+    user would)."""
     from tunesmith.model.load import load_model
 
-    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)  # the tuning run saved it with its chat template
+    model = load_model(str(base))
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))
+    return model.eval()
+
+
+def evaluate_clusters(world: World, paths: dict[str, Path], models: dict[str, tuple[Path, Path | None]],
+                      size: DemoSize, seed: int) -> dict[str, dict[str, list[dict]]]:
+    """Every model, zero-shot through the chat template, on the test records of every seen task and on the
+    held-out cluster's records (rendered with the templates the pipeline uses, non-inverted); and the corpus's
+    own phrasing ("The capital of X is") as a probe of what each model knows without any prompt format.
+
+    Args:
+        models: name -> (checkpoint, adapter or None).
+    Returns:
+        model name -> task (or "fact_completion") -> scored rows.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(models["tuned"][0])  # saved by the tuning run, with its template
     prompts = {task: ev.task_prompts(ev.read_jsonl(paths[f"{task}_test"]), task, seed) for task in SEEN_TASKS}
     prompts[HELDOUT_TASK] = ev.task_prompts(ev.read_jsonl(paths[HELDOUT_TASK]), HELDOUT_TASK, seed)
+    probe = _completion_prompts(world)
     results = {}
-    for name in ("base", "tuned"):
-        model = load_model(str(base_dir))
-        if name == "tuned":
-            model = PeftModel.from_pretrained(model, str(adapter_dir))  # the plain PEFT loader, as a user would
+    for name, (checkpoint, adapter) in models.items():
+        model = load_stage_model(checkpoint, adapter)
         # The base model (pretrained on raw text) has no end-of-turn stop token; use the chat template's.
         set_generation_eos(model, tokenizer)
         log.info("evaluating the %s model: %d clusters zero-shot", name, len(prompts))
         results[name] = {task: ev.score_chats(model, tokenizer, p, size.max_new_tokens) for task, p in prompts.items()}
-        probe = _completion_prompts(world)
         results[name]["fact_completion"] = ev.score_completions(model, tokenizer, probe, 8, stop=".")
     return results
 
 
-# The alignment stage: the one place where DPO plugs in. When `train.objective: dpo` exists, this trains
-# configs/demo/dpo.yaml (preference pairs: paths["preference_train"]) from the tuned adapter and scores the
-# aligned model's preference rate on paths["preference_heldout"] and its clusters like the tuned model's;
-# build_report then adds its row. Until then the stage is listed as not run, never faked.
-ALIGNMENT_NOT_AVAILABLE = "not available yet (no DPO objective in this version)"
+def evaluate_alignment(paths: dict[str, Path], models: dict[str, tuple[Path, Path | None]]) -> dict[str, list[dict]]:
+    """The tuned and the aligned model on preference pairs about held-out countries and unasked sums: does each
+    give the chosen answer a higher log-probability than the rejected one?
 
-
-def align(paths: dict[str, Path], adapter_dir: Path) -> dict:
-    """The alignment stage's outcome: {"ran": bool, "status": str, ...metrics when it ran}."""
-    return {"ran": False, "status": ALIGNMENT_NOT_AVAILABLE, "data": str(paths["preference_train"])}
-
-
-def evaluate_forgetting(paths: dict[str, Path], base_dir: Path, adapter_dir: Path) -> dict[str, float]:
-    """Perplexity of base and tuned model on corpus-like documents no stage trained on: what tuning cost the
-    model on the kind of text it was pretrained on."""
-    from peft import PeftModel
+    Returns:
+        model name ("tuned", "aligned") -> one row per pair.
+    """
     from transformers import AutoTokenizer
 
-    from tunesmith.model.load import load_model
+    tokenizer = AutoTokenizer.from_pretrained(models["tuned"][0])
+    pairs = ev.read_jsonl(paths["preference_heldout"])
+    log.info("evaluating preferences: %d held-out pairs, tuned vs aligned", len(pairs))
+    return {name: ev.score_preferences(load_stage_model(*models[name]), tokenizer, pairs)
+            for name in ("tuned", "aligned")}
 
-    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+
+def evaluate_forgetting(paths: dict[str, Path], models: dict[str, tuple[Path, Path | None]]) -> dict[str, float]:
+    """Perplexity of every model on corpus-like documents no stage trained on: what tuning cost the model on the
+    kind of text it was pretrained on."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(models["tuned"][0])
     texts = [row["text"] for row in ev.read_jsonl(paths["corpus_heldout"])]
-    result = {}
-    for name in ("base", "tuned"):
-        model = load_model(str(base_dir))
-        if name == "tuned":
-            model = PeftModel.from_pretrained(model, str(adapter_dir))
-        result[name] = ev.perplexity(model, tokenizer, texts)
-    return result
+    return {name: ev.perplexity(load_stage_model(*spec), tokenizer, texts) for name, spec in models.items()}
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -3,20 +3,18 @@
 Records carry exactly the fields the built-in task types need (`tunesmith/data/instruct_templates/*.yaml`),
 so the data pipeline renders them through the FLAN-style templates (`data.train: [{path, task}]`):
 
-    task            cluster              fields                       train / test
-    qa              qa                   question, answer             SFT countries / held-out countries
-    arithmetic      math                 question, answer, reasoning  asked sums / unasked sums
-    sentiment       sentiment            text, label                  fresh reviews, disjoint
-    extraction      extraction           text, field, value           SFT countries / held-out countries
-    classification  text_classification  text, label, options        held out whole: evaluation only
-    (sentiment training records also carry options: their label words vary)
+    task            cluster     fields                       train / test
+    qa              qa          question, answer             SFT countries / held-out countries
+    arithmetic      math        question, answer, reasoning  asked sums / unasked sums
+    sentiment       sentiment   text, label                  fresh reviews, disjoint
+    extraction      extraction  text, field, value           invented places / held-out countries
+    nli             nli         premise, hypothesis, label   held out whole: evaluation only
 
-Why classification is the held-out cluster: 6 of its 8 templates list the allowed labels in the prompt, as
-sentiment's do, and the sentiment training records come with several label sets (Good/Bad, Positive/Negative,
-...), so "answer with one of the listed words" is a skill tuning teaches; and its labels (Capital, Language,
-Currency) name the same kinds of thing the QA and extraction clusters ask about. NLI would need a
-judgement between two sentences, answered in verbalised labels ("it is not possible to tell") no seen cluster
-uses: too far a transfer for a model of a million parameters.
+Why NLI can be answered at all by a model that never trained on it: its templates end in an options block
+("OPTIONS:\n- yes\n- it is not possible to tell\n- no") and its hypotheses state country facts, and the QA
+cluster trains yes/no questions that check a claimed fact, half of them with a yes/no options block in FLAN's
+format. What transfers is answering a claim about a fact with yes or no; the "it is not possible to tell"
+third never does at this scale.
 
 Preference pairs (prompt, chosen, rejected, kind) contrast a correct answer with a plausible wrong one (another
 country's capital; a sum off by one) and a concise answer with a rambling one; pairs about held-out countries
@@ -66,15 +64,20 @@ YES_NO_QUESTIONS = {"capital": "Is {value} the capital of {country}?",
                     "currency": "Is the {value} the currency of {country}?"}
 
 
+YES_NO_OPTIONS = "\nOPTIONS:\n- yes\n- no"  # FLAN's options block, as the NLI templates render theirs
+
+
 def yes_no_records(world: World, countries: tuple[str, ...], rng: random.Random) -> list[Record]:
-    """Questions that check a claimed fact, answered yes or no: fact checking, the skill nearest to NLI."""
+    """Questions that check a claimed fact, answered yes or no (half of them listing the two options): fact
+    checking, the skill nearest to NLI."""
     records = []
     for name in countries:
         for relation in RELATIONS:
             true = rng.random() < 0.5
             other = _other_country(world, name, rng, countries)
             value = world.by_name(name).fact(relation) if true else other.fact(relation)
-            records.append({"question": YES_NO_QUESTIONS[relation].format(country=name, value=value),
+            question = YES_NO_QUESTIONS[relation].format(country=name, value=value)
+            records.append({"question": question + (YES_NO_OPTIONS if rng.random() < 0.5 else ""),
                             "answer": "yes" if true else "no"})
     return records
 
