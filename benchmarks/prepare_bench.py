@@ -2,20 +2,25 @@
 
     .venv/bin/python benchmarks/prepare_bench.py --records 50000 200000 1000000 --num-proc 2
 
-Each size runs in a fresh process (so peak memory is its own) and prints wall time, rows/s and peak RSS
-(the process and its tokenisation workers). Records are chat examples of ~200 tokens with planted exact and
-near duplicates and personal data, so every step has work to do.
+Each size runs in a fresh process (so peak memory is its own) and prints wall time; CPU time of the process
+and its workers (what the run costs, whatever else the machine runs); rows/s; peak RSS (the larger of the
+process's and its largest worker's, from getrusage); the peak memory of the process and its workers together
+(their summed PSS, sampled every 250 ms); and the 5-minute load average at the end (the machine may be shared).
+Records are chat examples of ~200 tokens with planted exact and near duplicates and personal data, so every
+step has work to do.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -48,6 +53,40 @@ def synthetic_records(n: int, seed: int = 0):
         yield record
 
 
+def tree_pss_mb(pid: int) -> float:
+    """Memory of a process and all its descendants: the sum of their proportional set sizes (each page shared
+    by k processes counts 1/k in each, so forked workers' shared pages are not counted twice). Linux /proc."""
+    total, stack = 0, [pid]
+    while stack:
+        proc = Path(f"/proc/{stack.pop()}")
+        try:
+            rollup = (proc / "smaps_rollup").read_text()
+            total += int(rollup.split("\nPss:")[1].split()[0])  # kB
+            for task in (proc / "task").iterdir():
+                stack += [int(c) for c in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # a worker that just ended
+    return total / 1024
+
+
+class PeakSampler(threading.Thread):
+    """The largest `tree_pss_mb` of this process seen while it runs."""
+
+    def __init__(self, interval: float = 0.25) -> None:
+        super().__init__(daemon=True)
+        self.interval, self.peak, self.done = interval, 0.0, threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(self.interval):
+            self.peak = max(self.peak, tree_pss_mb(os.getpid()))
+
+
+def _cpu_seconds() -> float:
+    """CPU time (user + system) of this process and of its workers that have ended."""
+    own, workers = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + workers.ru_utime + workers.ru_stime
+
+
 def run_one(n: int, num_proc: int, workdir: Path) -> dict:
     from tunesmith.config import config_from_dict
     from tunesmith.data.build import prepare_from_config
@@ -71,14 +110,19 @@ def run_one(n: int, num_proc: int, workdir: Path) -> dict:
     from tunesmith.data.templates import install_template
 
     install_template(tokenizer, "chatml")
-    start = time.perf_counter()
+    sampler = PeakSampler()
+    sampler.start()
+    start, cpu_start = time.perf_counter(), _cpu_seconds()
     prepared = prepare_from_config(cfg, tokenizer)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu_start
+    sampler.done.set()
+    load = os.getloadavg()[1]  # the 5-minute average, ending now
     peak_kb = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                   resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
     split = prepared.report["splits"]["train"]
-    return {"records": n, "seconds": round(seconds, 1), "records_per_s": round(n / seconds),
-            "peak_rss_mb": round(peak_kb / 1024), "examples": split["examples"],
+    return {"records": n, "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1),
+            "records_per_s": round(n / seconds), "peak_rss_mb": round(peak_kb / 1024),
+            "peak_tree_mb": round(sampler.peak), "load": round(load, 1), "examples": split["examples"],
             "tokens_per_example": round(split["tokens"] / max(1, split["examples"])),
             "removed": {k: v["removed"] for k, v in prepared.report["clean"]["train"].items()
                         if isinstance(v, dict) and "removed" in v}}
@@ -94,14 +138,16 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             print(json.dumps(run_one(args.one, args.num_proc, Path(tmp))))
         return
-    print("| records | seconds | records/s | peak RSS (MB) | tokens/example | kept |")
-    print("|---|---|---|---|---|---|")
+    print("| records | seconds | CPU seconds | records/s | peak RSS (MB) | all processes (MB) | tokens/example | kept "
+          "| load |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for n in args.records:
         out = subprocess.run([sys.executable, __file__, "--one", str(n), "--num-proc", str(args.num_proc)],
                              capture_output=True, text=True, check=True)
         r = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"| {r['records']:,} | {r['seconds']} | {r['records_per_s']:,} | {r['peak_rss_mb']} | "
-              f"{r['tokens_per_example']} | {r['examples']:,} |", flush=True)
+        print(f"| {r['records']:,} | {r['seconds']} | {r['cpu_seconds']} | {r['records_per_s']:,} | "
+              f"{r['peak_rss_mb']:,} | {r['peak_tree_mb']:,} | {r['tokens_per_example']} | {r['examples']:,} | "
+              f"{r['load']} |", flush=True)
 
 
 if __name__ == "__main__":

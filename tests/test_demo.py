@@ -1,19 +1,30 @@
-"""The embedded demo: its synthetic world, the evaluation helpers it uses, and one small end-to-end run."""
+"""The embedded demo: its synthetic world's facts, the evaluation helpers it uses, and one small end-to-end run.
+(The world's files themselves: tests/test_world.py.)"""
 
 from __future__ import annotations
 
 import copy
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
 
 from tunesmith.data.templates import install_template
 from tunesmith.data.tokenize import encode_chat
-from tunesmith.demo.run import MARKER, DemoSize, claim_output_dir, demo_config, run_demo, run_overrides
-from tunesmith.demo.tiny import build_model
-from tunesmith.demo.world import QUESTIONS, make_world, read_questions, write_world
+from tunesmith.demo import evaluate as ev
+from tunesmith.demo.files import WorldSize, write_world
+from tunesmith.demo.run import (
+    MARKER,
+    RECIPE_ROOT,
+    DemoSize,
+    claim_output_dir,
+    demo_config,
+    run_demo,
+)
+from tunesmith.demo.tiny import build_model, train_tokenizer
+from tunesmith.demo.world import QA, QUESTIONS, make_world, read_questions
 from tunesmith.errors import TunesmithError
 from tunesmith.eval.generate import generate_greedy, greedy_token_ids, prompt_ids
 from tunesmith.eval.metrics import exact_match, exact_match_rate, normalize_answer
@@ -21,20 +32,6 @@ from tunesmith.eval.metrics import exact_match, exact_match_rate, normalize_answ
 
 # ---------------------------------------------------------------------------------------------------
 # World
-
-
-def _file_bytes(directory) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
-
-
-def test_world_files_are_deterministic(tmp_path):
-    write_world(make_world(seed=0, num_countries=12), tmp_path / "a")
-    write_world(make_world(seed=0, num_countries=12), tmp_path / "b")
-    write_world(make_world(seed=1, num_countries=12), tmp_path / "c")
-    a, b, c = (_file_bytes(tmp_path / d) for d in "abc")
-    assert set(a) == {"world.json", "corpus.jsonl", "sft.jsonl", "eval_heldout.jsonl", "eval_sft.jsonl"}
-    assert a == b
-    assert all(a[name] != c[name] for name in a)
 
 
 def test_names_are_distinct_and_split_is_a_partition():
@@ -46,10 +43,14 @@ def test_names_are_distinct_and_split_is_a_partition():
     assert len(world.heldout_countries) == round(48 * 0.3)
 
 
+TINY_WORLD = WorldSize(stories=6, reviews=8, arithmetic_quizzes=4, fact_quizzes=4, region_quizzes=4,
+                       heldout_documents=6, sentiment=(12, 6), extraction=(12, 6), arithmetic_test=8, nli=9)
+
+
 def test_sft_data_never_mentions_a_heldout_country_or_its_facts(tmp_path):
     world = make_world(seed=0, num_countries=48)
-    paths = write_world(world, tmp_path)
-    sft_text = paths["sft"].read_text()
+    paths = write_world(world, tmp_path, TINY_WORLD)
+    sft_text = paths["sft"].read_text() + paths["qa_train"].read_text()
     for name in world.heldout_countries:
         country = world.by_name(name)
         for word in (country.name, country.capital, country.language, country.currency):
@@ -57,19 +58,20 @@ def test_sft_data_never_mentions_a_heldout_country_or_its_facts(tmp_path):
     assert {qa.country for qa in read_questions(paths["eval_heldout"])} == set(world.heldout_countries)
 
 
-def test_corpus_states_every_fact_and_asks_no_question(tmp_path):
+def test_corpus_never_asks_the_evaluated_questions_about_a_heldout_country(tmp_path):
     world = make_world(seed=0, num_countries=12)
-    corpus = write_world(world, tmp_path)["corpus"].read_text()
-    for country in world.countries:
+    corpus = write_world(world, tmp_path, TINY_WORLD)["corpus"].read_text()
+    for name in world.heldout_countries:
+        for templates in QUESTIONS.values():
+            assert not any(t.format(country=name) in corpus for t in templates)
+        country = world.by_name(name)
         for value in (country.capital, country.language, country.currency):
-            assert f"{value}" in corpus
-    assert "?" not in corpus
-    assert not any(t.format(country="")[:12] in corpus for templates in QUESTIONS.values() for t in templates)
+            assert value in corpus  # stated, never asked
 
 
 def test_eval_answers_state_the_fact(tmp_path):
     world = make_world(seed=0, num_countries=12)
-    rows = read_questions(write_world(world, tmp_path)["eval_heldout"])
+    rows = read_questions(write_world(world, tmp_path, TINY_WORLD)["eval_heldout"])
     assert len(rows) == 3 * len(world.heldout_countries)
     for qa in rows:
         assert qa.answer.endswith(f" {qa.fact}.") and qa.country in qa.answer
@@ -162,6 +164,26 @@ def test_batched_greedy_matches_a_manual_argmax_loop(chat_tokenizer):
     assert texts == [chat_tokenizer.decode(e, skip_special_tokens=True) for e in expected]
 
 
+@torch.no_grad()
+def test_preference_scores_are_the_answers_log_probs_after_the_chat_prompt(chat_tokenizer):
+    """Each pair's scores equal log p(answer + end of turn | chat prompt) summed token by token, unbatched."""
+    model = build_model("llama", vocab_size=len(chat_tokenizer), seed=0).eval()
+    pairs = [{"prompt": "What is 2 + 3?", "chosen": "5", "rejected": "It is probably six.", "kind": "wrong_sum"},
+             {"prompt": "Capital of Marnburg?", "chosen": "Tellin.", "rejected": "Osk", "kind": "wrong_fact"}]
+
+    rows = ev.score_preferences(model, chat_tokenizer, pairs, batch_size=3)  # a batch boundary inside a pair
+
+    user = lambda p: [{"role": "user", "content": p["prompt"]}]  # noqa: E731
+    for pair, row in zip(pairs, rows):
+        prompt = prompt_ids(chat_tokenizer, user(pair))
+        for answer in ("chosen", "rejected"):
+            ids, labels = encode_chat(chat_tokenizer, user(pair) + [{"role": "assistant", "content": pair[answer]}])
+            logps = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+            expected = sum(logps[t - 1, ids[t]].item() for t in range(len(prompt), len(ids)) if labels[t] != -100)
+            assert row[f"{answer}_logp"] == pytest.approx(expected, abs=2e-4)
+        assert row["correct"] == (row["chosen_logp"] > row["rejected_logp"]) and row["kind"] == pair["kind"]
+
+
 # ---------------------------------------------------------------------------------------------------
 # The demo run
 
@@ -180,38 +202,97 @@ def test_output_dir_is_claimed_only_when_empty_or_an_earlier_demo(tmp_path):
     assert sorted(p.name for p in demo.iterdir()) == [MARKER]
 
 
-def test_demo_configs_keep_the_yaml_settings_and_take_the_run_paths(tmp_path):
-    cfg = demo_config("sft_lora.yaml", run_overrides(tmp_path / "base", tmp_path / "sft.jsonl", tmp_path / "sft", 7,
-                                                     None))
+def test_demo_configs_keep_the_yaml_settings_and_move_the_run_paths(tmp_path):
+    cfg = demo_config("sft_lora.yaml", tmp_path, 7)
     assert cfg.strategy.name == "lora" and cfg.data.template == "chatml" and cfg.train.objective == "sft"
-    assert cfg.model.name_or_path == str(tmp_path / "base") and cfg.data.train == [str(tmp_path / "sft.jsonl")]
+    assert cfg.model.name_or_path == str(tmp_path / "pretrain" / "final")
+    assert {s.task for s in cfg.data.train} == {"qa", "arithmetic", "sentiment", "extraction", "nli"}
+    assert all(s.path.startswith(str(tmp_path / "data" / "tasks")) for s in cfg.data.train)
+    assert cfg.data.instruct.held_out_clusters == ["nli"]
     assert cfg.train.output_dir == str(tmp_path / "sft") and cfg.data.cache_dir == str(tmp_path / "cache")
-    assert cfg.train.seed == 7 and cfg.train.max_steps == 100
-    cfg = demo_config("pretrain.yaml", run_overrides(tmp_path / "init", tmp_path / "c.jsonl", tmp_path / "pt", 0, 5))
+    assert cfg.train.seed == 7 and cfg.train.max_steps == 600
+    cfg = demo_config("pretrain.yaml", tmp_path, 0, max_steps=5)
     assert cfg.strategy.name == "full" and cfg.train.objective == "clm" and cfg.train.max_steps == 5
+    assert cfg.model.name_or_path == str(tmp_path / "base-init") and cfg.data.train == [str(tmp_path / "data" /
+                                                                                            "corpus.jsonl")]
+    # `make demo` writes where the recipes say: the default output directory moves nothing
+    assert demo_config("pretrain.yaml", Path(RECIPE_ROOT), 0).data.train == [f"{RECIPE_ROOT}/data/corpus.jsonl"]
 
 
-SMALL = DemoSize(num_countries=24, hidden_size=64, num_layers=2, pretrain_steps=150, sft_steps=60)
+def _qa(country: str, question: str, value: str) -> QA:
+    return QA(country, "capital", question.format(country=country), f"The capital of {country} is {value}.", value)
 
 
-def test_small_demo_raises_heldout_exact_match(tmp_path, capsys):
+def test_few_shot_prompts_show_the_same_question_about_other_countries():
+    pool = [_qa(c, "What is the capital of {country}?", c + "burg") for c in ("Aland", "Bland", "Cland")]
+    pool.append(_qa("Dland", "Name the capital city of {country}.", "Dburg"))
+    item = _qa("Xland", "What is the capital of {country}?", "Xburg")
+    zero, = ev.qa_prompts([item], pool, 0, seed=0)
+    assert zero.prompt == "Q: What is the capital of Xland?\nA:" and zero.references == (item.answer,)
+    two, = ev.qa_prompts([item], pool, 2, seed=0)
+    lines = two.prompt.split("\n")
+    assert len(lines) == 6 and lines[-2:] == ["Q: What is the capital of Xland?", "A:"]
+    shown = [line for line in lines[:4] if line.startswith("A: ")]
+    assert len(shown) == 2 and all(s[3:] in {p.answer for p in pool[:3]} for s in shown)  # never Dland's wording
+    assert ev.qa_prompts([item], pool, 2, seed=0) == [two]
+    with pytest.raises(ValueError, match="4 exemplars"):
+        ev.qa_prompts([item], pool, 4, seed=0)
+
+
+def test_scoring_cuts_a_plain_continuation_at_its_first_line(tokenizer, monkeypatch):
+    """A base model goes on writing: its answer is the continuation up to the stop string."""
+    continuations = [" The capital of X is Y.\nQ: next", " z.\n", " Y"]
+    monkeypatch.setattr(ev, "complete_greedy", lambda model, tok, texts, n: continuations)
+    prompts = [ev.Prompt("Q: a\nA:", ("The capital of X is Y.",)), ev.Prompt("Q: b\nA:", ("Z",)),
+               ev.Prompt("Q: c\nA:", ("The capital of X is Y.",))]
+    rows = ev.score_completions(None, tokenizer, prompts)
+    assert [r["prediction"] for r in rows] == ["The capital of X is Y.", "z.", "Y"]
+    assert [r["correct"] for r in rows] == [True, True, False] and ev.accuracy(rows) == pytest.approx(2 / 3)
+
+
+def test_bare_names_keep_a_name_s_tokens_after_a_space_and_a_newline():
+    tok = train_tokenizer(["The capital of Marnburg is Tonvik. 7 plus 5 is 12."] * 20, vocab_size=300,
+                          bare_names=True)
+    inside = tok("is Tonvik", add_special_tokens=False)["input_ids"]
+    alone = tok("\nTonvik", add_special_tokens=False)["input_ids"]
+    assert inside[-len(alone) + 1:] == alone[1:]  # the same ids for "Tonvik", after " " or after "\n"
+    assert tok.decode(tok("The capital of Marnburg is 12.")["input_ids"]) == "The capital of Marnburg is 12."
+
+
+SMALL = DemoSize(num_countries=24, hidden_size=64, num_layers=2, pretrain_steps=800, sft_steps=300, dpo_steps=40)
+
+
+@pytest.mark.slow
+def test_small_demo_shows_each_effect_in_its_direction(tmp_path, capsys):
     report = run_demo(tmp_path / "demo", seed=0, size=SMALL)
 
-    base, tuned = (report["metrics"][m]["qa_heldout"]["exact_match"] for m in ("base", "tuned"))
-    assert tuned > base + 0.3, report["metrics"]
-    assert report["metrics"]["base"]["fact_completion"]["exact_match"] > 0.5  # the base does know the facts
-    written = json.loads((tmp_path / "demo" / "demo_report.json").read_text())
-    assert written["metrics"] == report["metrics"]
-    import torch
+    prompting, clusters = report["prompting"], report["clusters"]
+    assert prompting["few_shot"]["exact_match"] > prompting["zero_shot"]["exact_match"], prompting
+    assert report["seen_clusters"]["tuned"] >= report["seen_clusters"]["base"] + 0.30, report["seen_clusters"]
+    assert clusters["base"]["fact_completion"]["exact_match"] > 0.5  # the base does know the facts
+    forgetting = report["forgetting"]  # as numbers
+    assert 1.0 < forgetting["base"] < forgetting["tuned"] and forgetting["aligned"] > 1.0
+    alignment = report["alignment"]
+    assert alignment["aligned"]["margin"] > alignment["tuned"]["margin"], alignment  # DPO widens the margin
+    assert alignment["aligned"]["n"] == len(ev.read_jsonl(tmp_path / "demo" / "data" / "preference" / "heldout.jsonl"))
 
-    assert written["versions"]["torch"] == torch.__version__ and written["seed"] == 0
+    written = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert written["clusters"] == clusters and written["seed"] == 0
+    assert written["versions"]["torch"] == torch.__version__
     assert written["configs"]["sft"]["strategy"]["name"] == "lora"
-    perplexity = written["corpus_perplexity"]  # forgetting, as a number
-    assert 1.0 < perplexity["base"] < 100 and 1.0 < perplexity["tuned"] < 100
-    assert all((tmp_path / "demo" / run / "loss.png").is_file() for run in ("pretrain", "sft"))
-    assert "![LoRA SFT](sft/loss.png)" in (tmp_path / "demo" / "demo_report.md").read_text()
-    assert "| base + LoRA SFT |" in (tmp_path / "demo" / "demo_report.md").read_text()
-    assert "| base (pretrained) |" in capsys.readouterr().out
+    assert written["configs"]["dpo"]["train"]["objective"] == "dpo"
+    assert written["configs"]["dpo"]["model"]["name_or_path"] == str(tmp_path / "demo" / "sft-merged")
+    assert all((tmp_path / "demo" / run / "loss.png").is_file() for run in ("pretrain", "sft", "dpo"))
+    markdown = (tmp_path / "demo" / "report.md").read_text()
+    assert "| base + LoRA instruction tuning | chat, zero-shot |" in markdown
+    assert "| tuned + DPO (LoRA) | chat, zero-shot |" in markdown
+    assert "| base (pretrained) | plain text, zero-shot |" in capsys.readouterr().out
     # The numbers come from the generations in the report, not from anywhere else.
-    answers = report["heldout_answers"]
-    assert tuned == pytest.approx(sum(exact_match(a["tuned"], a["reference"]) for a in answers) / len(answers))
+    answers = written["answers"]["clusters"]["tuned"]["qa"]
+    assert clusters["tuned"]["qa"]["exact_match"] == pytest.approx(
+        sum(exact_match(a["prediction"], a["reference"]) for a in answers) / len(answers))
+    pairs = written["answers"]["preferences"]["aligned"]
+    assert alignment["aligned"]["preferred"] == pytest.approx(
+        sum(p["chosen_logp"] > p["rejected_logp"] for p in pairs) / len(pairs))
+    assert alignment["aligned"]["margin"] == pytest.approx(
+        sum(p["chosen_logp"] - p["rejected_logp"] for p in pairs) / len(pairs), abs=1e-3)

@@ -347,3 +347,25 @@ def test_prepare_refuses_a_template_that_never_ends_a_turn(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "c.jsonl", [CHAT])
     with pytest.raises(DataError, match="no end-of-turn or EOS token"):
         prepare(tok, {"train": [Source(str(path))]}, Options())
+
+
+def test_held_out_clusters_with_near_duplicate_groups_and_a_split(tmp_path, chat_tokenizer):
+    """Held-out records leave train before the split: the near-duplicate groups must follow the rows that stay
+    (they once kept the rows' old positions, and the split failed or separated a group)."""
+    from tunesmith.data.clean import CleanSteps
+    from tunesmith.data.pipeline import InstructOptions
+
+    nli = write_jsonl(tmp_path / "n.jsonl", [{"premise": f"A man walks {i}.", "hypothesis": "A person moves.",
+                                             "label": "entailment"} for i in range(6)])
+    rows = [_qa(i) for i in range(30)]
+    rows.append(_qa(0, rows[0]["messages"][1]["content"].replace("farming", "fishing")))
+    chat = write_jsonl(tmp_path / "c.jsonl", rows)
+    sources = {"train": [Source(str(nli), task="nli"), Source(str(chat))]}
+    steps = CleanSteps(normalize=False, exact_dedup=False, near_dedup="group", near_threshold=0.7)
+    for seed in range(4):
+        options = Options(validation=0.3, seed=seed, instruct=InstructOptions(held_out_clusters=("nli",)))
+        prepared = prepare(chat_tokenizer, sources, options, clean=steps)
+        assert prepared.report["split"]["train"] + prepared.report["split"]["validation"] == 31
+        sides = {name for name, split in prepared.splits.items()
+                 if any("river 0 and" in chat_tokenizer.decode(e.input_ids) for e in split)}
+        assert len(sides) == 1 and len(prepared.splits["test"]) == 6

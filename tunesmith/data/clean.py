@@ -4,15 +4,19 @@ Every step is optional and pure: it takes plain strings and returns what it chan
 many rows each step changed or removed and why. `clean_texts` runs the chosen steps in a fixed order:
 normalise -> PII -> quality -> exact dedup -> near dedup (dedup last, so that it sees the final texts).
 The steps live in `normalize`, `pii`, `quality` and `dedup`; this module holds the driver and re-exports
-their public names.
+their public names. Which rows survive is decided by `select_rows` from per-row `Verdicts`, so texts in
+memory and the pipeline's on-disk tables are filtered by the same code.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
-from tunesmith.data.dedup import SHINGLES, dedup_groups, find_exact_duplicates, near_duplicate_groups
+import numpy as np
+
+from tunesmith.data.dedup import SHINGLES, dedup_groups, duplicates_of, exact_keys, near_duplicate_groups
 from tunesmith.data.normalize import UNICODE_FORMS, _check_choice, normalize_text
 from tunesmith.data.pii import PII_KINDS, scrub_pii
 from tunesmith.data.quality import QualityLimits, quality_problem
@@ -121,14 +125,60 @@ def clean_texts(texts: Sequence[str], steps: CleanSteps = CleanSteps()) -> tuple
         _run_normalize(new_texts, steps, report)
     if steps.pii:
         _run_pii(new_texts, steps, report)
-    kept = list(range(len(texts)))
+    kept = select_rows(text_verdicts(new_texts, steps), steps, report)
+    return kept.tolist(), new_texts, report
+
+
+@dataclass
+class Verdicts:
+    """What the filters and duplicate detection found out about the rows, wherever their texts are: in memory
+    (`text_verdicts`) or in a table on disk, a chunk at a time (`rowclean.clean_store`)."""
+
+    problems: dict[int, str]  # row -> why it fails the quality limits ("check: detail"); passing rows absent
+    exact_keys: np.ndarray | None  # (N, 2) uint64 `exact_keys` of every row, when exact dedup runs
+    near_groups: Callable[[np.ndarray], list[list[int]]] | None  # rows -> their near-duplicate groups
+
+
+def text_verdicts(texts: Sequence[str], steps: CleanSteps) -> Verdicts:
+    """The verdicts on texts in memory; signatures are computed only for the rows that reach near dedup."""
+
+    def near_groups(rows: np.ndarray) -> list[list[int]]:
+        groups = near_duplicate_groups([texts[i] for i in rows], steps.near_threshold, steps.shingle, steps.ngram,
+                                       steps.num_perm, steps.seed)
+        return [rows[group].tolist() for group in groups]
+
+    return Verdicts(quality_problems(texts, steps.quality) if steps.quality is not None else {},
+                    exact_keys(texts) if steps.exact_dedup else None,
+                    near_groups if steps.near_dedup != "off" else None)
+
+
+def quality_problems(texts: Sequence[str], limits: QualityLimits, first: int = 0) -> dict[int, str]:
+    """Row (counted from `first`) -> `quality_problem`, for the texts that fail the limits."""
+    problems = {}
+    for i, text in enumerate(texts, start=first):
+        if (problem := quality_problem(text, limits)) is not None:
+            problems[i] = problem
+    return problems
+
+
+def select_rows(verdicts: Verdicts, steps: CleanSteps, report: CleanReport) -> np.ndarray:
+    """The rows that survive the quality filter, exact dedup and near dedup, in that order (each step sees only
+    the rows the earlier ones kept); records in `report` what each step removed and why.
+
+    Returns:
+        (K,) int64 indices of the kept rows, ascending.
+    """
+    kept = np.arange(report.num_rows)
     if steps.quality is not None:
-        kept = _run_quality(new_texts, kept, steps.quality, report)
+        kept = _drop_failing(kept, verdicts.problems, report)
     if steps.exact_dedup:
-        kept = _drop_duplicates(kept, find_exact_duplicates([new_texts[i] for i in kept]), "exact_dedup", report)
+        local = duplicates_of(verdicts.exact_keys[kept])  # positions in `kept`
+        kept = _drop_duplicates(kept, {int(kept[j]): int(kept[k]) for j, k in local.items()}, "exact_dedup", report)
     if steps.near_dedup != "off":
-        kept = _run_near_dedup(new_texts, kept, steps, report)
-    return kept, new_texts, report
+        report.near_groups = verdicts.near_groups(kept)
+        if steps.near_dedup == "drop":
+            kept = _drop_duplicates(kept, dedup_groups(report.near_groups), "near_dedup", report)
+    return kept
 
 
 def _run_normalize(texts: list[str], steps: CleanSteps, report: CleanReport) -> None:
@@ -145,34 +195,23 @@ def _run_pii(texts: list[str], steps: CleanSteps, report: CleanReport) -> None:
             report.pii[kind] = report.pii.get(kind, 0) + n
 
 
-def _run_quality(texts: list[str], rows: list[int], limits: QualityLimits, report: CleanReport) -> list[int]:
-    kept = []
-    for i in rows:
-        problem = quality_problem(texts[i], limits)
-        if problem is None:
-            kept.append(i)
-            continue
+def _drop_failing(rows: np.ndarray, problems: dict[int, str], report: CleanReport) -> np.ndarray:
+    for row, problem in sorted(problems.items()):
         check = problem.split(":")[0]
         report.quality[check] = report.quality.get(check, 0) + 1
-        report.removed[i] = f"quality: {problem}"
-        report.steps["quality"].removed += 1
-    return kept
+        report.removed[row] = f"quality: {problem}"
+    report.steps["quality"].removed += len(problems)
+    return _without(rows, problems)
 
 
-def _run_near_dedup(texts: list[str], rows: list[int], steps: CleanSteps, report: CleanReport) -> list[int]:
-    groups = near_duplicate_groups(
-        [texts[i] for i in rows], steps.near_threshold, steps.shingle, steps.ngram, steps.num_perm, steps.seed
-    )
-    report.near_groups = [[rows[j] for j in group] for group in groups]
-    if steps.near_dedup == "group":
-        return rows
-    return _drop_duplicates(rows, dedup_groups(groups), "near_dedup", report)
-
-
-def _drop_duplicates(rows: list[int], duplicate_of: dict[int, int], step: str, report: CleanReport) -> list[int]:
-    """Remove rows[j] for each local duplicate j -> k, recording original indices."""
-    for j, k in duplicate_of.items():
-        report.removed[rows[j]] = f"{step}: duplicate of row {rows[k]}"
-        report.duplicate_of[rows[j]] = rows[k]
+def _drop_duplicates(rows: np.ndarray, duplicate_of: dict[int, int], step: str, report: CleanReport) -> np.ndarray:
+    """Remove each duplicate row (a key of `duplicate_of`), recording the row it duplicates."""
+    for row, first in duplicate_of.items():
+        report.removed[row] = f"{step}: duplicate of row {first}"
+        report.duplicate_of[row] = first
     report.steps[step].removed += len(duplicate_of)
-    return [row for j, row in enumerate(rows) if j not in duplicate_of]
+    return _without(rows, duplicate_of)
+
+
+def _without(rows: np.ndarray, removed: dict[int, Any]) -> np.ndarray:
+    return rows[~np.isin(rows, np.fromiter(removed, dtype=np.int64, count=len(removed)))]

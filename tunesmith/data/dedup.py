@@ -1,6 +1,9 @@
 """Duplicate detection: exact duplicates by a case- and whitespace-blind hash, near duplicates by MinHash
-signatures (computed in numpy, equal to datasketch's "affine32" MinHash of our shingle hashes) indexed by
-datasketch's MinHashLSH, with candidate pairs verified and grouped.
+signatures (computed in numpy, equal to datasketch's "affine32" MinHash of our shingle hashes) banded with
+datasketch's MinHashLSH layout, with candidate pairs verified and grouped.
+
+Grouping reads signatures through `Signatures`, so the same code groups signatures held in one array
+(`SignatureArray`, for texts in memory) and signatures kept on disk a chunk at a time (the pipeline's tables).
 """
 
 from __future__ import annotations
@@ -10,7 +13,9 @@ import os
 import unicodedata
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import cache
+from typing import Protocol
 
 import numpy as np
 from datasketch import MinHash, MinHashLSH
@@ -22,21 +27,49 @@ from tunesmith.errors import ConfigError
 # Exact duplicates
 
 
-def exact_key(text: str) -> str:
+def exact_digest(text: str) -> bytes:
     """A stable hash of the text with case and whitespace differences removed (blake2b, 128 bits)."""
     canonical = " ".join(text.casefold().split())
-    return hashlib.blake2b(canonical.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+    return hashlib.blake2b(canonical.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
+def exact_key(text: str) -> str:
+    """`exact_digest` as 32 hex digits."""
+    return exact_digest(text).hex()
+
+
+def exact_keys(texts: Sequence[str]) -> np.ndarray:
+    """(N, 2) uint64: the `exact_digest` of each text, as numbers numpy can sort."""
+    return np.frombuffer(b"".join(map(exact_digest, texts)), dtype=np.uint64).reshape(len(texts), 2)
+
+
+def first_of_equal(keys: np.ndarray) -> np.ndarray:
+    """(N,) index of the first row whose key equals each row's key (its own index when none comes earlier).
+
+    Args:
+        keys: (N,) or (N, K) integers; rows with equal keys are equal.
+    """
+    if len(keys) == 0:
+        return np.zeros(0, dtype=np.int64)
+    keys = keys.reshape(len(keys), -1)
+    order = np.lexsort(keys.T[::-1])  # stable: within equal keys, rows stay in index order
+    ordered = keys[order]
+    starts = np.r_[True, (ordered[1:] != ordered[:-1]).any(axis=1)]
+    first = np.empty_like(order)
+    first[order] = order[starts][np.cumsum(starts) - 1]
+    return first
 
 
 def find_exact_duplicates(texts: Sequence[str]) -> dict[int, int]:
     """Row -> the earlier row it duplicates, for every row but the first of each set of equal texts."""
-    first: dict[str, int] = {}
-    duplicate_of = {}
-    for i, text in enumerate(texts):
-        j = first.setdefault(exact_key(text), i)
-        if j != i:
-            duplicate_of[i] = j
-    return duplicate_of
+    return duplicates_of(exact_keys(texts))
+
+
+def duplicates_of(keys: np.ndarray) -> dict[int, int]:
+    """Row -> the first row with the same key, for every row that is not the first of its key."""
+    first = first_of_equal(keys)
+    rows = np.flatnonzero(first != np.arange(len(keys)))
+    return dict(zip(rows.tolist(), first[rows].tolist()))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -199,16 +232,9 @@ def near_duplicate_groups(
     Returns:
         Groups of two or more row indices, each sorted, ordered by their first (lowest) row.
     """
-    if not 0.0 < threshold <= 1.0:
-        raise ConfigError(f"near-dedup: threshold must be in (0, 1], got {threshold}")
+    _check_threshold(threshold)
     sig = minhash_signatures(texts, shingle, ngram, num_perm, seed)
-    rows = np.flatnonzero((sig != _EMPTY).any(axis=1))
-    same_as = _identical_rows(sig[rows])  # equal signatures are grouped without LSH: big buckets are quadratic
-    distinct = rows[same_as == np.arange(len(rows))]
-    pairs = _lsh_candidate_pairs(sig, distinct, threshold, seed)
-    pairs = pairs[_estimated_jaccard(sig, pairs) >= threshold]
-    identical = np.stack((rows[same_as], rows), axis=1)
-    return _components(np.concatenate((identical, pairs)))
+    return group_signatures(SignatureArray(sig, lsh_bands(threshold, num_perm)), np.arange(len(sig)), threshold)
 
 
 def dedup_groups(groups: list[list[int]]) -> dict[int, int]:
@@ -216,61 +242,139 @@ def dedup_groups(groups: list[list[int]]) -> dict[int, int]:
     return {row: group[0] for group in groups for row in group[1:]}
 
 
-def _identical_rows(sig: np.ndarray) -> np.ndarray:
-    """(N,) index of the first row with the same signature as each row (itself if none earlier)."""
+def _check_threshold(threshold: float) -> None:
+    if not 0.0 < threshold <= 1.0:
+        raise ConfigError(f"near-dedup: threshold must be in (0, 1], got {threshold}")
+
+
+@dataclass(frozen=True)
+class Bands:
+    """The LSH layout: `count` bands of `width` consecutive signature values each."""
+
+    count: int
+    width: int
+
+
+def lsh_bands(threshold: float, num_perm: int) -> Bands:
+    """datasketch's MinHashLSH band layout for the threshold, chosen to miss few true pairs (weights 0.1 FP /
+    0.9 FN): a missed pair is lost, while a false candidate is only verified away. At threshold 0.8 and 128
+    permutations: 14 bands of 9, recall 0.87 at J=0.8, 0.975 at 0.85."""
+    _check_threshold(threshold)
+    layout = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=(0.1, 0.9))
+    return Bands(layout.b, layout.r)
+
+
+def signature_keys(sig: np.ndarray) -> np.ndarray:
+    """(N,) uint64 hash of each whole signature: equal signatures have equal keys. sig: (N, num_perm) uint32."""
     key = np.zeros(len(sig), dtype=_U64)
     for column in sig.T:
         key = key * _SHINGLE_BASE + column
-    _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
-    same_as = first[inverse]
-    collided = ~(sig == sig[same_as]).all(axis=1)  # equal keys, different signatures: 2**-64 per pair
-    same_as[collided] = np.flatnonzero(collided)
+    return key
+
+
+def band_keys(sig: np.ndarray, bands: Bands) -> np.ndarray:
+    """(bands.count, N) uint64: a 64-bit hash of each band of each signature."""
+    return np.stack([_band_key(sig[:, k * bands.width : (k + 1) * bands.width]) for k in range(bands.count)])
+
+
+def _band_key(band: np.ndarray) -> np.ndarray:
+    """(N,) uint64 FNV-style hash (wrapping) of each row of a (N, width) block of signature values."""
+    key = np.zeros(len(band), dtype=_U64)
+    for column in band.T.astype(_U64):
+        key = (key * _U64(0x100000001B3)) ^ column
+    return key
+
+
+class Signatures(Protocol):
+    """MinHash signatures of N rows, however they are stored, as `group_signatures` reads them."""
+
+    bands: Bands
+    keys: np.ndarray  # (N,) uint64 `signature_keys`
+    nonempty: np.ndarray  # (N,) bool: the row's text has at least one shingle
+
+    def band(self, k: int, rows: np.ndarray) -> np.ndarray:
+        """(len(rows),) uint64 keys of band k of the given rows."""
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """(len(rows), num_perm) uint32 signatures of the given rows."""
+
+
+class SignatureArray:
+    """Signatures held in one array."""
+
+    def __init__(self, sig: np.ndarray, bands: Bands) -> None:
+        self.sig, self.bands = sig, bands
+        self.keys = signature_keys(sig)
+        self.nonempty = (sig != _EMPTY).any(axis=1)
+
+    def band(self, k: int, rows: np.ndarray) -> np.ndarray:
+        return _band_key(self.sig[rows, k * self.bands.width : (k + 1) * self.bands.width])
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        return self.sig[rows]
+
+
+def group_signatures(sigs: Signatures, rows: np.ndarray, threshold: float) -> list[list[int]]:
+    """`near_duplicate_groups` of the given rows (ascending indices into `sigs`), named by those indices."""
+    rows = rows[sigs.nonempty[rows]]
+    same_as = _identical_rows(sigs, rows)  # equal signatures are grouped without LSH: big buckets are quadratic
+    distinct = rows[same_as == np.arange(len(rows))]
+    pairs = _lsh_candidate_pairs(sigs, distinct, len(sigs.keys))
+    pairs = pairs[_estimated_jaccard(sigs, pairs) >= threshold]
+    identical = np.stack((rows[same_as], rows), axis=1)
+    return _components(np.concatenate((identical, pairs)))
+
+
+def _identical_rows(sigs: Signatures, rows: np.ndarray) -> np.ndarray:
+    """(len(rows),) position in `rows` of the first row with the same signature as each (itself if none earlier)."""
+    same_as = first_of_equal(sigs.keys[rows])
+    maybe = np.flatnonzero(same_as != np.arange(len(rows)))
+    # equal keys, different signatures: 2**-64 per pair
+    collided = maybe[~(sigs.take(rows[maybe]) == sigs.take(rows[same_as[maybe]])).all(axis=1)]
+    same_as[collided] = collided
     return same_as
 
 
-def _lsh_candidate_pairs(sig: np.ndarray, rows: np.ndarray, threshold: float, seed: int) -> np.ndarray:
+def _lsh_candidate_pairs(sigs: Signatures, rows: np.ndarray, num_rows: int) -> np.ndarray:
     """(K, 2) distinct pairs (i < j) of rows that share at least one LSH band.
 
-    The band layout (b bands of r values) is datasketch's MinHashLSH choice for the threshold; the buckets are
-    found with numpy (a 64-bit hash per band, sorted) instead of its per-row dictionary inserts, which hold
-    b keys per row and take several hundred MB at 200k rows. A hash collision only adds a candidate that the
-    Jaccard check then rejects.
+    The buckets are found with numpy (a 64-bit hash per band, sorted) instead of MinHashLSH's per-row dictionary
+    inserts, which hold b keys per row and take several hundred MB at 200k rows. A hash collision only adds a
+    candidate that the Jaccard check then rejects.
     """
-    # Bands chosen to miss few true pairs (weights 0.1 FP / 0.9 FN): a missed pair is lost, while a false
-    # candidate is only verified away. At threshold 0.8: 14 bands of 9, recall 0.87 at J=0.8, 0.975 at 0.85.
-    layout = MinHashLSH(threshold=threshold, num_perm=sig.shape[1], weights=(0.1, 0.9))
     codes = [np.zeros(0, dtype=np.int64)]
-    for k in range(layout.b):
-        band = sig[rows, k * layout.r : (k + 1) * layout.r].astype(np.uint64)
-        key = np.zeros(len(rows), dtype=np.uint64)
-        for column in band.T:  # FNV-style mixing; wraps around in uint64
-            key = (key * np.uint64(0x100000001B3)) ^ column
+    for k in range(sigs.bands.count):
+        key = sigs.band(k, rows)
         order = np.argsort(key, kind="stable")
         starts = np.flatnonzero(np.r_[True, key[order][1:] != key[order][:-1]])
         sizes = np.diff(np.r_[starts, len(rows)])
-        for start, size in zip(starts[sizes > 1], sizes[sizes > 1]):
-            i, j = _bucket_pairs(np.sort(rows[order[start : start + size]]))
-            codes.append(i * len(sig) + j)  # one int per pair, to drop pairs that several bands repeat
+        for size in np.unique(sizes[sizes > 1]):  # all buckets of one size at once, not a Python loop per bucket
+            members = np.sort(rows[order[starts[sizes == size][:, None] + np.arange(size)]], axis=1)
+            i, j = _bucket_pairs(members)
+            codes.append((i * num_rows + j).ravel())  # one int per pair, to drop pairs that several bands repeat
     unique = np.unique(np.concatenate(codes))
-    return np.stack((unique // len(sig), unique % len(sig)), axis=1)
+    return np.stack((unique // num_rows, unique % num_rows), axis=1)
 
 
 def _bucket_pairs(members: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs of rows of one LSH bucket to verify: all of them, or in a bucket larger than _MAX_BUCKET
-    (templated texts) each row with the first and with the next, so the work stays linear."""
-    if len(members) <= _MAX_BUCKET:
-        i, j = np.triu_indices(len(members), 1)
-        return members[i], members[j]
-    rest = members[1:]
-    return np.concatenate((np.full(len(rest), members[0]), members[:-1])), np.concatenate((rest, rest))
+    """Pairs of rows to verify in LSH buckets of one size ((buckets, size) rows, each bucket sorted): all of
+    them, or in buckets larger than _MAX_BUCKET (templated texts) each row with the first and with the next,
+    so the work stays linear. Returns (buckets, pairs) first and second rows."""
+    size = members.shape[1]
+    if size <= _MAX_BUCKET:
+        i, j = np.triu_indices(size, 1)
+        return members[:, i], members[:, j]
+    rest = members[:, 1:]
+    first = np.repeat(members[:, :1], size - 1, axis=1)
+    return np.concatenate((first, members[:, :-1]), axis=1), np.concatenate((rest, rest), axis=1)
 
 
-def _estimated_jaccard(sig: np.ndarray, pairs: np.ndarray, block: int = 65536) -> np.ndarray:
+def _estimated_jaccard(sigs: Signatures, pairs: np.ndarray, block: int = 65536) -> np.ndarray:
     """(K,) share of equal signature values of each pair, in blocks to bound memory."""
     parts = [np.zeros(0)]
     for lo in range(0, len(pairs), block):
         i, j = pairs[lo : lo + block].T
-        parts.append((sig[i] == sig[j]).mean(axis=1))
+        parts.append((sigs.take(i) == sigs.take(j)).mean(axis=1))
     return np.concatenate(parts)
 
 

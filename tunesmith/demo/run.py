@@ -1,24 +1,28 @@
 """`tunesmith demo`: the offline quickstart on the embedded synthetic world.
 
-    world (seeded) -> corpus + SFT rows + held-out questions -> BPE tokenizer + random tiny Llama
-      -> pretrain (full, clm; configs/demo/pretrain.yaml) -> LoRA SFT (chatml; configs/demo/sft_lora.yaml)
-      -> greedy answers of base and tuned model -> table, demo_report.json, demo_report.md
+    world (seeded) -> corpus, task records, preference pairs            (tunesmith.demo.files)
+      -> BPE tokenizer + random tiny Llama
+      -> pretrain (full, clm)                                            configs/demo/pretrain.yaml
+      -> base model: fact QA as plain text, zero-shot and few-shot
+      -> instruction tuning (LoRA, FLAN templates, one cluster held out) configs/demo/sft_lora.yaml
+      -> base and tuned model: every cluster zero-shot through the chat template
+      -> alignment: SFT adapter merged, DPO with a new LoRA adapter      configs/demo/dpo.yaml
+      -> aligned model: held-out preference pairs and every cluster
+      -> forgetting: perplexity on unseen corpus text, base vs tuned vs aligned
+      -> table on the terminal, report.md + report.json, loss curves
 
-The headline number is exact match on questions about held-out countries: their facts are only in the
-pretraining corpus, never in SFT, so a rise shows instruction tuning unlocking what pretraining stored.
-Nothing is hard-coded: every number comes from greedy generations scored against the world's facts.
+Nothing is hard-coded: every number comes from greedy generations scored against the world's data.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
+import io
 import logging
-import math
 import shutil
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -26,12 +30,13 @@ import torch
 import yaml
 
 from tunesmith.config import Config, config_from_dict
-from tunesmith.data.tokenize import Example
+from tunesmith.demo import evaluate as ev
+from tunesmith.demo.files import WorldSize, write_world
+from tunesmith.demo.report import build_report, format_examples, format_table, write_report
+from tunesmith.demo.tasks import HELDOUT_TASK, SEEN_TASKS
 from tunesmith.demo.tiny import build_model, save_tiny, train_tokenizer
-from tunesmith.demo.world import QA, World, fact_completions, make_world, read_questions, write_world
+from tunesmith.demo.world import World, fact_completions, make_world, questions, read_questions
 from tunesmith.errors import TunesmithError
-from tunesmith.eval.generate import complete_greedy, generate_greedy
-from tunesmith.eval.metrics import exact_match
 from tunesmith.track.logs import setup_logging
 from tunesmith.train.run import set_generation_eos, train
 
@@ -40,25 +45,29 @@ log = logging.getLogger(__name__)
 MARKER = ".tunesmith-demo"
 # The recipes live with the other shipped configs at the repository root (an editable install finds them).
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "demo"
-MODELS = ("base", "tuned")
+# The shipped recipes name the paths `make demo` writes; a demo elsewhere moves every path under this prefix.
+RECIPE_ROOT = "runs/demo"
 
 
 @dataclass(frozen=True)
 class DemoSize:
-    """How big the demo is. The default takes under a minute on 2 free CPU cores; tests use a smaller one."""
+    """How big the demo is. The default takes a few minutes on 2 CPU cores; tests use a smaller one."""
 
     num_countries: int = 48
+    world: WorldSize = field(default_factory=WorldSize)
     vocab_size: int = 768
     hidden_size: int = 128
     num_layers: int = 4
     num_heads: int = 4
     pretrain_steps: int | None = None  # None: train.max_steps of configs/demo/pretrain.yaml
     sft_steps: int | None = None  # None: train.max_steps of configs/demo/sft_lora.yaml
+    dpo_steps: int | None = None  # None: train.max_steps of configs/demo/dpo.yaml
+    shots: int = 1  # solved examples in the base model's few-shot prompts (more distract a model this small)
     max_new_tokens: int = 24
 
 
 def run_demo(output_dir: str | Path, seed: int = 0, size: DemoSize = DemoSize()) -> dict:
-    """Build the world, pretrain, LoRA-tune, evaluate before/after; print the table and write the report.
+    """Build the world, pretrain, evaluate the base, instruction-tune, evaluate again; print and write the report.
 
     Args:
         output_dir: replaced if it holds an earlier demo (it has the `.tunesmith-demo` marker); any other
@@ -66,29 +75,38 @@ def run_demo(output_dir: str | Path, seed: int = 0, size: DemoSize = DemoSize())
         seed: the world, the initial weights and the data order all follow from it.
         size: model, data and step counts (smaller in tests).
     Returns:
-        The report, also written to `output_dir/demo_report.json` and `demo_report.md`.
+        The report, also written to `output_dir/report.json` and `report.md`.
     """
     out = claim_output_dir(Path(output_dir))
     started = time.perf_counter()
     with _quiet_third_party(), _one_thread():
         setup_logging(None)
         world = make_world(seed, size.num_countries)
-        paths = write_world(world, out / "data")
-        log.info("world: %d countries (%d for SFT questions, %d held out), %s", len(world.countries),
+        paths = write_world(world, out / "data", size.world)
+        log.info("world: %d countries (%d for tuning, %d held out), %s", len(world.countries),
                  len(world.sft_countries), len(world.heldout_countries), out / "data")
-        init_dir = build_base(paths["corpus"], out / "base-init", size, seed)
-        pretrain = _train(demo_config("pretrain.yaml", run_overrides(
-            init_dir, paths["corpus"], out / "pretrain", seed, size.pretrain_steps)))
-        sft = _train(demo_config("sft_lora.yaml", run_overrides(
-            out / "pretrain" / "final", paths["sft"], out / "sft", seed, size.sft_steps)))
-        results = evaluate(world, paths, out / "pretrain" / "final", out / "sft" / "final", size.max_new_tokens)
-        perplexity = forgetting(paths["corpus"], out / "pretrain" / "final", out / "sft" / "final")
-    report = build_report(world, size, results, perplexity, pretrain, sft, time.perf_counter() - started)
+        build_base(paths["corpus"], out / "base-init", size, seed)
+        pretrain = _train(demo_config("pretrain.yaml", out, seed, size.pretrain_steps))
+        base_dir = Path(pretrain["config"]["train"]["output_dir"]) / "final"
+        prompting = evaluate_prompting(world, paths, base_dir, size, seed)
+        sft = _train(demo_config("sft_lora.yaml", out, seed, size.sft_steps))
+        adapter_dir = Path(sft["config"]["train"]["output_dir"]) / "final"
+        merged = out / "sft-merged"
+        merge_adapter_quietly(adapter_dir, merged)
+        dpo = _train(demo_config("dpo.yaml", out, seed, size.dpo_steps))
+        aligned_dir = Path(dpo["config"]["train"]["output_dir"]) / "final"
+        models = {"base": (base_dir, None), "tuned": (merged, None), "aligned": (merged, aligned_dir)}
+        clusters = evaluate_clusters(world, paths, models, size, seed)
+        alignment = evaluate_alignment(paths, models)
+        forgetting = evaluate_forgetting(paths, models)
+    report = build_report(world, size, prompting, clusters, alignment, forgetting,
+                          {"pretrain": pretrain, "sft": sft, "dpo": dpo}, time.perf_counter() - started)
     write_report(out, report)
-    print(format_table(report) + "\n\n" + format_examples(report["heldout_answers"][:3]))
-    p = report["corpus_perplexity"]
-    print(f"\nForgetting: perplexity on the pretraining corpus {p['base']} (base) -> {p['tuned']} (tuned)")
-    print(f"\nFull report: {out / 'demo_report.md'}")
+    print(format_table(report) + "\n\n" + format_examples(report))
+    f = report["forgetting"]
+    print(f"\nForgetting: perplexity on unseen corpus text {f['base']} (base) -> {f['tuned']} (tuned) -> "
+          f"{f['aligned']} (aligned)")
+    print(f"\nFull report: {out / 'report.md'}")
     return report
 
 
@@ -114,43 +132,40 @@ def claim_output_dir(path: Path) -> Path:
 
 def build_base(corpus: Path, path: Path, size: DemoSize, seed: int) -> Path:
     """Train a BPE tokenizer on the corpus and save it with a randomly initialised tiny Llama at `path`."""
-    texts = [json.loads(line)["text"] for line in corpus.read_text(encoding="utf-8").splitlines()]
-    tokenizer = train_tokenizer(texts, vocab_size=size.vocab_size)
+    texts = [row["text"] for row in ev.read_jsonl(corpus)]
+    tokenizer = train_tokenizer(texts, vocab_size=size.vocab_size, bare_names=True)
     model = build_model("llama", vocab_size=len(tokenizer), hidden_size=size.hidden_size,
                         num_layers=size.num_layers, num_heads=size.num_heads, seed=seed)
     log.info("base: tiny Llama, %s parameters, vocabulary %d", f"{model.num_parameters():,}", len(tokenizer))
     return save_tiny(path, model, tokenizer)
 
 
-def demo_config(name: str, overrides: dict[str, Any]) -> Config:
-    """The shipped recipe `configs/demo/<name>` with dotted-key overrides (this run's paths, seed ...).
+def demo_config(name: str, out: Path, seed: int, max_steps: int | None = None) -> Config:
+    """The shipped recipe `configs/demo/<name>` for a demo in `out`: every path under `runs/demo` moved to
+    `out`, the demo's seed, its own prepared-data cache, and the step count when the size asks for one.
 
-    Everything not overridden comes from the YAML file, so the demo and the shipped config cannot drift apart.
+    Everything else comes from the YAML file, so the demo and the shipped config cannot drift apart.
     """
     path = CONFIG_DIR / name
     if not path.is_file():
         raise TunesmithError(f"{path}: the demo's config is missing (run the demo from a source checkout)")
-    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    for key, value in overrides.items():
-        *sections, leaf = key.split(".")
-        node = raw
-        for section in sections:
-            node = node.setdefault(section, {})
-        node[leaf] = value
+    raw = _rebase(yaml.safe_load(path.read_text(encoding="utf-8")), str(out))
+    raw["train"]["seed"] = seed
+    # Prepared-data caches stay inside the demo's directory, so a rerun or `rm -r` leaves nothing behind.
+    raw["data"]["cache_dir"] = str(out / "cache")
+    if max_steps is not None:
+        raw["train"]["max_steps"] = max_steps
     return config_from_dict(raw)
 
 
-def run_overrides(model: Path, train_file: Path, run_dir: Path, seed: int, max_steps: int | None) -> dict[str, Any]:
-    """What the demo sets in a recipe: its own paths and seed, and the step count when the size asks for one."""
-    overrides: dict[str, Any] = {
-        "model.name_or_path": str(model), "data.train": [str(train_file)], "train.output_dir": str(run_dir),
-        "train.seed": seed,
-        # Prepared-data caches stay inside the demo's directory, so a rerun or `rm -r` leaves nothing behind.
-        "data.cache_dir": str(run_dir.parent / "cache"),
-    }
-    if max_steps is not None:
-        overrides["train.max_steps"] = max_steps
-    return overrides
+def _rebase(node: Any, out: str) -> Any:
+    if isinstance(node, dict):
+        return {k: _rebase(v, out) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_rebase(v, out) for v in node]
+    if isinstance(node, str) and (node == RECIPE_ROOT or node.startswith(RECIPE_ROOT + "/")):
+        return out + node[len(RECIPE_ROOT):]
+    return node
 
 
 def _train(cfg: Config) -> dict:
@@ -160,184 +175,110 @@ def _train(cfg: Config) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Evaluation
+# Stages after training: each loads the models it needs and returns scored rows
 
 
-def evaluate(world: World, paths: dict[str, Path], base_dir: Path, adapter_dir: Path,
-             max_new_tokens: int) -> dict[str, dict]:
-    """Greedy answers of the base and of base + adapter, scored by exact match.
-
-    Returns:
-        model name -> {"qa_heldout": [...], "qa_sft": [...], "fact_completion": [...]}, each a list of
-        scored rows.
-    """
-    from peft import PeftModel
+def evaluate_prompting(world: World, paths: dict[str, Path], base_dir: Path, size: DemoSize, seed: int
+                       ) -> dict[str, list[dict]]:
+    """The base model on fact questions about held-out countries as plain text: zero-shot and `size.shots`-shot
+    (exemplars about SFT countries)."""
     from transformers import AutoTokenizer
 
     from tunesmith.model.load import load_model
 
-    # The SFT run saved the tokenizer with its chat template next to the adapter.
-    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
-    questions = {"qa_heldout": read_questions(paths["eval_heldout"]), "qa_sft": read_questions(paths["eval_sft"])}
-    completions = fact_completions(world, world.heldout_countries)
-    results = {}
-    for name in MODELS:
-        model = load_model(str(base_dir))
-        if name == "tuned":
-            model = PeftModel.from_pretrained(model, str(adapter_dir))  # the plain PEFT loader, as a user would
-        # The base model (pretrained on raw text) has no end-of-turn stop token; use the chat template's.
-        set_generation_eos(model, tokenizer)
-        results[name] = {key: score_questions(model, tokenizer, rows, max_new_tokens)
-                         for key, rows in questions.items()}
-        results[name]["fact_completion"] = score_completions(model, tokenizer, completions)
-    return results
-
-
-def forgetting(corpus: Path, base_dir: Path, adapter_dir: Path) -> dict[str, float]:
-    """Perplexity of base and tuned model on the pretraining corpus (token-weighted): what SFT cost the model
-    on the data it learnt its facts from."""
-    from accelerate import Accelerator
-    from peft import PeftModel
-    from transformers import AutoTokenizer
-
-    from tunesmith.data.tokenize import encode_text
-    from tunesmith.model.load import load_model
-    from tunesmith.objectives import OBJECTIVES
-    from tunesmith.train.loop import evaluate_loss
-
-    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
-    examples = [Example(*encode_text(tokenizer, json.loads(line)["text"]))
-                for line in corpus.read_text(encoding="utf-8").splitlines() if line]
-    perplexity = {}
-    for name in MODELS:
-        model = load_model(str(base_dir))
-        if name == "tuned":
-            model = PeftModel.from_pretrained(model, str(adapter_dir))
-        loss = evaluate_loss(model, OBJECTIVES["clm"], examples, 32, tokenizer.pad_token_id, Accelerator(cpu=True))
-        perplexity[name] = round(math.exp(loss), 3)
-    return perplexity
-
-
-def score_questions(model, tokenizer, rows: list[QA], max_new_tokens: int) -> list[dict]:
-    """Each question answered through the chat template, greedily, and checked by exact match."""
-    predictions = generate_greedy(model, tokenizer, [qa.messages(with_answer=False) for qa in rows],
-                                  max_new_tokens=max_new_tokens)
-    return [{"question": qa.question, "reference": qa.answer, "prediction": p, "correct": exact_match(p, qa.answer)}
-            for qa, p in zip(rows, predictions)]
-
-
-def score_completions(model, tokenizer, rows: list[tuple[str, str]], max_new_tokens: int = 8) -> list[dict]:
-    """Corpus-style prompts ("The capital of X is"): is the text up to the first full stop the fact?
-
-    This probes what the model knows without the chat format, before and after SFT.
-    """
-    continuations = complete_greedy(model, tokenizer, [prompt for prompt, _ in rows], max_new_tokens)
-    return [{"prompt": prompt, "reference": fact, "prediction": c,
-             "correct": exact_match(c.split(".")[0], fact)} for (prompt, fact), c in zip(rows, continuations)]
-
-
-# ---------------------------------------------------------------------------------------------------
-# Report
-
-
-def accuracy(rows: list[dict]) -> float:
-    """Share of scored rows marked correct (0.0 for none)."""
-    return sum(r["correct"] for r in rows) / len(rows) if rows else 0.0
-
-
-def build_report(world: World, size: DemoSize, results: dict[str, dict], perplexity: dict[str, float],
-                 pretrain: dict, sft: dict, seconds: float) -> dict:
-    """Metrics per model, the held-out answers side by side, and what produced them."""
-    metrics = {name: {key: {"exact_match": accuracy(rows), "n": len(rows)} for key, rows in r.items()}
-               for name, r in results.items()}
-    heldout = [{"question": b["question"], "reference": b["reference"], "base": b["prediction"],
-                "tuned": t["prediction"], "base_correct": b["correct"], "tuned_correct": t["correct"]}
-               for b, t in zip(results["base"]["qa_heldout"], results["tuned"]["qa_heldout"])]
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    model = load_model(str(base_dir))
+    items = read_questions(paths["eval_heldout"])
+    pool = questions(world, world.sft_countries)
+    log.info("evaluating the base model: fact QA as plain text, 0-shot and %d-shot", size.shots)
     return {
-        "seed": world.seed,
-        "size": asdict(size),
-        "world": {"countries": len(world.countries), "sft_countries": len(world.sft_countries),
-                  "heldout_countries": len(world.heldout_countries)},
-        "metrics": metrics,
-        "corpus_perplexity": perplexity,
-        "heldout_answers": heldout,
-        "pretrain": _run_summary(pretrain),
-        "sft": _run_summary(sft),
-        "configs": {"pretrain": pretrain["config"], "sft": sft["config"]},
-        "versions": library_versions(),
-        "seconds": round(seconds, 1),
+        "zero_shot": ev.score_completions(model, tokenizer, ev.qa_prompts(items, pool, 0, seed), size.max_new_tokens),
+        "few_shot": ev.score_completions(model, tokenizer, ev.qa_prompts(items, pool, size.shots, seed),
+                                         size.max_new_tokens),
     }
 
 
-def library_versions() -> dict[str, str]:
-    """The versions a result depends on, for the report."""
-    from importlib.metadata import version
-
-    return {name: version(name) for name in ("tunesmith", "torch", "transformers", "peft", "accelerate", "datasets")}
+def _completion_prompts(world: World) -> list[ev.Prompt]:
+    # the continuation up to its first full stop must be the fact
+    return [ev.Prompt(prompt, (fact,)) for prompt, fact in fact_completions(world, world.heldout_countries)]
 
 
-def _run_summary(report: dict) -> dict:
-    keys = ("steps", "train_loss", "trainable_parameters", "total_parameters", "seconds")
-    return {k: report[k] for k in keys}
+def merge_adapter_quietly(adapter_dir: Path, output: Path) -> None:
+    """The instruction-tuned model as a plain checkpoint (`tunesmith merge`): DPO's starting point and its
+    reference, so that the reference is the tuned model, not the base under it."""
+    from tunesmith.export.merge import merge_command
+
+    with contextlib.redirect_stdout(io.StringIO()):  # merge prints its one-line summary; the log has it too
+        report = merge_command(str(adapter_dir), str(output))
+    log.info("merged the instruction-tuning adapter into the base: %s (max logit difference %.1e)", output,
+             report["max_logit_diff"])
 
 
-TABLE_COLUMNS = (
-    ("qa_heldout", "QA exact match, held-out countries"),
-    ("qa_sft", "QA exact match, SFT countries"),
-    ("fact_completion", "fact completion, held-out countries"),
-)
-MODEL_LABELS = {"base": "base (pretrained)", "tuned": "base + LoRA SFT"}
+def load_stage_model(base: Path, adapter: Path | None):
+    """A model of the demo: a checkpoint, with a LoRA adapter on top when given (loaded with plain PEFT, as a
+    user would)."""
+    from tunesmith.model.load import load_model
+
+    model = load_model(str(base))
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))
+    return model.eval()
 
 
-def format_table(report: dict) -> str:
-    """The before/after table as Markdown (readable in a terminal too)."""
-    header = "| model | " + " | ".join(label for _, label in TABLE_COLUMNS) + " |"
-    lines = [header, "|---" * (len(TABLE_COLUMNS) + 1) + "|"]
-    for name in MODELS:
-        m = report["metrics"][name]
-        cells = [f"{100 * m[key]['exact_match']:.1f}% of {m[key]['n']}" for key, _ in TABLE_COLUMNS]
-        lines.append(f"| {MODEL_LABELS[name]} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def evaluate_clusters(world: World, paths: dict[str, Path], models: dict[str, tuple[Path, Path | None]],
+                      size: DemoSize, seed: int) -> dict[str, dict[str, list[dict]]]:
+    """Every model, zero-shot through the chat template, on the test records of every seen task and on the
+    held-out cluster's records (rendered with the templates the pipeline uses, non-inverted); and the corpus's
+    own phrasing ("The capital of X is") as a probe of what each model knows without any prompt format.
+
+    Args:
+        models: name -> (checkpoint, adapter or None).
+    Returns:
+        model name -> task (or "fact_completion") -> scored rows.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(models["tuned"][0])  # saved by the tuning run, with its template
+    prompts = {task: ev.task_prompts(ev.read_jsonl(paths[f"{task}_test"]), task, seed) for task in SEEN_TASKS}
+    prompts[HELDOUT_TASK] = ev.task_prompts(ev.read_jsonl(paths[HELDOUT_TASK]), HELDOUT_TASK, seed)
+    probe = _completion_prompts(world)
+    results = {}
+    for name, (checkpoint, adapter) in models.items():
+        model = load_stage_model(checkpoint, adapter)
+        # The base model (pretrained on raw text) has no end-of-turn stop token; use the chat template's.
+        set_generation_eos(model, tokenizer)
+        log.info("evaluating the %s model: %d clusters zero-shot", name, len(prompts))
+        results[name] = {task: ev.score_chats(model, tokenizer, p, size.max_new_tokens) for task, p in prompts.items()}
+        results[name]["fact_completion"] = ev.score_completions(model, tokenizer, probe, 8, stop=".")
+    return results
 
 
-def format_examples(rows: list[dict]) -> str:
-    """A few held-out questions with both models' answers, for the terminal."""
-    lines = ["Held-out questions (their countries were never asked about in SFT):"]
-    for row in rows:
-        lines += [f"  Q: {row['question']}", f"     base:  {_cell(row['base'])}", f"     tuned: {_cell(row['tuned'])}"]
-    return "\n".join(lines)
+def evaluate_alignment(paths: dict[str, Path], models: dict[str, tuple[Path, Path | None]]) -> dict[str, list[dict]]:
+    """The tuned and the aligned model on preference pairs about held-out countries and unasked sums: does each
+    give the chosen answer a higher log-probability than the rejected one?
+
+    Returns:
+        model name ("tuned", "aligned") -> one row per pair.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(models["tuned"][0])
+    pairs = ev.read_jsonl(paths["preference_heldout"])
+    log.info("evaluating preferences: %d held-out pairs, tuned vs aligned", len(pairs))
+    return {name: ev.score_preferences(load_stage_model(*models[name]), tokenizer, pairs)
+            for name in ("tuned", "aligned")}
 
 
-def write_report(out: Path, report: dict) -> None:
-    """demo_report.json (everything) and demo_report.md (the table, how to read it, a few answers)."""
-    (out / "demo_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    w = report["world"]
-    lines = [
-        "# tunesmith demo", "",
-        format_table(report), "",
-        f"A tiny Llama ({report['pretrain']['total_parameters']:,} parameters) was pretrained for "
-        f"{report['pretrain']['steps']} steps on a corpus stating the facts of {w['countries']} invented "
-        f"countries, then LoRA-tuned for {report['sft']['steps']} steps on questions about {w['sft_countries']} "
-        f"of them. The {w['heldout_countries']} held-out countries were never asked about in SFT: their facts "
-        "come from pretraining only. Exact match compares greedy answers with the reference sentence after "
-        "normalising case, spaces and trailing punctuation. Fact completion prompts in the corpus's own "
-        "phrasing (\"The capital of X is\"), without the chat format.", "",
-        f"Forgetting: perplexity on the pretraining corpus {report['corpus_perplexity']['base']} (base) -> "
-        f"{report['corpus_perplexity']['tuned']} (tuned).", "",
-        "Loss curves: ![pretraining](pretrain/loss.png) ![LoRA SFT](sft/loss.png)", "",
-        f"Seed {report['seed']}; {report['seconds']} s in all; "
-        + ", ".join(f"{k} {v}" for k, v in report["versions"].items())
-        + ". The resolved configs of both runs are in demo_report.json (and each run's config.yaml).", "",
-        "## Held-out answers (first 6)", "",
-        "| question | reference | base | tuned |", "|---|---|---|---|",
-    ]
-    for row in report["heldout_answers"][:6]:
-        lines.append("| " + " | ".join(_cell(row[k]) for k in ("question", "reference", "base", "tuned")) + " |")
-    (out / "demo_report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+def evaluate_forgetting(paths: dict[str, Path], models: dict[str, tuple[Path, Path | None]]) -> dict[str, float]:
+    """Perplexity of every model on corpus-like documents no stage trained on: what tuning cost the model on the
+    kind of text it was pretrained on."""
+    from transformers import AutoTokenizer
 
-
-def _cell(text: str) -> str:
-    return " ".join(text.split()).replace("|", "\\|") or "(empty)"
+    tokenizer = AutoTokenizer.from_pretrained(models["tuned"][0])
+    texts = [row["text"] for row in ev.read_jsonl(paths["corpus_heldout"])]
+    return {name: ev.perplexity(load_stage_model(*spec), tokenizer, texts) for name, spec in models.items()}
 
 
 # ---------------------------------------------------------------------------------------------------

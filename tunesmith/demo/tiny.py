@@ -21,6 +21,7 @@ def train_tokenizer(
     extra_special_tokens: tuple[str, ...] = CHATML_TOKENS,
     pad: bool = True,
     add_bos: bool = False,
+    bare_names: bool = False,
 ):
     """A byte-level BPE tokenizer trained on `texts` (deterministic), as a transformers fast tokenizer.
 
@@ -28,13 +29,19 @@ def train_tokenizer(
         extra_special_tokens: added as special tokens (e.g. chat-template markers).
         pad: give it a dedicated pad token (False to test tokenizers that have none).
         add_bos: prepend BOS when encoding with add_special_tokens=True (Llama style).
+        bare_names: a space before a capital letter or a digit becomes a token of its own, so "Marnburg" and
+            "12" have the same tokens inside a sentence and at the start of an answer (after the chat
+            template's newline), where a copied name would otherwise need another spelling.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     specials = [UNK, BOS, EOS] + ([PAD] if pad else []) + list(extra_special_tokens)
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if bare_names:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(r" (?=[\p{Lu}\p{N}])"), behavior="isolated"), tok.pre_tokenizer])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "gr", "kr", "tr",
@@ -85,6 +85,23 @@ ANSWERS = {
 }
 RELATIONS = tuple(FACT_PHRASINGS)
 
+# Quiz pages in the corpus ask the SFT countries' facts, never a held-out country's. A page keeps one answer
+# wording for all its questions and pages differ, so a question alone does not say how its answer is worded
+# (the first wording is `ANSWERS`', the one evaluation expects); the page's earlier answers do: what few-shot
+# examples give the base model and a zero-shot prompt does not. Every wording restates the country, so a page
+# also shows the model how to carry a question's country into its answer.
+QUIZ_ANSWERS = {
+    "capital": ("The capital of {country} is {value}.", "In {country}, the capital is {value}.",
+                "{country} has its capital in {value}.", "For {country}, the answer is {value}.",
+                "{country}: the capital is {value}."),
+    "language": ("People in {country} speak {value}.", "In {country}, the language is {value}.",
+                 "{country} has {value} as its language.", "For {country}, the answer is {value}.",
+                 "{country}: the language is {value}."),
+    "currency": ("The currency of {country} is the {value}.", "In {country}, the money is the {value}.",
+                 "{country} has the {value} as its money.", "For {country}, the answer is the {value}.",
+                 "{country}: the money is the {value}."),
+}
+
 
 @dataclass(frozen=True)
 class Country:
@@ -149,13 +166,20 @@ def make_world(seed: int = 0, num_countries: int = 48, heldout_fraction: float =
     return World(seed, tuple(countries), tuple(sorted(order[n_heldout:])), tuple(sorted(order[:n_heldout])))
 
 
+def invent_country(rng: random.Random, used: set[str]) -> Country:
+    """A country with fresh names (not in `used`, which gains them), for data that must not be answerable
+    from memory."""
+    names = {kind: _unique_name(rng, kind, used) for kind in SUFFIXES}
+    return Country(names["country"], names["capital"], names["language"], names["currency"])
+
+
 def _unique_name(rng: random.Random, kind: str, used: set[str]) -> str:
-    # Currencies are common nouns ("the dravel"); everything else is a proper name.
+    # Every name is capitalised, currencies too ("the Dravel"): the demo's tokenizer gives capitalised words the
+    # same tokens with and without a space before them (`train_tokenizer(bare_names=True)`).
     while True:
         syllables = rng.randint(1, 2)
         stem = "".join(rng.choice(ONSETS) + rng.choice(VOWELS) + rng.choice(CODAS) for _ in range(syllables))
-        name = stem + rng.choice(SUFFIXES[kind])
-        name = name if kind == "currency" else name.capitalize()
+        name = (stem + rng.choice(SUFFIXES[kind])).capitalize()
         if len(name) >= 4 and name.lower() not in used:
             used.add(name.lower())
             return name
@@ -179,6 +203,25 @@ def corpus_documents(world: World) -> list[str]:
             docs.append(" ".join(sentences))
     rng.shuffle(docs)
     return docs
+
+
+def atlas_pages(world: World, rng: random.Random, passes: int = 2, per_page: int = 6) -> list[str]:
+    """Pages that list one relation for several countries ("The capital of A is X. The capital of B is Y. ..."),
+    each fact once per pass in a seeded grouping and in a rotating phrasing.
+
+    A page holds many facts of one kind, so the model learns to look each one up for its own country instead
+    of repeating the one before it: what it needs when a prompt shows it solved examples about other countries.
+    """
+    pages = []
+    for p in range(passes):
+        for rel in RELATIONS:
+            order = list(world.countries)
+            rng.shuffle(order)
+            phrasing = FACT_PHRASINGS[rel][p % len(FACT_PHRASINGS[rel])]
+            for start in range(0, len(order), per_page):
+                pages.append(" ".join(phrasing.format(country=c.name, value=c.fact(rel))
+                                      for c in order[start:start + per_page]))
+    return pages
 
 
 def questions(world: World, countries: tuple[str, ...]) -> list[QA]:
@@ -216,53 +259,56 @@ def fact_completions(world: World, countries: tuple[str, ...]) -> list[tuple[str
     return rows
 
 
+def fact_quizzes(world: World, countries: tuple[str, ...], rng: random.Random, count: int, per_page: int = 4
+                 ) -> list[str]:
+    """Quiz pages ("Q: ...\nA: ..." lines) about the given countries: one relation, one question template and
+    one answer wording per page."""
+    pages = []
+    for _ in range(count):
+        relation = rng.choice(RELATIONS)
+        question, answer = rng.choice(QUESTIONS[relation]), rng.choice(QUIZ_ANSWERS[relation])
+        lines = []
+        for name in rng.sample(countries, min(per_page, len(countries))):
+            value = world.by_name(name).fact(relation)
+            lines.append(f"Q: {question.format(country=name)}\nA: {answer.format(country=name, value=value)}")
+        pages.append("\n".join(lines))
+    return pages
+
+
+# Where each country lies: a fact asked in quiz pages about every country, held-out ones included, and never
+# evaluated. Those pages show the model questions about every country answered by restating that country; the
+# facts that are evaluated (capital, language, currency) are asked in quizzes about the SFT countries only.
+REGIONS = ("north", "south", "east", "west")
+REGION_QUESTIONS = ("In which part of the world is {country}?", "Where does {country} lie?",
+                    "Which region is {country} in?")
+# the same shapes as `QUIZ_ANSWERS`, so every answer wording is seen restating held-out countries too
+REGION_ANSWERS = ("The region of {country} is the {region}.", "In {country}, the region is the {region}.",
+                  "{country} has its place in the {region}.", "For {country}, the answer is the {region}.",
+                  "{country}: the region is the {region}.")
+
+
+def region(world: World, name: str) -> str:
+    """The region of a country (seeded by world and name, so the countries themselves stay as they were)."""
+    return random.Random(f"{world.seed}:region:{name}").choice(REGIONS)
+
+
+def region_quizzes(world: World, rng: random.Random, count: int, per_page: int = 4) -> list[str]:
+    """Quiz pages asking where countries lie (all countries), one question and one answer wording per page."""
+    pages = []
+    for _ in range(count):
+        question, answer = rng.choice(REGION_QUESTIONS), rng.choice(REGION_ANSWERS)
+        chosen = rng.sample(world.countries, min(per_page, len(world.countries)))
+        pages.append("\n".join(f"Q: {question.format(country=c.name)}\n"
+                               f"A: {answer.format(country=c.name, region=region(world, c.name))}" for c in chosen))
+    return pages
+
+
 def _qa(country: Country, relation: str, template: str) -> QA:
     value = country.fact(relation)
     answer = ANSWERS[relation].format(country=country.name, value=value)
     return QA(country.name, relation, template.format(country=country.name), answer, value)
 
 
-def write_world(world: World, data_dir: Path) -> dict[str, Path]:
-    """Write the world's files (same seed -> same bytes) and return their paths by role.
-
-    Files: world.json (the facts and the split), corpus.jsonl ({"text"} rows), sft.jsonl ({"messages"} rows,
-    SFT countries only, seeded order), eval_heldout.jsonl and eval_sft.jsonl (question, answer, country,
-    relation).
-    """
-    data_dir.mkdir(parents=True, exist_ok=True)
-    sft_rows = [qa.messages() for qa in questions(world, world.sft_countries)]
-    random.Random(world.seed + 2).shuffle(sft_rows)
-    paths = {
-        "world": _write_json(data_dir / "world.json", _world_dict(world)),
-        "corpus": _write_jsonl(data_dir / "corpus.jsonl", [{"text": d} for d in corpus_documents(world)]),
-        "sft": _write_jsonl(data_dir / "sft.jsonl", [{"messages": m} for m in sft_rows]),
-        "eval_heldout": _write_jsonl(data_dir / "eval_heldout.jsonl",
-                                     [asdict(qa) for qa in eval_questions(world, world.heldout_countries)]),
-        "eval_sft": _write_jsonl(data_dir / "eval_sft.jsonl",
-                                 [asdict(qa) for qa in eval_questions(world, world.sft_countries)]),
-    }
-    return paths
-
-
 def read_questions(path: Path) -> list[QA]:
     """The QA rows of an evaluation file written by `write_world`."""
     return [QA(**json.loads(line)) for line in Path(path).read_text(encoding="utf-8").splitlines() if line]
-
-
-def _world_dict(world: World) -> dict:
-    return {
-        "seed": world.seed,
-        "countries": [asdict(c) for c in world.countries],
-        "sft_countries": list(world.sft_countries),
-        "heldout_countries": list(world.heldout_countries),
-    }
-
-
-def _write_json(path: Path, obj: dict) -> Path:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    return path
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows), encoding="utf-8")
-    return path

@@ -1,0 +1,440 @@
+"""DPO-LoRA step throughput and peak memory: tunesmith next to TRL's DPOTrainer, and tunesmith's DPO with
+precomputed reference log-probs next to its SFT, on the same model, data, dtype and batch.
+
+    .venv/bin/python benchmarks/dpo_bench.py --repeats 3                                  # CPU, fp32
+    .venv/bin/python benchmarks/dpo_bench.py --device cuda --dtype bf16 --repeats 3       # a GPU machine
+
+The parent builds the data, a tokenizer and a random Llama once, then runs each case in a fresh process
+(`--one CASE`), so each process's memory is its own. The cases of one repeat run back to back and their order
+alternates between repeats, so the drift of a shared machine hits every side alike; ratios are taken between
+runs of the same repeat, and the median over repeats is reported. Cases:
+
+    tunesmith-dpo             DPO, LoRA, the reference = the policy with its adapters off (one model in memory)
+    trl-dpo                   TRL's DPOTrainer with the same LoRA (its reference: adapters off as well)
+    tunesmith-dpo-precompute  DPO with align.precompute_ref=true (reference log-probs computed before training)
+    tunesmith-sft-x2          SFT on the chosen conversations, 2 x batch of them: as many rows per forward as DPO
+    tunesmith-sft-x1          SFT on the chosen conversations, batch of them: as many examples per step as DPO
+
+Measured the same way on every side:
+    tokens/s  non-padding tokens of the rows the model is trained on (DPO: chosen and rejected, prompts included)
+              over the measured steps, divided by the wall time from the end of the last warm-up step to the end
+              of the last step (data loading, the reference pass, the optimizer and logging all included)
+    tokens/CPU-s  the same tokens divided by the CPU time (user + system, all threads) the process used over
+              those steps: on a machine shared with other work, less disturbed by waiting for a core
+    memory    CPU: the peak resident set (VmHWM, reset through /proc/self/clear_refs when training starts) minus
+              the resident set at that moment, i.e. what training adds to the loaded libraries, data and model;
+              CUDA: torch.cuda.max_memory_allocated minus memory_allocated at the same moment.
+              On CPU, pass --mmap-threshold 65536 for memory: with glibc's default (a threshold that grows with
+              the blocks freed) freed activations stay in the heap, and the same step measures anything from
+              300 to 700 MB depending on what ran before; with a fixed threshold every block of 64 KiB or more
+              is mapped and unmapped, so the resident set follows the live tensors (and steps get slower)
+    setup     tunesmith only: the peak between building the model and the first step, above the memory after
+              building it (the precomputing pass of tunesmith-dpo-precompute)
+TRL reads the rows in the order tunesmith's sampler draws them, so both sides train on the same batches (the
+summary checks that their per-step token counts agree).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import os
+import random
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CASES = ("tunesmith-dpo", "trl-dpo", "tunesmith-dpo-precompute", "tunesmith-sft-x2", "tunesmith-sft-x1")
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+CONSONANTS = "b c d f g h j k l m n p r s t v w z ch sh th st tr pl".split()
+VOWELS = "a e i o u ai ea ou io".split()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data, tokenizer and model (built once by the parent)
+
+
+class Words:
+    """Pseudo-words with Zipf-like frequencies: a BPE vocabulary of ~16k learns whole words and pieces (~1.25
+    tokens per word), so text lengths and the softmax width look like a real model's."""
+
+    def __init__(self, seed: int = 0):
+        self.rng = random.Random(seed)
+        syllables = [c + v for c in CONSONANTS for v in VOWELS]
+        words = {"".join(self.rng.choice(syllables) for _ in range(self.rng.choice((1, 2, 2, 3, 3, 4))))
+                 for _ in range(30_000)}
+        self.words = sorted(words)
+        self.rng.shuffle(self.words)
+        self.cum_weights = list(itertools.accumulate(1 / (i + 10) for i in range(len(self.words))))
+
+    def text(self, low: int, high: int) -> str:
+        return " ".join(self.rng.choices(self.words, cum_weights=self.cum_weights, k=self.rng.randint(low, high)))
+
+
+def preference_rows(n: int, words: Words) -> list[dict]:
+    """Prompts and answers of 50-100 words each (~65-125 tokens)."""
+    return [{"prompt": words.text(50, 100), "chosen": words.text(50, 100), "rejected": words.text(50, 100)}
+            for _ in range(n)]
+
+
+def prepare(work: Path, args: argparse.Namespace) -> None:
+    """pairs.jsonl, and a random Llama with its tokenizer in model/."""
+    from tunesmith.demo.tiny import build_model, save_tiny, train_tokenizer
+
+    words = Words(args.seed)
+    rows = preference_rows(args.pairs, words)
+    (work / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tokenizer = train_tokenizer([words.text(200, 200) for _ in range(3000)], vocab_size=args.vocab_size)
+    model = build_model("llama", vocab_size=len(tokenizer), hidden_size=args.hidden_size, num_layers=args.layers,
+                        num_heads=args.heads, intermediate_size=args.intermediate_size, max_positions=1024)
+    save_tiny(work / "model", model, tokenizer)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"model: Llama, {params / 1e6:.1f}M parameters (vocab {len(tokenizer)}, hidden {args.hidden_size}, "
+          f"{args.layers} layers); {args.pairs} pairs in {work}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Measuring one run
+
+
+class Meter:
+    """Step-end times, tokens and losses of each optimizer step, and the peak memory above the memory held when
+    training starts."""
+
+    def __init__(self, device: str):
+        self.cuda = device == "cuda"
+        self.times: list[float] = []
+        self.cpu: list[tuple[float, float]] = []  # (user, system) seconds of the process, all threads
+        self.tokens: list[int] = []
+        self.losses: list[float] = []
+        self.base = self.peak = self.setup_base = self.setup_peak = None
+
+    def model_loaded(self) -> None:
+        """From here to `start`: setting up training (e.g. the precomputing pass)."""
+        self.setup_base = self._current()
+        self._reset_peak()
+
+    def start(self) -> None:
+        if self.setup_base is not None:
+            self.setup_peak = self._peak()
+        self.base = self._current()
+        self._reset_peak()
+
+    def step_end(self, tokens: int, loss: float | None) -> None:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+        self.cpu.append(os.times()[:2])
+        self.tokens.append(tokens)
+        self.losses.append(loss)
+        self.peak = self._peak()
+
+    def result(self, warmup: int) -> dict:
+        seconds = self.times[-1] - self.times[warmup - 1]
+        measured = self.tokens[warmup:]
+        steps = [b - a for a, b in zip(self.times[warmup - 1 :], self.times[warmup:])]
+        user, system = (self.cpu[-1][i] - self.cpu[warmup - 1][i] for i in (0, 1))
+        mb = 1 / 2**20
+        return {"tokens_per_s": sum(measured) / seconds, "s_per_step": statistics.median(steps),
+                "tokens_per_cpu_s": sum(measured) / (user + system), "system_share": system / (user + system),
+                "step_tokens": self.tokens, "losses": self.losses,
+                "peak_mb": (self.peak - self.base) * mb, "base_mb": self.base * mb, "abs_peak_mb": self.peak * mb,
+                "setup_mb": None if self.setup_peak is None else (self.setup_peak - self.setup_base) * mb}
+
+    # CPU: the kernel's resident-set counters; CUDA: the caching allocator's
+    def _current(self) -> int:
+        if self.cuda:
+            import torch
+
+            return torch.cuda.memory_allocated()
+        return _proc_status("VmRSS")
+
+    def _peak(self) -> int:
+        if self.cuda:
+            import torch
+
+            return torch.cuda.max_memory_allocated()
+        return _proc_status("VmHWM")
+
+    def _reset_peak(self) -> None:
+        if self.cuda:
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set (Linux)
+
+
+def _proc_status(field: str) -> int:
+    """A memory field of /proc/self/status in bytes."""
+    return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1)) * 1024
+
+
+# ---------------------------------------------------------------------------------------------------
+# tunesmith
+
+
+def tunesmith_config(case: str, work: Path, out: Path, args: argparse.Namespace) -> dict:
+    """The `tunesmith train` config of a case (tests/test_align.py::run_config, at benchmark sizes)."""
+    sft = case.startswith("tunesmith-sft")
+    return {
+        "model": {"name_or_path": str(work / "model"), "dtype": args.dtype},
+        "data": {"train": [str(work / "pairs.jsonl")], "template": "chatml", "max_seq_len": 1024,
+                 "cache_dir": str(work / "cache")},
+        "strategy": {"name": "lora", "lora": {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": 0.0,
+                                              "target_modules": LORA_TARGETS}},
+        "train": {"output_dir": str(out), "objective": "sft" if sft else "dpo", "max_steps": args.steps,
+                  "micro_batch_size": args.batch * (2 if case == "tunesmith-sft-x2" else 1), "lr": args.lr,
+                  "seed": args.seed, "scheduler": "linear", "warmup_steps": 0, "weight_decay": 0.0,
+                  "max_grad_norm": 1.0, "probe_memory": False},  # the same 13 batches as TRL, nothing before
+        "align": {"beta": args.beta, "loss_type": "sigmoid", "precompute_ref": case == "tunesmith-dpo-precompute"},
+        "eval": {"batch_size": args.batch},  # the precomputing pass runs at the training batch size
+        "tracking": {"progress_bar": False, "log_level": "warning"},
+    }
+
+
+@contextlib.contextmanager
+def metered_tunesmith(meter: Meter):
+    """tunesmith has no callbacks: wrap the functions `train` calls to build the model and run a step."""
+    import tunesmith.train.loop as loop
+    import tunesmith.train.run as run
+
+    build_model, train_step = run.build_model, loop.train_step
+
+    def build_and_mark(*a, **kw):
+        model = build_model(*a, **kw)
+        meter.model_loaded()
+        return model
+
+    def timed_step(*a, **kw):
+        if meter.base is None:
+            meter.start()
+        stats = train_step(*a, **kw)
+        meter.step_end(stats["tokens"], stats["loss_sum"] / stats["units"])
+        return stats
+
+    run.build_model, loop.train_step = build_and_mark, timed_step
+    try:
+        yield
+    finally:
+        run.build_model, loop.train_step = build_model, train_step
+
+
+def run_tunesmith(case: str, work: Path, args: argparse.Namespace) -> Meter:
+    from tunesmith.config import config_from_dict
+    from tunesmith.train.run import train
+
+    meter = Meter(args.device)
+    with tempfile.TemporaryDirectory(dir=work) as out, metered_tunesmith(meter):
+        train(config_from_dict(tunesmith_config(case, work, Path(out) / "run", args)))
+    return meter
+
+
+# ---------------------------------------------------------------------------------------------------
+# TRL
+
+
+def trl_rows(work: Path, args: argparse.Namespace) -> list[dict]:
+    """The pairs as conversations, in the order tunesmith's sampler draws them (read sequentially by TRL)."""
+    from tunesmith.data.batching import epoch_batches
+
+    rows = [json.loads(line) for line in (work / "pairs.jsonl").read_text().splitlines()]
+    order = [i for batch in epoch_batches(len(rows), args.batch, args.seed, 0) for i in batch]
+    return [{"prompt": [{"role": "user", "content": rows[i]["prompt"]}],
+             "chosen": [{"role": "assistant", "content": rows[i]["chosen"]}],
+             "rejected": [{"role": "assistant", "content": rows[i]["rejected"]}]} for i in order]
+
+
+def trl_config(out: Path, args: argparse.Namespace):
+    """DPOConfig with tunesmith's settings: no precomputing, no mixed precision or checkpointing, no truncation."""
+    from trl import DPOConfig
+
+    return DPOConfig(
+        output_dir=str(out), per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
+        max_steps=args.steps, learning_rate=args.lr, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
+        max_grad_norm=1.0, seed=args.seed, beta=args.beta, loss_type=["sigmoid"], max_length=None,
+        precompute_ref_log_probs=False, padding_free=False, gradient_checkpointing=False, bf16=False, fp16=False,
+        use_cpu=args.device == "cpu", train_sampling_strategy="sequential", logging_steps=1, report_to="none",
+        save_strategy="no", eval_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
+    )
+
+
+def run_trl(work: Path, args: argparse.Namespace) -> Meter:
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOTrainer
+
+    from tunesmith.data.templates import install_template
+    from tunesmith.model.load import DTYPES
+
+    meter, pending = Meter(args.device), []
+    tokenizer = AutoTokenizer.from_pretrained(work / "model")
+    install_template(tokenizer, "chatml")  # the template tunesmith renders (its tokens are in the vocabulary)
+    model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=DTYPES[args.dtype])
+    lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0, target_modules=LORA_TARGETS,
+                      task_type="CAUSAL_LM")
+
+    class Steps(TrainerCallback):
+        def on_train_begin(self, *a, **kw):
+            meter.start()
+
+        def on_step_end(self, *a, **kw):
+            meter.step_end(sum(pending), None)
+            pending.clear()
+
+        def on_log(self, _args, _state, _control, logs=None, **kw):
+            if logs and "loss" in logs:
+                meter.losses[-1] = logs["loss"]
+
+    with tempfile.TemporaryDirectory(dir=work) as out:
+        trainer = DPOTrainer(model=model, args=trl_config(Path(out), args), processing_class=tokenizer,
+                             train_dataset=Dataset.from_list(trl_rows(work, args)), peft_config=lora,
+                             callbacks=[Steps()])
+        step = trainer.training_step
+
+        def counted_step(model, inputs, *a, **kw):
+            pending.append(int(inputs["attention_mask"].sum()))
+            return step(model, inputs, *a, **kw)
+
+        trainer.training_step = counted_step
+        trainer.train()
+    return meter
+
+
+# ---------------------------------------------------------------------------------------------------
+# Driver
+
+
+def run_one(case: str, work: Path, args: argparse.Namespace) -> dict:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    meter = run_trl(work, args) if case == "trl-dpo" else run_tunesmith(case, work, args)
+    return {"case": case, "threads": torch.get_num_threads(), **meter.result(args.warmup)}
+
+
+def loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def spawn(case: str, work: Path, args: argparse.Namespace) -> dict:
+    """One case in a fresh process; the 1/5/15-minute load averages before and after it."""
+    options = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k in SHARED and v is not None]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    if args.mmap_threshold:  # glibc: fixed threshold, so large blocks go back to the system when freed
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
+    if args.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    before = loadavg()
+    out = subprocess.run([sys.executable, __file__, "--one", case, "--workdir", str(work), *options],
+                         capture_output=True, text=True, env=env)
+    if out.returncode:
+        sys.exit(f"{case} failed:\n{out.stderr[-4000:]}")
+    return {**json.loads(out.stdout.strip().splitlines()[-1]), "load_before": before, "load_after": loadavg()}
+
+
+def summarise(runs: list[dict], args: argparse.Namespace) -> str:
+    """Markdown: the median of each case, then the within-repeat ratios."""
+    by_case = {c: [r for r in runs if r["case"] == c] for c in args.cases}
+    lines = ["| case | tokens/s | s/step | tokens/CPU-s | peak memory above start (MB) | baseline (MB) | "
+             "setup peak (MB) | tokens/step | loss step 1 -> last |", "|---|---|---|---|---|---|---|---|---|"]
+    for case, rs in by_case.items():
+        if not rs:
+            continue
+        med = lambda key: statistics.median(r[key] for r in rs)  # noqa: E731
+        setup = [r["setup_mb"] for r in rs if r["setup_mb"] is not None]
+        losses = rs[0]["losses"]
+        lines.append(f"| {case} | {med('tokens_per_s'):.0f} | {med('s_per_step'):.2f} | "
+                     f"{med('tokens_per_cpu_s'):.0f} | {med('peak_mb'):.0f} | "
+                     f"{med('base_mb'):.0f} | {f'{statistics.median(setup):.0f}' if setup else '-'} | "
+                     f"{statistics.mean(rs[0]['step_tokens']):.0f} | {losses[0]:.4f} -> {losses[-1]:.4f} |")
+    lines += ["", "| ratio (median over repeats, each within one repeat) | per repeat | median |", "|---|---|---|"]
+    for label, num, den, key in RATIOS:
+        if by_case.get(num) and by_case.get(den):
+            pairs = [(a[key], b[key]) for a, b in zip(by_case[num], by_case[den])]
+            values = [a / b for a, b in pairs]
+            lines.append(f"| {label} | {', '.join(f'{v:.2f}' for v in values)} | {statistics.median(values):.2f} |")
+    if by_case.get("tunesmith-dpo") and by_case.get("trl-dpo"):
+        same = all(a["step_tokens"] == b["step_tokens"] for a, b in zip(by_case["tunesmith-dpo"], by_case["trl-dpo"]))
+        lines += ["", f"Same tokens in every step on both sides: {'yes' if same else 'NO'}"]
+    return "\n".join(lines)
+
+
+RATIOS = (
+    ("tokens/s, tunesmith DPO / TRL DPO", "tunesmith-dpo", "trl-dpo", "tokens_per_s"),
+    ("tokens/CPU-s, tunesmith DPO / TRL DPO", "tunesmith-dpo", "trl-dpo", "tokens_per_cpu_s"),
+    ("peak memory, tunesmith DPO / TRL DPO", "tunesmith-dpo", "trl-dpo", "peak_mb"),
+    ("peak memory, DPO precomputed / SFT x2", "tunesmith-dpo-precompute", "tunesmith-sft-x2", "peak_mb"),
+    ("peak memory, DPO precomputed / SFT x1", "tunesmith-dpo-precompute", "tunesmith-sft-x1", "peak_mb"),
+    ("peak memory, DPO live reference / DPO precomputed", "tunesmith-dpo", "tunesmith-dpo-precompute", "peak_mb"),
+)
+# Options every case process receives from the parent.
+SHARED = ("device", "dtype", "threads", "pairs", "vocab_size", "hidden_size", "layers", "heads", "intermediate_size",
+          "batch", "steps", "warmup", "lr", "beta", "lora_r", "lora_alpha", "seed")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--threads", type=int, help="torch threads in each run (default: torch's choice)")
+    p.add_argument("--mmap-threshold", type=int,
+                   help="CPU: run the cases with MALLOC_MMAP_THRESHOLD_ set to this many bytes (see the docstring)")
+    p.add_argument("--pairs", type=int, default=128)
+    p.add_argument("--vocab-size", type=int, default=16384)
+    p.add_argument("--hidden-size", type=int, default=384)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--heads", type=int, default=6)
+    p.add_argument("--intermediate-size", type=int, default=1024)
+    p.add_argument("--batch", type=int, default=4, help="preference pairs per step (2 x batch rows)")
+    p.add_argument("--steps", type=int, default=13)
+    p.add_argument("--warmup", type=int, default=3, help="steps left out of the throughput")
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--lora-alpha", type=float, default=32.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", help="keep the data and model here (default: a temporary directory)")
+    p.add_argument("--json", help="also write every run's measurements to this file")
+    p.add_argument("--one", choices=CASES, help=argparse.SUPPRESS)  # internal: run one case in this process
+    return p.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
+    if args.one:
+        print(json.dumps(run_one(args.one, Path(args.workdir), args)))
+        return
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="dpo-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    if not (work / "model").exists():
+        prepare(work, args)
+    runs = []
+    for repeat in range(args.repeats):
+        for case in args.cases if repeat % 2 == 0 else args.cases[::-1]:
+            runs.append({**spawn(case, work, args), "repeat": repeat})
+            r = runs[-1]
+            print(f"repeat {repeat} {case}: {r['tokens_per_s']:.0f} tokens/s, {r['peak_mb']:.0f} MB above start, "
+                  f"load {r['load_before']} -> {r['load_after']}", file=sys.stderr, flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1))
+    print(summarise(runs, args))
+    if not args.workdir:
+        shutil.rmtree(work)
+
+
+if __name__ == "__main__":
+    main()
