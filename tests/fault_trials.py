@@ -51,14 +51,14 @@ import transformers.models.llama.modeling_llama  # noqa: F401
 
 import tunesmith.cli
 import tunesmith.data.build  # noqa: F401
-import tunesmith.data.pipeline
+import tunesmith.data.cache
 import tunesmith.train.checkpoint as ckpt
 import tunesmith.train.loop as loop
 import tunesmith.train.run  # noqa: F401
 
 # The data fingerprint covers tunesmith's data code as it is on disk; digest it once here, so that an edit to
 # that code while the trials run (a shared checkout) cannot make a resumed run refuse its own checkpoints.
-tunesmith.data.pipeline._code_digest()
+tunesmith.data.cache._code_digest()
 
 
 def die() -> None:
