@@ -58,7 +58,7 @@ def test_alignment_recipe_trains_on_a_tiny_model(recipe, model_dirs, tmp_path):
 
 def test_pretrain_scratch_recipe_builds_and_trains_a_new_model(tokenizer, tmp_path):
     """configs/pretrain_scratch.yaml: step 1 (a tokenizer directory) faked by the shared tiny tokenizer, step 2
-    as shipped except for the paths and the number of steps."""
+    as shipped except for the paths and fewer, smaller steps."""
     recipe = CONFIGS / "pretrain_scratch.yaml"
     tokenizer.save_pretrained(tmp_path / "tokenizer")
     data = write_jsonl(tmp_path / "corpus.jsonl", [{"text": text} for text in CORPUS])

@@ -100,12 +100,15 @@ def test_every_template_gets_its_special_tokens_as_single_tokens(template):
         assert tok(marker, add_special_tokens=False)["input_ids"] == [tok.convert_tokens_to_ids(marker)]
 
 
-def test_tokenizer_input_errors(tmp_path):
+def test_tokenizer_input_errors(tmp_path, capsys):
     with pytest.raises(ConfigError, match="--vocab-size: at least 263"):  # 4 specials + 2 chatml + 256 bytes + 1
         train_corpus_tokenizer(SENTENCES, vocab_size=200, chat_template="chatml")
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "fine"}, {"body": "no text field"}])
     with pytest.raises(DataError, match=r"bad.jsonl:2: field 'text': missing"):
         list(corpus_texts([str(bad)]))
+    assert main(["tokenizer", str(bad), "--output", str(tmp_path / "tok")]) == 2
+    assert capsys.readouterr().err == f"error: {bad}:2: field 'text': missing\n"
+    assert not (tmp_path / "tok").exists()
     other = write_jsonl(tmp_path / "other.jsonl", [{"body": "a"}, {"body": "  "}, {"body": "b"}])
     assert list(corpus_texts([str(other)], field="body")) == ["a", "b"]  # blank documents are left out
 
@@ -130,6 +133,15 @@ def test_built_model_has_the_asked_shape_and_parameter_count(tokenizer_dir, corp
     tied = build_model(scratch_config(tokenizer_dir, corpus, tmp_path / "run", "model.init.tie_embeddings=true"),
                        tokenizer, added)
     assert sum(p.numel() for p in tied.parameters()) == 39_072 - 10_240
+
+
+def test_estimate_reads_the_shape_from_model_init(tokenizer_dir, corpus, tmp_path, capsys):
+    """No checkpoint to read a config.json from: the estimate counts the model model.init describes."""
+    from tunesmith.train.estimate import estimate_command
+
+    report = estimate_command(scratch_config(tokenizer_dir, corpus, tmp_path / "run"))
+    assert report["model"]["params"] == 39_072  # as counted by hand above
+    assert report["config"] == "model.init (llama)" and "peak" in capsys.readouterr().out
 
 
 def test_same_seed_same_initial_weights(tokenizer_dir, corpus, tmp_path):
