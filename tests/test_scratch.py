@@ -135,6 +135,16 @@ def test_built_model_has_the_asked_shape_and_parameter_count(tokenizer_dir, corp
     assert sum(p.numel() for p in tied.parameters()) == 39_072 - 10_240
 
 
+def test_padding_with_eos_never_freezes_the_eos_embedding(tokenizer_dir, corpus, tmp_path):
+    """A tokenizer that pads with EOS: the config gets no pad id, so EOS is no zero, untrained padding_idx row."""
+    cfg = scratch_config(tokenizer_dir, corpus, tmp_path / "run")
+    tokenizer, _ = build_tokenizer(cfg)
+    tokenizer.pad_token = tokenizer.eos_token
+    model = build_model(cfg, tokenizer, [])
+    assert model.config.pad_token_id is None and model.model.embed_tokens.padding_idx is None
+    assert model.model.embed_tokens.weight[tokenizer.eos_token_id].abs().sum() > 0
+
+
 def test_estimate_reads_the_shape_from_model_init(tokenizer_dir, corpus, tmp_path, capsys):
     """No checkpoint to read a config.json from: the estimate counts the model model.init describes."""
     from tunesmith.train.estimate import estimate_command
@@ -161,9 +171,11 @@ def test_same_seed_same_initial_weights(tokenizer_dir, corpus, tmp_path):
     assert not torch.equal(first["model.embed_tokens.weight"], other["model.embed_tokens.weight"])
 
 
-def test_saved_config_rebuilds_the_built_model_exactly(tokenizer_dir, corpus, tmp_path):
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gpt2"])
+def test_saved_config_rebuilds_the_built_model_exactly(family, tokenizer_dir, corpus, tmp_path):
     """config.json describes the architecture fully: plain transformers rebuilds the same function."""
-    cfg = scratch_config(tokenizer_dir, corpus, tmp_path / "run", "model.init.family=qwen2",
+    kv_heads = "model.init.num_kv_heads=null" if family == "gpt2" else "model.init.num_kv_heads=2"
+    cfg = scratch_config(tokenizer_dir, corpus, tmp_path / "run", f"model.init.family={family}", kv_heads,
                          "model.init.tie_embeddings=true")
     tokenizer, _ = build_tokenizer(cfg)
     model = build_model(cfg, tokenizer, []).eval()

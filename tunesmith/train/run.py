@@ -236,10 +236,14 @@ def architecture(cfg: Config, tokenizer):
     if i.vocab_size is not None and i.vocab_size < len(tokenizer):
         raise ConfigError(f"model.init.vocab_size: {i.vocab_size} is smaller than the tokenizer ({len(tokenizer)} "
                           "tokens); raise it or leave it null (the tokenizer's length)")
+    # The pad id becomes the embedding's padding_idx (a zero row that never trains): only a dedicated pad token
+    # may have it, never an EOS or BOS that a tokenizer also uses for padding.
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id not in (tokenizer.eos_token_id, tokenizer.bos_token_id) \
+        else None
     return architecture_config(
         i.family, i.vocab_size or len(tokenizer), i.hidden_size, i.num_layers, i.num_heads, i.num_kv_heads,
         i.intermediate_size, i.max_position_embeddings, i.tie_embeddings, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=pad,
     )
 
 
