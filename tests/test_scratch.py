@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -53,7 +54,7 @@ def scratch_config(tokenizer_dir: Path, corpus: Path, output_dir: Path, *overrid
         "model.init.hidden_size=32", "model.init.num_heads=4", "model.init.num_kv_heads=2",
         "model.init.intermediate_size=64", "model.init.max_position_embeddings=64", "model.dtype=fp32",
         f"data.train={corpus}", "data.format=text", "data.max_seq_len=64", "data.pack=true",
-        "strategy.name=full", "train.objective=clm", f"train.output_dir={output_dir}", "train.max_steps=20",
+        "strategy.name=full", "train.objective=clm", f"train.output_dir={output_dir}", "train.max_steps=12",
         "train.micro_batch_size=4", "train.lr=1e-2", "train.scheduler=constant", "train.seed=3",
         "tracking.progress_bar=false", *overrides,
     ])
@@ -189,14 +190,14 @@ def test_saved_config_rebuilds_the_built_model_exactly(family, tokenizer_dir, co
 @pytest.fixture(scope="module")
 def scratch_run(tokenizer_dir, corpus, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("scratch") / "run"
-    report = train(scratch_config(tokenizer_dir, corpus, run_dir, "train.save_every=20"))
-    assert report["steps"] == 20
+    report = train(scratch_config(tokenizer_dir, corpus, run_dir, "train.save_every=6"))
+    assert report["steps"] == 12
     return run_dir
 
 
 def test_pretraining_from_scratch_starts_at_uniform_loss_and_learns(scratch_run):
     losses = step_losses(scratch_run)
-    assert len(losses) == 20
+    assert len(losses) == 12
     assert losses[0] == pytest.approx(math.log(VOCAB), rel=0.10)  # random weights: about uniform over the vocab
     assert losses[-1] < 0.75 * losses[0]
     final = scratch_run / "final"
@@ -213,10 +214,23 @@ def test_final_and_checkpoint_reload_to_the_same_model(scratch_run):
     ids = torch.tensor([tokenizer(TEXT)["input_ids"]])
     expected = logits(final, ids)
     delivered, _ = load_model_and_tokenizer(str(scratch_run), dtype="fp32")
-    checkpoint = load_for_eval(str(scratch_run / "checkpoints" / "step-20"))
+    checkpoint = load_for_eval(str(scratch_run / "checkpoints" / "step-12"))
     assert checkpoint.baseline is None  # built from scratch: nothing it was fine-tuned from
     torch.testing.assert_close(logits(delivered, ids), expected, rtol=0, atol=0)
     torch.testing.assert_close(logits(checkpoint.model.cpu(), ids), expected, rtol=0, atol=1e-6)
+
+
+def test_resumed_scratch_run_ends_with_the_same_weights(scratch_run, tokenizer_dir, corpus, tmp_path):
+    """6 steps, resume, 6 steps = 12 steps straight, bitwise: the resumed run rebuilds its model from model.init
+    and then loads the checkpoint, as `tunesmith train --resume` does."""
+    from safetensors.torch import load_file
+
+    run_dir = tmp_path / "resumed"
+    shutil.copytree(scratch_run / "checkpoints" / "step-6", run_dir / "checkpoints" / "step-6")
+    assert train(scratch_config(tokenizer_dir, corpus, run_dir, "train.save_every=6", "train.resume=true"))
+    straight, resumed = (load_file(d / "final" / "model.safetensors") for d in (scratch_run, run_dir))
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
 def test_continued_pretraining_starts_from_the_scratch_model(scratch_run, tokenizer_dir, corpus, tmp_path):
