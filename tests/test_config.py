@@ -98,6 +98,23 @@ def test_override_creates_missing_sections():
     assert (cfg.train.lr, cfg.eval.every, cfg.data.train) == (1e-4, 5, ["one.jsonl"])
 
 
+def test_optional_section_filled_and_cleared_by_overrides(tmp_path):
+    """model.init is null until a key of it is set; `model.init=null` clears it again (continued pretraining
+    from a from-scratch config); a saved config round-trips either way."""
+    assert load_config(None).model.init is None
+    cfg = load_config(None, ["model.tokenizer=tok", "strategy.name=full", "model.init.num_layers=3",
+                             "model.init.family=gpt2"])
+    assert (cfg.model.init.num_layers, cfg.model.init.family, cfg.model.init.hidden_size) == (3, "gpt2", 128)
+    save_config(cfg, tmp_path / "saved.yaml")
+    assert load_config(tmp_path / "saved.yaml") == cfg
+    cleared = load_config(tmp_path / "saved.yaml", ["model.init=null", "model.name_or_path=runs/x/final"])
+    assert cleared.model.init is None and cleared.model.name_or_path == "runs/x/final"
+    assert "model.init.num_layers: expected an integer" in config_error(
+        ["model.tokenizer=tok", "strategy.name=full", "model.init.num_layers=two"])
+    assert "unknown config key 'model.init.hiden_size' (did you mean 'model.init.hidden_size'?)" in config_error(
+        ["model.init.hiden_size=2"])
+
+
 def test_override_lists_and_literals():
     """Overrides take YAML lists and Literal choices."""
     cfg = load_config(None, ["data.train=[x.jsonl, y.jsonl]", "strategy.name=dora", "data.template=null"])
@@ -140,7 +157,8 @@ def test_all_keys_lists_leaves():
     """all_keys gives dotted leaves only, including nested ones, no sections."""
     keys = all_keys(Config)
     assert {"model.name_or_path", "train.lr", "strategy.lora.r", "strategy.quant.quant_type"} <= set(keys)
-    assert "strategy" not in keys and "strategy.lora" not in keys
+    assert {"model.init.num_layers", "model.init.seed"} <= set(keys)  # inside an optional section too
+    assert "strategy" not in keys and "strategy.lora" not in keys and "model.init" not in keys
     assert len(keys) == len(set(keys))
 
 
@@ -161,6 +179,7 @@ def test_all_keys_lists_leaves():
     ("model.lora.r=4", "model.lora", "strategy.lora"),  # misplaced section
     ("lr=1e-4", "lr", "train.lr"),  # a leaf at the top level
     ("model.dtyp=fp32", "model.dtyp", "model.dtype"),
+    ("model.init.n_layer=2", "model.init.n_layer", "model.init.num_layers"),  # GPT-2's config name
 ])
 def test_unknown_key_suggests_closest(override, key, suggestion):
     """The message names the unknown dotted key and the most likely intended key."""
@@ -334,6 +353,17 @@ def test_check_paths_requires_model_and_data(tmp_path):
         check_paths(Config())
     with pytest.raises(ConfigError, match=r"^data\.train: required"):
         check_paths(config_from_dict({"model": {"name_or_path": "org/name"}}))
+
+
+def test_check_paths_with_model_init(tmp_path):
+    """model.init needs no model.name_or_path, but its model.tokenizer directory must exist."""
+    data = write(tmp_path, '{"text": "x"}\n', "d.jsonl")
+    raw = {"model": {"tokenizer": str(tmp_path), "init": {"num_layers": 1}}, "strategy": {"name": "full"},
+           "data": {"train": [str(data)]}}
+    check_paths(config_from_dict(raw))
+    raw["model"]["tokenizer"] = str(tmp_path / "no-tokenizer")
+    with pytest.raises(ConfigError, match=r"^model\.tokenizer: model directory not found"):
+        check_paths(config_from_dict(raw))
 
 
 # ------------------------------------------------------------------------------------------------

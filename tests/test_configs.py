@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import chat_rows, write_jsonl
+from conftest import CORPUS, chat_rows, write_jsonl
 from tunesmith.config import load_config
 from tunesmith.train.run import train
 
@@ -54,3 +54,20 @@ def test_alignment_recipe_trains_on_a_tiny_model(recipe, model_dirs, tmp_path):
     report = train(load_config(recipe, overrides))
     assert report["steps"] == 2
     assert (tmp_path / "run" / "final").is_dir()
+
+
+def test_pretrain_scratch_recipe_builds_and_trains_a_new_model(tokenizer, tmp_path):
+    """configs/pretrain_scratch.yaml: step 1 (a tokenizer directory) faked by the shared tiny tokenizer, step 2
+    as shipped except for the paths and fewer, smaller steps."""
+    recipe = CONFIGS / "pretrain_scratch.yaml"
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    data = write_jsonl(tmp_path / "corpus.jsonl", [{"text": text} for text in CORPUS])
+    overrides = [f"model.tokenizer={tmp_path / 'tokenizer'}", f"data.train=[{data}]",
+                 f"train.output_dir={tmp_path / 'run'}", "train.max_steps=2", "train.micro_batch_size=4",
+                 "data.max_seq_len=64", "tracking.progress_bar=false"]
+    cfg = load_config(recipe, overrides)
+    report = train(cfg)
+    assert report["steps"] == 2
+    assert report["total_parameters"] > 0 and report["trainable_parameters"] == report["total_parameters"]
+    saved = load_config(tmp_path / "run" / "config.yaml")
+    assert saved.model.init == cfg.model.init and (tmp_path / "run" / "final" / "config.json").is_file()

@@ -51,6 +51,15 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tokenizer(args: argparse.Namespace) -> int:
+    from tunesmith.model.tokenizer import tokenizer_command
+
+    with warnings_to_log():
+        tokenizer_command(args.inputs, args.output, vocab_size=args.vocab_size, chat_template=args.chat_template,
+                          field=args.field, text_unit=args.text_unit)
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     from tunesmith.config import load_config
 
@@ -161,6 +170,17 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("config", help="YAML config file")
     prepare.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     prepare.set_defaults(func=_prepare)
+
+    tokenizer = commands.add_parser("tokenizer", help="train a byte-level BPE tokenizer on a corpus (for model.init)")
+    tokenizer.add_argument("inputs", nargs="+", help="text files, JSONL (a text field), folders or globs")
+    tokenizer.add_argument("--output", required=True, help="directory for the tokenizer (save_pretrained)")
+    tokenizer.add_argument("--vocab-size", type=int, default=8000, help="tokens in all, specials included")
+    tokenizer.add_argument("--chat-template", default=None, choices=["chatml", "llama3", "alpaca"],
+                           help="install this chat template and add its special tokens")
+    tokenizer.add_argument("--field", default="text", help="the record field holding the text (default: text)")
+    tokenizer.add_argument("--text-unit", default="file", choices=["file", "line"],
+                           help="plain text files: one document per file or per line")
+    tokenizer.set_defaults(func=_tokenizer)
 
     evaluate = commands.add_parser("eval", help="evaluate a model, checkpoint or adapter on the eval sets of a config")
     evaluate.add_argument("config", help="YAML config file")

@@ -53,8 +53,50 @@ def check(cfg: Config) -> None:
         raise ConfigError(f"strategy.lora.r: must be at least 1, got {cfg.strategy.lora.r}")
     if cfg.strategy.name == "freeze" and not (cfg.strategy.freeze.last_n_layers or cfg.strategy.freeze.modules):
         raise ConfigError("strategy.freeze: set last_n_layers and/or modules, otherwise nothing trains")
+    if cfg.model.init is not None:
+        _check_init(cfg)
     _check_align(cfg)
     _check_eval(cfg)
+
+
+# Strategies that can train a model from random weights: the others adapt or read a pretrained one.
+INIT_STRATEGIES = ("full", "freeze")
+
+
+def _check_init(cfg: Config) -> None:
+    """A model built from scratch (model.init): its own keys, and the keys that must agree with it."""
+    m, i = cfg.model, cfg.model.init
+    if m.name_or_path:
+        raise ConfigError(f"model.init and model.name_or_path ({m.name_or_path!r}): a new model is built from "
+                          "model.init, or a checkpoint is loaded; set one (model.init=null continues a checkpoint)")
+    if not m.tokenizer:
+        raise ConfigError("model.tokenizer: model.init builds a new model for a tokenizer; name its directory "
+                          "(train one with `tunesmith tokenizer CORPUS --output DIR`)")
+    if cfg.strategy.name not in INIT_STRATEGIES:
+        raise ConfigError(f"strategy.name: {cfg.strategy.name!r} adapts a pretrained model; a model built from "
+                          f"model.init has random weights, so train it with {' or '.join(INIT_STRATEGIES)}")
+    if cfg.train.objective in ("reward", "classify"):
+        raise ConfigError(f"train.objective: {cfg.train.objective} puts a new head on a pretrained model; pretrain "
+                          "one from model.init with objective clm first, then start from its final/")
+    for key in ("num_layers", "hidden_size", "num_heads", "max_position_embeddings"):
+        if getattr(i, key) < 1:
+            raise ConfigError(f"model.init.{key}: must be at least 1, got {getattr(i, key)}")
+    for key in ("num_kv_heads", "intermediate_size", "vocab_size"):
+        if getattr(i, key) is not None and getattr(i, key) < 1:
+            raise ConfigError(f"model.init.{key}: must be at least 1 or null, got {getattr(i, key)}")
+    if i.hidden_size % i.num_heads:
+        raise ConfigError(f"model.init.hidden_size: {i.hidden_size} must be a multiple of model.init.num_heads "
+                          f"({i.num_heads})")
+    if i.num_kv_heads is not None and i.num_heads % i.num_kv_heads:
+        raise ConfigError(f"model.init.num_kv_heads: {i.num_kv_heads} must divide model.init.num_heads "
+                          f"({i.num_heads})")
+    if i.family == "gpt2" and i.num_kv_heads not in (None, i.num_heads):
+        raise ConfigError("model.init.num_kv_heads: gpt2 has no grouped-query attention; leave it null")
+    if i.max_position_embeddings < cfg.data.max_seq_len:
+        raise ConfigError(f"model.init.max_position_embeddings: {i.max_position_embeddings} is less than "
+                          f"data.max_seq_len ({cfg.data.max_seq_len})")
+    if i.seed is not None and not 0 <= i.seed < 2**32:
+        raise ConfigError(f"model.init.seed: must be in [0, 2**32) or null, got {i.seed}")
 
 
 def _check_eval(cfg: Config) -> None:
@@ -106,9 +148,11 @@ def _check_align(cfg: Config) -> None:
 
 def check_paths(cfg: Config) -> None:
     """Checks that the files and the model a run needs exist (called by commands before any work)."""
-    if not cfg.model.name_or_path:
-        raise ConfigError("model.name_or_path: required (a local model directory or a hub id)")
-    _check_model_path("model.name_or_path", cfg.model.name_or_path)
+    if cfg.model.init is None:
+        if not cfg.model.name_or_path:
+            raise ConfigError("model.name_or_path: required (a local model directory or a hub id), or model.init "
+                              "to build a new model")
+        _check_model_path("model.name_or_path", cfg.model.name_or_path)
     if cfg.model.tokenizer:
         _check_model_path("model.tokenizer", cfg.model.tokenizer)
     if not cfg.data.train:

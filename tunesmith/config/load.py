@@ -78,8 +78,10 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     parts = key.split(".")
     for i, part in enumerate(parts[:-1]):
         section = ".".join(parts[: i + 1])
-        tp = _field_type(section)
-        child = node.setdefault(part, {})
+        tp = _section_type(_field_type(section))
+        child = node.get(part)
+        if child is None:  # absent, or an optional section left null (`init: null`) being filled in
+            child = node[part] = {}
         if not isinstance(child, dict) or (tp is not None and not dataclasses.is_dataclass(tp)):
             raise ConfigError(f"override {item!r}: {section} is a value, not a section")
         node = child
@@ -108,9 +110,19 @@ def _field_type(key: str) -> Any:
     """The schema type at dotted `key` (e.g. Optional[str] for 'model.tokenizer'), or None if not a field."""
     tp: Any = Config
     for part in key.split("."):
+        tp = _section_type(tp)
         if not dataclasses.is_dataclass(tp):
             return None
         tp = typing.get_type_hints(tp).get(part)
+    return tp
+
+
+def _section_type(tp: Any) -> Any:
+    """The dataclass of an optional section (Optional[ModelInitConfig] -> ModelInitConfig), else `tp`."""
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        options = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(options) == 1 and dataclasses.is_dataclass(options[0]):
+            return options[0]
     return tp
 
 
@@ -236,6 +248,14 @@ KEY_ALIASES = {
     "packing": "data.pack",
     "sample_packing": "data.pack",
     "model_name_or_path": "model.name_or_path",
+    "num_hidden_layers": "model.init.num_layers",
+    "n_layer": "model.init.num_layers",
+    "n_embd": "model.init.hidden_size",
+    "num_attention_heads": "model.init.num_heads",
+    "n_head": "model.init.num_heads",
+    "num_key_value_heads": "model.init.num_kv_heads",
+    "tie_word_embeddings": "model.init.tie_embeddings",
+    "n_positions": "model.init.max_position_embeddings",
 }
 
 
@@ -279,10 +299,11 @@ def _schema_paths(cls: type, prefix: str = "") -> list[tuple[str, bool]]:
     paths = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        is_section = dataclasses.is_dataclass(hints[f.name])
+        section = _section_type(hints[f.name])
+        is_section = dataclasses.is_dataclass(section)
         paths.append((f"{prefix}{f.name}", is_section))
         if is_section:
-            paths += _schema_paths(hints[f.name], f"{prefix}{f.name}.")
+            paths += _schema_paths(section, f"{prefix}{f.name}.")
     return paths
 
 

@@ -8,12 +8,32 @@ from typing import Literal, Optional, Union
 Dtype = Literal["auto", "fp32", "bf16", "fp16"]
 
 
+ModelFamily = Literal["llama", "qwen2", "mistral", "gpt2"]
+
+
+@dataclass
+class ModelInitConfig:
+    """A new, randomly initialised model (pretraining from scratch) instead of a checkpoint."""
+
+    family: ModelFamily = "llama"
+    num_layers: int = 2
+    hidden_size: int = 128
+    num_heads: int = 4
+    num_kv_heads: Optional[int] = None  # grouped-query attention (not gpt2); None: num_heads
+    intermediate_size: Optional[int] = None  # None: 4 * hidden (gpt2), else LLaMA's 8/3 * hidden rounded up to 256
+    max_position_embeddings: int = 1024  # at least data.max_seq_len
+    vocab_size: Optional[int] = None  # None: the tokenizer's length; larger leaves spare rows
+    tie_embeddings: bool = False  # the output head shares the input embedding matrix
+    seed: Optional[int] = None  # None: train.seed
+
+
 @dataclass
 class ModelConfig:
-    """Which checkpoint to start from and how to load it."""
+    """Which checkpoint to start from and how to load it, or (`init`) which new model to build."""
 
     name_or_path: str = ""
-    tokenizer: Optional[str] = None  # defaults to name_or_path
+    tokenizer: Optional[str] = None  # defaults to name_or_path; required with init
+    init: Optional[ModelInitConfig] = None  # set: a new model from scratch (name_or_path stays empty)
     revision: Optional[str] = None
     dtype: Dtype = "auto"
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"

@@ -11,6 +11,8 @@ from typing import Iterable
 
 import torch
 
+from tunesmith.model.scratch import architecture_config as model_config  # noqa: F401 (tests use it)
+
 BOS, EOS, PAD, UNK = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>", "<|unk|>"
 CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
 
@@ -81,26 +83,6 @@ def build_model(
                           intermediate_size or 2 * hidden_size, max_positions, tie_embeddings)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-
-
-def model_config(family, vocab_size, hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size,
-                 max_positions, tie_embeddings):
-    from transformers import AutoConfig
-
-    if family == "gpt2":
-        return AutoConfig.for_model(
-            "gpt2", vocab_size=vocab_size, n_embd=hidden_size, n_layer=num_layers, n_head=num_heads,
-            n_positions=max_positions, n_inner=intermediate_size, tie_word_embeddings=tie_embeddings,
-            bos_token_id=1, eos_token_id=2,
-        )
-    if family not in ("llama", "qwen2", "mistral"):
-        raise ValueError(f"unknown model family {family!r}")
-    return AutoConfig.for_model(
-        family, vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
-        num_attention_heads=num_heads, num_key_value_heads=num_kv_heads or num_heads,
-        intermediate_size=intermediate_size, max_position_embeddings=max_positions,
-        tie_word_embeddings=tie_embeddings, bos_token_id=1, eos_token_id=2, pad_token_id=None,
-    )
 
 
 def save_tiny(path: Path, model, tokenizer) -> Path:

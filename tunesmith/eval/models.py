@@ -203,7 +203,7 @@ def _checkpoint(path: Path):
     tokenizer, added = build_tokenizer(cfg)
     model = build_model(cfg, tokenizer, added, _run_labels(cfg))
     load_trainable_state(model, load_file(path / CHECKPOINT_WEIGHTS))
-    return model, tokenizer, cfg.model.name_or_path
+    return model, tokenizer, cfg.model.name_or_path or None  # None: built from scratch (model.init), no baseline
 
 
 def _reft(path: Path, options: LoadOptions):

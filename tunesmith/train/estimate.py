@@ -523,9 +523,7 @@ def cached_batch(cfg: Config, tokenizer) -> dict | None:
 def estimate_command(cfg: Config, measure: bool = False) -> dict:
     """Print the estimate of `cfg` as a table and write `estimate.json` to train.output_dir; with `measure`,
     also run a few steps in a fresh process and report the measured peak next to the estimate."""
-    from transformers import AutoConfig
-
-    from tunesmith.train.run import build_tokenizer
+    from tunesmith.train.run import architecture, build_tokenizer
 
     m = cfg.model
     tokenizer, _ = build_tokenizer(cfg)
@@ -533,7 +531,7 @@ def estimate_command(cfg: Config, measure: bool = False) -> dict:
         from tunesmith.data.build import prepare_from_config
 
         prepare_from_config(cfg, tokenizer)
-    config = AutoConfig.from_pretrained(m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code)
+    config = architecture(cfg, tokenizer)
     shape = model_shape(config, len(tokenizer), m.trust_remote_code)
     plan, notes = plan_from_config(cfg, shape, cached_batch(cfg, tokenizer))
     est = estimate_memory(shape, plan)
@@ -541,7 +539,7 @@ def estimate_command(cfg: Config, measure: bool = False) -> dict:
     compute = torch.bfloat16 if plan.amp or plan.weight_bytes == 2 else torch.float32
     device, rate, utilisation = device_flops(compute)
     report = {
-        "config": cfg.model.name_or_path, "model": dataclasses.asdict(shape) | {"params": shape.params},
+        "config": cfg.model.name_or_path or f"model.init ({m.init.family})", "model": dataclasses.asdict(shape) | {"params": shape.params},
         "plan": dataclasses.asdict(plan), "trainable_params": est.trainable,
         "components_bytes": est.components, "phases_bytes": est.phases, "peak_bytes": est.peak,
         "peak_phase": est.peak_phase, "at_peak": est.at_peak, "flops_per_token": est.flops_per_token,
@@ -654,17 +652,17 @@ def _measure_child(config_path: str, result_path: str) -> None:
     probe, evaluation and checkpoint writing; not the interpreter, libraries, tokenizer or prepared data.
     CPU: the resident set's high-water mark (VmHWM, reset through /proc/self/clear_refs), allocator overhead
     included; CUDA: torch.cuda.max_memory_allocated (tensors only, not the caching allocator's reserve)."""
-    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
 
     from tunesmith.config import load_config
     from tunesmith.data.build import prepare_from_config
     from tunesmith.track.metrics import read_metrics
-    from tunesmith.train.run import build_tokenizer, train
+    from tunesmith.train.run import architecture, build_tokenizer, train
 
     cfg = load_config(config_path)
-    prepare_from_config(cfg, build_tokenizer(cfg)[0])
-    config = AutoConfig.from_pretrained(cfg.model.name_or_path, revision=cfg.model.revision,
-                                        trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer = build_tokenizer(cfg)[0]
+    prepare_from_config(cfg, tokenizer)
+    config = architecture(cfg, tokenizer)
     MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]  # imports the model's code
     _warm_up(cfg.train.mixed_precision != "no")
     cuda = torch.cuda.is_available()

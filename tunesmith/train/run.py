@@ -1,6 +1,7 @@
 """`tunesmith train`: turn a Config into plain objects, run the loop, save `final/` and the report.
 
-    setup (run dir, logging, config) -> load tokenizer + model -> strategy -> data -> optimizer/schedule
+    setup (run dir, logging, config) -> load tokenizer + model (or build it: model.init) -> strategy -> data
+      -> optimizer/schedule
       -> resume? -> fit -> final/ -> report.json + report.md
 """
 
@@ -29,6 +30,7 @@ from tunesmith.model.load import ensure_pad_token, load_model, load_tokenizer, r
 from tunesmith.model.heads import load_classification_model, prepare_classification
 from tunesmith.model.prompt_tuning import PROMPT_STRATEGIES, PromptSpec
 from tunesmith.model.reft import ReftSpec, intervening_on_prompts
+from tunesmith.model.scratch import architecture_config, init_model
 from tunesmith.model.strategies import ADAPTER_STRATEGIES, apply_strategy, parameter_counts, quantization_config
 from tunesmith.objectives import (PREFERENCE_OBJECTIVES, REFERENCE_OBJECTIVES, RL_OBJECTIVES, UNPAIRED_OBJECTIVES,
                                   build_objective)
@@ -187,6 +189,10 @@ def build_model(cfg: Config, tokenizer, added_tokens: list[str], labels: list[st
         model = load_classification_model(m.name_or_path, labels or [], strategy.head.regression,
                                           tokenizer.pad_token_id, resolve_dtype(m.dtype), m.attn_implementation,
                                           m.revision, m.trust_remote_code, m.allow_pickle, quant)
+    elif m.init is not None:  # pretraining from scratch (checks refused reward, classify and adapters)
+        seed = cfg.train.seed if m.init.seed is None else m.init.seed
+        model = init_model(architecture(cfg, tokenizer), seed, resolve_dtype(m.dtype), m.attn_implementation)
+        log.info("built a new %s model from model.init (seed %d)", m.init.family, seed)
     else:
         model = load_model(m.name_or_path, resolve_dtype(m.dtype), m.attn_implementation, m.revision,
                            m.trust_remote_code, m.allow_pickle, quant, head="score" if reward else "causal")
@@ -213,6 +219,32 @@ def build_model(cfg: Config, tokenizer, added_tokens: list[str], labels: list[st
     if cfg.train.compile:
         model.compile()  # in place: parameter names, saving and unwrapping stay as they are
     return model
+
+
+def architecture(cfg: Config, tokenizer):
+    """The `transformers` config of the run's model: built from model.init for `tokenizer`, else the checkpoint's.
+
+    Raises:
+        ConfigError when model.init.vocab_size is smaller than the tokenizer.
+    """
+    m = cfg.model
+    if m.init is None:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code)
+    i = m.init
+    if i.vocab_size is not None and i.vocab_size < len(tokenizer):
+        raise ConfigError(f"model.init.vocab_size: {i.vocab_size} is smaller than the tokenizer ({len(tokenizer)} "
+                          "tokens); raise it or leave it null (the tokenizer's length)")
+    # The pad id becomes the embedding's padding_idx (a zero row that never trains): only a dedicated pad token
+    # may have it, never an EOS or BOS that a tokenizer also uses for padding.
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id not in (tokenizer.eos_token_id, tokenizer.bos_token_id) \
+        else None
+    return architecture_config(
+        i.family, i.vocab_size or len(tokenizer), i.hidden_size, i.num_layers, i.num_heads, i.num_kv_heads,
+        i.intermediate_size, i.max_position_embeddings, i.tie_embeddings, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=pad,
+    )
 
 
 # Strategies whose model can switch its trained parts off (`disable_adapter`): the base is the reference.
