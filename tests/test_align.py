@@ -20,6 +20,7 @@ from tunesmith.errors import ConfigError
 from tunesmith.model.strategies import apply_strategy
 from tunesmith.objectives import build_objective
 from tunesmith.objectives.align import adapters_disabled, collate_pairs, mismatched_rows, policy_logps
+from tunesmith.objectives.tokens import accepts_logits_to_keep, completion_logps, model_inputs, sequence_logps
 from tunesmith.data.batching import collate
 from tunesmith.track.metrics import read_metrics
 from tunesmith.train.loop import train_step
@@ -154,6 +155,46 @@ def test_lora_with_adapters_disabled_gives_the_base_models_log_probs_exactly(tok
             reference, _ = policy_logps(model, batch)
     assert not torch.allclose(changed, expected)
     assert torch.equal(reference, expected)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_logits_from_the_first_answer_token_on_give_the_full_log_probs_and_gradients(family, tokenizer, model_dirs,
+                                                                                     data):
+    """`completion_logps` asks the model for the logits of the answer positions only (the prompt needs no
+    language-model head); its log-probs and the LoRA gradients equal those of the full logits."""
+    tok = chat_tokenizer(tokenizer)
+    batch = collate_pairs(examples_of(tok, data["pairs"], 4), tok.pad_token_id)
+    base = AutoModelForCausalLM.from_pretrained(model_dirs[family])
+    base.resize_token_embeddings(len(tok))
+    model = apply_strategy(base, "lora", lora_r=4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    assert accepts_logits_to_keep(model)
+    lengths = []  # positions the language-model head computes
+    head = model.get_base_model().get_output_embeddings()
+    hook = head.register_forward_hook(lambda module, inputs, output: lengths.append(output.shape[1]))
+    results = []
+    for trimmed in (True, False):
+        model.zero_grad()
+        if trimmed:
+            logps, counts = completion_logps(model, batch)
+        else:
+            logps, counts = sequence_logps(model(**model_inputs(batch)).logits, batch["labels"])
+        logps.sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((logps.detach(), counts, grads))
+    hook.remove()
+    first = int((batch["labels"][:, 1:] != IGNORE_INDEX).any(0).nonzero()[0])
+    width = batch["input_ids"].shape[1]
+    assert lengths == [width - first, width] and first > 0  # the prompt's logits were skipped
+    (a, ca, ga), (b, cb, gb) = results
+    assert torch.equal(ca, cb)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert ga.keys() == gb.keys() and ga
+    for name in ga:
+        torch.testing.assert_close(ga[name], gb[name], rtol=1e-4, atol=1e-6)
 
 
 def test_full_fine_tuning_has_no_adapters_to_disable(tokenizer, model_dirs, data):

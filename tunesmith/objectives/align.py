@@ -3,7 +3,8 @@ kto.py and reward.py.
 
     pairs      chosen and rejected conversations of B pairs in one padded batch of 2B rows (chosen first), so one
                forward pass serves both; log-probabilities come from the chunked `sequence_logps`, never from a
-               float32 copy of the whole batch's logits
+               float32 copy of the whole batch's logits, and logits are computed only from the batch's first
+               answer token on (`completion_logps`)
     reference  precomputed log-probs carried by the batch (`align.precompute_ref`), else a frozen copy of the
                model (full fine-tuning), else the policy itself with its adapters switched off (LoRA, DoRA,
                QLoRA: the base weights are the reference, no second copy in memory)
@@ -25,7 +26,7 @@ from tunesmith.data.batching import collate
 from tunesmith.data.tokenize import IGNORE_INDEX, Example
 from tunesmith.errors import ConfigError
 from tunesmith.objectives.base import LossOutput
-from tunesmith.objectives.tokens import model_inputs, sequence_logps
+from tunesmith.objectives.tokens import completion_logps
 
 # ---------------------------------------------------------------------------------------------------
 # Batches
@@ -66,8 +67,7 @@ def row_count(batch: dict[str, torch.Tensor]) -> int:
 
 def policy_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed completion log-probs (R,) and completion token counts (R,) of every row, with grad."""
-    logits = model(**model_inputs(batch)).logits  # (R, T, V)
-    return sequence_logps(logits, batch["labels"])
+    return completion_logps(model, batch)
 
 
 @torch.no_grad()
@@ -76,9 +76,9 @@ def reference_logps(model, batch: dict[str, torch.Tensor], ref_model=None) -> to
     if "ref_logps" in batch:
         return batch["ref_logps"]
     if ref_model is not None:
-        return sequence_logps(ref_model(**model_inputs(batch)).logits, batch["labels"])[0]
+        return completion_logps(ref_model, batch)[0]
     with adapters_disabled(model):
-        return sequence_logps(model(**model_inputs(batch)).logits, batch["labels"])[0]
+        return completion_logps(model, batch)[0]
 
 
 @contextlib.contextmanager
@@ -105,7 +105,7 @@ def precompute_reference(model, examples: Sequence[Example], pad_token_id: int, 
         batch = collate_pairs(chunk, pad_token_id) if pairs else collate(chunk, pad_token_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         with torch.no_grad():
-            logps = sequence_logps(model(**model_inputs(batch)).logits, batch["labels"])[0].tolist()
+            logps = completion_logps(model, batch)[0].tolist()
         n = len(chunk)
         out += [[logps[i], logps[n + i]] for i in range(n)] if pairs else [[v] for v in logps]
     model.train(was_training)

@@ -8,6 +8,7 @@ pass and the float32 work is redone chunk by chunk there, so neither pass holds 
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import torch
@@ -121,6 +122,42 @@ def sequence_logps(
         (sum of log-probs (B,) float32, number of supervised tokens (B,) int64).
     """
     return token_logps(logits, labels, chunk_size).sum(-1), target_mask(labels).sum(-1)
+
+
+def completion_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sequence_logps` of a model on a batch, with logits computed only where they are read.
+
+    Only positions from the one before the batch's first supervised token on predict a supervised token, so
+    the model is asked for the logits of those last positions alone (transformers' `logits_to_keep`): the
+    language-model head and the log-softmax skip the prompt. The result equals the full computation; models
+    that cannot trim (prompt learning, which prepends virtual tokens, and wrappers without the argument) get
+    the full logits.
+
+    Returns:
+        (summed log-probs (B,) float32, supervised token counts (B,) int64), as `sequence_logps`.
+    """
+    labels = batch["labels"]
+    supervised = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero()  # positions t+1 that are predicted at t
+    start = int(supervised[0]) if len(supervised) else 0
+    if start > 0 and accepts_logits_to_keep(model):
+        logits = model(**model_inputs(batch), logits_to_keep=labels.shape[1] - start).logits  # (B, T - start, V)
+        return sequence_logps(logits, labels[:, start:])
+    return sequence_logps(model(**model_inputs(batch)).logits, labels)
+
+
+def accepts_logits_to_keep(model) -> bool:
+    """Whether `model(..., logits_to_keep=k)` returns the logits of the last k positions of the input."""
+    from peft import PeftModel
+    from transformers import PreTrainedModel
+
+    model = getattr(model, "module", model)  # DDP
+    if isinstance(model, PeftModel):
+        if model.active_peft_config.is_prompt_learning:
+            return False
+        model = model.get_base_model()
+    if not isinstance(model, PreTrainedModel):
+        return False
+    return "logits_to_keep" in inspect.signature(type(model).forward).parameters
 
 
 def summed_nll(logits: torch.Tensor, labels: torch.Tensor, chunk_size: int = 4096) -> tuple[torch.Tensor, int]:
