@@ -5,15 +5,14 @@ from __future__ import annotations
 import torch
 
 from tunesmith.objectives.base import LossOutput
-from tunesmith.objectives.tokens import model_inputs, summed_nll
+from tunesmith.objectives.tokens import answer_logits, summed_nll
 
 
 def sft_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
-    """Summed NLL of the unmasked label tokens and their count.
+    """Summed NLL of the unmasked label tokens and their count (logits only where a label is predicted).
 
     Args:
         batch: input_ids, labels and attention_mask (padded) or position_ids (packed), each (B, T).
     """
-    logits = model(**model_inputs(batch)).logits  # (B, T, V)
-    loss_sum, num_tokens = summed_nll(logits, batch["labels"])
+    loss_sum, num_tokens = summed_nll(*answer_logits(model, batch))
     return LossOutput(loss_sum, num_tokens)

@@ -124,25 +124,33 @@ def sequence_logps(
     return token_logps(logits, labels, chunk_size).sum(-1), target_mask(labels).sum(-1)
 
 
-def completion_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """`sequence_logps` of a model on a batch, with logits computed only where they are read.
+def answer_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's logits where they are read, and the labels cut to match.
 
     Only positions from the one before the batch's first supervised token on predict a supervised token, so
     the model is asked for the logits of those last positions alone (transformers' `logits_to_keep`): the
-    language-model head and the log-softmax skip the prompt. The result equals the full computation; models
-    that cannot trim (prompt learning, which prepends virtual tokens, and wrappers without the argument) get
-    the full logits.
+    language-model head and the log-softmax skip the prompt, which is often most of an instruction-tuning
+    batch. Any loss over the returned pair equals the loss over the full logits and labels. Models that cannot
+    trim (prompt learning, which prepends virtual tokens, and wrappers without the argument) get the full ones.
 
     Returns:
-        (summed log-probs (B,) float32, supervised token counts (B,) int64), as `sequence_logps`.
+        logits (B, T - s, V) and labels (B, T - s), s the first position that predicts a supervised token.
     """
     labels = batch["labels"]
     supervised = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero()  # positions t+1 that are predicted at t
     start = int(supervised[0]) if len(supervised) else 0
     if start > 0 and accepts_logits_to_keep(model):
-        logits = model(**model_inputs(batch), logits_to_keep=labels.shape[1] - start).logits  # (B, T - start, V)
-        return sequence_logps(logits, labels[:, start:])
-    return sequence_logps(model(**model_inputs(batch)).logits, labels)
+        return model(**model_inputs(batch), logits_to_keep=labels.shape[1] - start).logits, labels[:, start:]
+    return model(**model_inputs(batch)).logits, labels
+
+
+def completion_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sequence_logps` of a model on a batch, computed from `answer_logits`.
+
+    Returns:
+        (summed log-probs (B,) float32, supervised token counts (B,) int64).
+    """
+    return sequence_logps(*answer_logits(model, batch))
 
 
 def accepts_logits_to_keep(model) -> bool:

@@ -129,6 +129,7 @@ class Plan:
     vocab_logits: bool = True  # False for a reward model (a scalar head)
     eval_rows: int = 0  # rows of a validation batch (0: no validation data)
     source: str = "data.max_seq_len"  # where seq_len and loss_rows come from
+    logit_positions: int = 0  # positions the LM head computes (`answer_logits` skips the prompt); 0: seq_len
 
 
 @dataclass
@@ -326,7 +327,7 @@ def logits_bytes(shape: ModelShape, plan: Plan) -> dict[str, float]:
     if not plan.vocab_logits:
         return {"forward": 0.0, "chunk backward": 0.0, "logits backward": 0.0}
     V, n, b = shape.vocab, plan.loss_rows, _logits_dtype_bytes(plan)
-    full = plan.rows * plan.seq_len * V
+    full = plan.rows * (plan.logit_positions or plan.seq_len) * V
     chunk = min(n, LOSS_CHUNK)
     rows = n * V * b  # logits[keep]: the loss rows, kept for the backward
     accumulated = rows if n > LOSS_CHUNK else 0.0  # their gradient, summed over chunks
@@ -446,12 +447,17 @@ def plan_from_config(cfg: Config, shape: ModelShape, batch: dict | None = None) 
     rows = t.micro_batch_size * (2 if t.objective in PREFERENCE_OBJECTIVES else 1)
     seq_len = cfg.data.max_seq_len
     loss_rows, mask, source = rows * (seq_len - 1), cfg.data.pack or rows > 1, "data.max_seq_len"
+    logit_positions = 0
     if t.objective in RL_OBJECTIVES:
         rows, seq_len = t.micro_batch_size * a.group_size, seq_len + a.max_new_tokens
         loss_rows = rows * a.max_new_tokens
         notes.append("RL: the update is estimated; sampling (its KV cache) is not")
     elif batch is not None:
         seq_len, loss_rows, mask, source = batch["seq_len"], batch["loss_rows"], batch["mask"], "prepared data"
+        # The loss objectives ask for logits from the batch's first answer token on (`answer_logits`); prompt
+        # and prefix tuning prepend virtual tokens and ReFT wraps the model, so they keep every position.
+        if st.name not in ("prompt_tuning", "prefix_tuning", "reft"):
+            logit_positions = seq_len - batch["prompt_floor"]
     targets = st.lora.target_modules
     if targets == "auto":
         targets = DEFAULT_TARGET_MODULES.get(shape.model_type, "all-linear")
@@ -465,7 +471,7 @@ def plan_from_config(cfg: Config, shape: ModelShape, batch: dict | None = None) 
                  and not (t.objective == "grpo" and not a.kl_beta))
     quant = 0.5 + (1 / 64 + 4 / (64 * 256) if st.quant.double_quant else 4 / 64)  # NF4 + absmax per 64 weights
     plan = Plan(
-        rows=rows, seq_len=seq_len, loss_rows=loss_rows, mask=mask,
+        rows=rows, seq_len=seq_len, loss_rows=loss_rows, mask=mask, logit_positions=logit_positions,
         weight_bytes=torch.finfo(resolve_dtype(cfg.model.dtype)).bits // 8, amp=t.mixed_precision != "no",
         strategy=st.name if st.name in ("full", "freeze", "lora", "dora", "qlora", "head") else "prompt",
         lora_r=st.lora.r, lora_targets=targets if st.name in ADAPTER_STRATEGIES else (), quant_bytes=quant,
@@ -483,7 +489,9 @@ def plan_from_config(cfg: Config, shape: ModelShape, batch: dict | None = None) 
 
 def cached_batch(cfg: Config, tokenizer) -> dict | None:
     """The longest micro-batch of the training data when it is already prepared (in the cache): its padded
-    length, an upper bound of its loss positions (the B largest counts of each side) and whether it is padded."""
+    length, an upper bound of its loss positions (the B largest counts of each side), whether it is padded, and
+    the fewest prompt positions any batch can skip (the shortest prompt of the data, so that the logits' length
+    is an upper bound)."""
     import numpy as np
     import pyarrow.compute as pc
 
@@ -500,7 +508,7 @@ def cached_batch(cfg: Config, tokenizer) -> dict | None:
     b = cfg.train.micro_batch_size
     sides = [("input_ids", "labels")] + ([("rejected_ids", "rejected_labels")]
                                          if "rejected_ids" in table.column_names else [])
-    lengths, losses = [], []
+    lengths, losses, floors = [], [], []
     for ids, labels in sides:
         column = table.column(labels).combine_chunks()
         lengths.append(pc.list_value_length(table.column(ids)).fill_null(0).to_numpy(zero_copy_only=False))
@@ -509,11 +517,18 @@ def cached_batch(cfg: Config, tokenizer) -> dict | None:
         counted = np.add.reduceat(values != -100, starts) if len(values) else np.zeros(len(starts))
         first = values[np.minimum(starts, len(values) - 1)] != -100  # label 0 is never a target after the shift
         losses.append(np.sort(counted - first)[::-1][:b].sum())
+        supervised = np.flatnonzero(values != -100)  # the first supervised position of each row, minus one
+        row_of = np.searchsorted(starts, supervised, side="right") - 1
+        firsts = np.full(len(starts), 0)
+        if len(supervised):
+            seen = np.unique(row_of, return_index=True)
+            firsts[seen[0]] = supervised[seen[1]] - starts[seen[0]]
+        floors.append(int(max(firsts.min() - 1, 0)) if len(firsts) else 0)
     top = np.sort(np.concatenate(lengths))[::-1][: b * len(sides)]
     seq_len = int(top[0])
     packed = "position_ids" in table.column_names and table.column("position_ids").null_count < len(table)
     return {"seq_len": seq_len, "loss_rows": int(min(len(top) * (seq_len - 1), sum(losses))),
-            "mask": bool(packed or (top != seq_len).any())}
+            "mask": bool(packed or (top != seq_len).any()), "prompt_floor": 0 if packed else min(floors)}
 
 
 # ---------------------------------------------------------------------------------------------------
