@@ -68,6 +68,39 @@ def test_summed_nll_chunking_does_not_change_the_sum():
     torch.testing.assert_close(whole, chunked)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_sft_loss_skips_the_prompts_logits_and_equals_the_full_loss(family, model_dirs, tokenizer, chat_file):
+    """The SFT loss asks for logits from the batch's first answer token on; loss, token count and gradients
+    equal those of the full logits."""
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.objectives.sft import sft_loss
+    from tunesmith.objectives.tokens import model_inputs
+
+    batch = collate(_tokenized(tokenizer, chat_file)[:4], tokenizer.pad_token_id)
+    model = AutoModelForCausalLM.from_pretrained(model_dirs[family])
+    positions = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, i, out: positions.append(out.shape[1]))
+    results = []
+    for trimmed in (True, False):
+        model.zero_grad()
+        if trimmed:
+            out = sft_loss(model, batch)
+            loss, count = out.loss_sum, out.num_units
+        else:
+            loss, count = summed_nll(model(**model_inputs(batch)).logits, batch["labels"])
+        loss.backward()
+        results.append((loss.detach(), count, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    hook.remove()
+    width = batch["input_ids"].shape[1]
+    assert positions[0] < width and positions[1] == width  # the trimmed pass computed fewer positions
+    (a, ca, ga), (b, cb, gb) = results
+    assert ca == cb
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-5)
+    for name in ga:
+        torch.testing.assert_close(ga[name], gb[name], rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("kind,expected", [
     ("linear", [1 / 3, 2 / 3, 1.0, 5 / 7, 3 / 7, 1 / 7]),
     ("cosine", [1 / 3, 2 / 3, 1.0, 0.5 * (1 + math.cos(math.pi * 2 / 7)), 0.5 * (1 + math.cos(math.pi * 4 / 7)),
