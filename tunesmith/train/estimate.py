@@ -518,17 +518,15 @@ def cached_batch(cfg: Config, tokenizer) -> dict | None:
         first = values[np.minimum(starts, len(values) - 1)] != -100  # label 0 is never a target after the shift
         losses.append(np.sort(counted - first)[::-1][:b].sum())
         supervised = np.flatnonzero(values != -100)  # the first supervised position of each row, minus one
-        row_of = np.searchsorted(starts, supervised, side="right") - 1
-        firsts = np.full(len(starts), 0)
         if len(supervised):
-            seen = np.unique(row_of, return_index=True)
-            firsts[seen[0]] = supervised[seen[1]] - starts[seen[0]]
-        floors.append(int(max(firsts.min() - 1, 0)) if len(firsts) else 0)
+            rows_seen, first_index = np.unique(np.searchsorted(starts, supervised, side="right") - 1,
+                                               return_index=True)
+            floors.append(int(max((supervised[first_index] - starts[rows_seen]).min() - 1, 0)))
     top = np.sort(np.concatenate(lengths))[::-1][: b * len(sides)]
     seq_len = int(top[0])
     packed = "position_ids" in table.column_names and table.column("position_ids").null_count < len(table)
     return {"seq_len": seq_len, "loss_rows": int(min(len(top) * (seq_len - 1), sum(losses))),
-            "mask": bool(packed or (top != seq_len).any()), "prompt_floor": 0 if packed else min(floors)}
+            "mask": bool(packed or (top != seq_len).any()), "prompt_floor": 0 if packed or not floors else min(floors)}
 
 
 # ---------------------------------------------------------------------------------------------------
