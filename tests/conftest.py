@@ -64,3 +64,13 @@ def chat_rows(n: int, seed: int = 0) -> list[dict]:
             messages.append({"role": "assistant", "content": f"It is {a + b}." + " Indeed." * rng.randint(0, 3)})
         rows.append({"messages": messages})
     return rows
+
+
+@pytest.fixture()
+def one_thread():
+    """Torch on one thread for the test: the models are tiny, and on shared cores a second thread only waits
+    (up to 100x slower under load). Test modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

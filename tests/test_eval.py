@@ -35,13 +35,7 @@ from tunesmith.objectives import OBJECTIVES
 CONFIG = Path(__file__).parent.parent / "configs" / "eval.yaml"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The models are tiny: on shared cores a second torch thread only waits (100x slower here under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -27,12 +27,7 @@ from tunesmith.eval.metrics import LabelCounts
 LABELS = ["negative", "positive"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _train(model_dir: Path, out: Path, data: dict, strategy: dict, **train) -> Path:

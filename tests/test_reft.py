@@ -19,13 +19,7 @@ from tunesmith.train.optim import build_optimizer, build_scheduler
 HIDDEN = 64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and much faster on a machine whose cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny(family: str = "llama", vocab: int = 120, seed: int = 0):

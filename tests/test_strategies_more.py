@@ -29,12 +29,7 @@ from tunesmith.train.optim import build_optimizer, build_scheduler
 HIDDEN, LAYERS = 64, 2  # the tiny models of conftest
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _causal(model_dirs, family):
