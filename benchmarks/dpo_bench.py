@@ -203,8 +203,13 @@ def tunesmith_config(case: str, work: Path, out: Path, args: argparse.Namespace)
 
 
 @contextlib.contextmanager
-def metered_tunesmith(meter: Meter):
-    """tunesmith has no callbacks: wrap the functions `train` calls to build the model and run a step."""
+def metered_tunesmith(meter: Meter, count: str = "tokens"):
+    """tunesmith has no callbacks: wrap the functions `train` calls to build the model and run a step.
+
+    Args:
+        count: the step statistic recorded as the step's tokens: "tokens" (the non-padding tokens of its rows)
+            or "units" (what the loss is normalised by: the loss-bearing tokens for SFT).
+    """
     import tunesmith.train.loop as loop
     import tunesmith.train.run as run
 
@@ -219,7 +224,7 @@ def metered_tunesmith(meter: Meter):
         if meter.base is None:
             meter.start()
         stats = train_step(*a, **kw)
-        meter.step_end(stats["tokens"], stats["loss_sum"] / stats["units"])
+        meter.step_end(stats[count], stats["loss_sum"] / stats["units"])
         return stats
 
     run.build_model, loop.train_step = build_and_mark, timed_step
@@ -328,16 +333,19 @@ def loadavg() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
-def spawn(case: str, work: Path, args: argparse.Namespace) -> dict:
-    """One case in a fresh process; the 1/5/15-minute load averages before and after it."""
-    options = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k in SHARED and v is not None]
+def spawn(case: str, work: Path, args: argparse.Namespace, script: str = __file__,
+          shared: tuple[str, ...] | None = None) -> dict:
+    """One case in a fresh process (`script --one CASE`, given the options named in `shared`, default SHARED);
+    the 1/5/15-minute load averages before and after it."""
+    shared = SHARED if shared is None else shared
+    options = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k in shared and v is not None]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     if args.mmap_threshold:  # glibc: fixed threshold, so large blocks go back to the system when freed
         env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
     if args.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
     before = loadavg()
-    out = subprocess.run([sys.executable, __file__, "--one", case, "--workdir", str(work), *options],
+    out = subprocess.run([sys.executable, script, "--one", case, "--workdir", str(work), *options],
                          capture_output=True, text=True, env=env)
     if out.returncode:
         sys.exit(f"{case} failed:\n{out.stderr[-4000:]}")
