@@ -50,6 +50,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 CASES = ("tunesmith-dpo", "trl-dpo", "tunesmith-dpo-precompute", "tunesmith-sft-x2", "tunesmith-sft-x1")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -392,33 +393,50 @@ SHARED = ("device", "dtype", "threads", "pairs", "vocab_size", "hidden_size", "l
           "batch", "steps", "warmup", "lr", "beta", "lora_r", "lora_alpha", "seed")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
+def add_common_arguments(p: argparse.ArgumentParser, cases: tuple[str, ...]) -> None:
+    """The options every side-by-side benchmark takes: cases, repeats, device and threads, model and step sizes."""
+    p.add_argument("--cases", nargs="+", choices=cases, default=list(cases))
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--threads", type=int, help="torch threads in each run (default: torch's choice)")
     p.add_argument("--mmap-threshold", type=int,
-                   help="CPU: run the cases with MALLOC_MMAP_THRESHOLD_ set to this many bytes (see the docstring)")
-    p.add_argument("--pairs", type=int, default=128)
+                   help="CPU: run the cases with MALLOC_MMAP_THRESHOLD_ set to this many bytes (see dpo_bench.py)")
     p.add_argument("--vocab-size", type=int, default=16384)
     p.add_argument("--hidden-size", type=int, default=384)
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--heads", type=int, default=6)
     p.add_argument("--intermediate-size", type=int, default=1024)
-    p.add_argument("--batch", type=int, default=4, help="preference pairs per step (2 x batch rows)")
     p.add_argument("--steps", type=int, default=13)
     p.add_argument("--warmup", type=int, default=3, help="steps left out of the throughput")
     p.add_argument("--lr", type=float, default=5e-5)
-    p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--lora-alpha", type=float, default=32.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", help="keep the data and model here (default: a temporary directory)")
     p.add_argument("--json", help="also write every run's measurements to this file")
-    p.add_argument("--one", choices=CASES, help=argparse.SUPPRESS)  # internal: run one case in this process
+    p.add_argument("--one", choices=cases, help=argparse.SUPPRESS)  # internal: run one case in this process
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_arguments(p, CASES)
+    p.add_argument("--pairs", type=int, default=128)
+    p.add_argument("--batch", type=int, default=4, help="preference pairs per step (2 x batch rows)")
+    p.add_argument("--beta", type=float, default=0.1)
     return p.parse_args(argv)
+
+
+def run_repeats(args: argparse.Namespace, run_case: Callable[[str], dict]) -> list[dict]:
+    """Every case `args.repeats` times, in an order that alternates between repeats; one line per run."""
+    runs = []
+    for repeat in range(args.repeats):
+        for case in args.cases if repeat % 2 == 0 else args.cases[::-1]:
+            runs.append({**run_case(case), "repeat": repeat})
+            r = runs[-1]
+            print(f"repeat {repeat} {case}: {r['tokens_per_s']:.0f} tokens/s, {r['peak_mb']:.0f} MB above start, "
+                  f"load {r['load_before']} -> {r['load_after']}", file=sys.stderr, flush=True)
+    return runs
 
 
 def main() -> None:
@@ -430,13 +448,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     if not (work / "model").exists():
         prepare(work, args)
-    runs = []
-    for repeat in range(args.repeats):
-        for case in args.cases if repeat % 2 == 0 else args.cases[::-1]:
-            runs.append({**spawn(case, work, args), "repeat": repeat})
-            r = runs[-1]
-            print(f"repeat {repeat} {case}: {r['tokens_per_s']:.0f} tokens/s, {r['peak_mb']:.0f} MB above start, "
-                  f"load {r['load_before']} -> {r['load_after']}", file=sys.stderr, flush=True)
+    runs = run_repeats(args, lambda case: spawn(case, work, args))
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1))
     print(summarise(runs, args))

@@ -305,30 +305,10 @@ SHARED = ("device", "dtype", "threads", "conversations", "max_words", "vocab_siz
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
-    p.add_argument("--threads", type=int, help="torch threads in each run (default: torch's choice)")
-    p.add_argument("--mmap-threshold", type=int,
-                   help="CPU: run the cases with MALLOC_MMAP_THRESHOLD_ set to this many bytes (see dpo_bench.py)")
+    dpo.add_common_arguments(p, CASES)
     p.add_argument("--conversations", type=int, default=128)
     p.add_argument("--max-words", type=int, default=650, help="words per conversation at most (~1.25 tokens each)")
-    p.add_argument("--vocab-size", type=int, default=16384)
-    p.add_argument("--hidden-size", type=int, default=384)
-    p.add_argument("--layers", type=int, default=6)
-    p.add_argument("--heads", type=int, default=6)
-    p.add_argument("--intermediate-size", type=int, default=1024)
     p.add_argument("--batch", type=int, default=4, help="conversations per step")
-    p.add_argument("--steps", type=int, default=13)
-    p.add_argument("--warmup", type=int, default=3, help="steps left out of the throughput")
-    p.add_argument("--lr", type=float, default=5e-5)
-    p.add_argument("--lora-r", type=int, default=16)
-    p.add_argument("--lora-alpha", type=float, default=32.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workdir", help="keep the data and model here (default: a temporary directory)")
-    p.add_argument("--json", help="also write every run's measurements to this file")
-    p.add_argument("--one", choices=CASES, help=argparse.SUPPRESS)  # internal: run one case in this process
     return p.parse_args(argv)
 
 
@@ -343,13 +323,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     if not (work / "model").exists():
         prepare(work, args)
-    runs = []
-    for repeat in range(args.repeats):
-        for case in args.cases if repeat % 2 == 0 else args.cases[::-1]:
-            runs.append({**dpo.spawn(case, work, args, script=__file__, shared=SHARED), "repeat": repeat})
-            r = runs[-1]
-            print(f"repeat {repeat} {case}: {r['tokens_per_s']:.0f} tokens/s, {r['peak_mb']:.0f} MB above start, "
-                  f"load {r['load_before']} -> {r['load_after']}", file=sys.stderr, flush=True)
+    runs = dpo.run_repeats(args, lambda case: dpo.spawn(case, work, args, script=__file__, shared=SHARED))
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1))
     print(data_summary(work, args) + "\n")
