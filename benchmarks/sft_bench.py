@@ -10,11 +10,13 @@ random Llama once, then runs each case in a fresh process (`--one CASE`); the ca
 back, their order alternating between repeats; ratios are taken between runs of the same repeat and the median
 over repeats is reported. Cases:
 
-    tunesmith-lora     tunesmith SFT, LoRA on every linear layer, padded batches (its default)
+    tunesmith-lora     tunesmith SFT, LoRA on every linear layer, padding-free batches (data.padding_free: the same
+                       batches laid end to end, attention per conversation) and its fused loss (the default)
+    tunesmith-lora-padded   the same on padded batches (tunesmith's default data layout)
     trl-lora-default   TRL's SFTTrainer with the same LoRA and its default data path: padded batches, no packing
     trl-lora-best      the same with padding_free=True: each batch is one row of its examples end to end, with
                        position ids restarting at each (transformers builds the block-diagonal mask for SDPA)
-    tunesmith-full, trl-full-default, trl-full-best   the same three with every weight trained
+    tunesmith-full, tunesmith-full-padded, trl-full-default, trl-full-best   the same four with every weight trained
 
 Both sides train on the same tokens: each assistant reply and its end-of-turn token (tunesmith's SFT labels).
 TRL's default for conversations is a loss on every token; its `assistant_only_loss=True` restricts it to the
@@ -56,7 +58,8 @@ def _load_dpo_bench():
 
 dpo = _load_dpo_bench()
 
-CASES = ("tunesmith-lora", "trl-lora-default", "trl-lora-best", "tunesmith-full", "trl-full-default", "trl-full-best")
+CASES = ("tunesmith-lora", "tunesmith-lora-padded", "trl-lora-default", "trl-lora-best",
+         "tunesmith-full", "tunesmith-full-padded", "trl-full-default", "trl-full-best")
 # tunesmith's chatml (tunesmith.data.templates.CHATML) with each reply and its end-of-turn token marked as the
 # assistant's: the text is the same, the marks only tell `return_assistant_tokens_mask` where replies are.
 TRL_CHATML = (
@@ -158,8 +161,8 @@ def tunesmith_config(case: str, work: Path, out: Path, args: argparse.Namespace)
     return {
         "model": {"name_or_path": str(work / "model"), "dtype": args.dtype},
         "data": {"train": [str(work / "chats.jsonl")], "template": "chatml", "max_seq_len": 1024,
-                 "cache_dir": str(work / "cache")},
-        "strategy": {"name": "full" if case.endswith("-full") else "lora",
+                 "cache_dir": str(work / "cache"), "padding_free": not case.endswith("-padded")},
+        "strategy": {"name": "full" if "-full" in case else "lora",
                      "lora": {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": 0.0,
                               "target_modules": dpo.LORA_TARGETS}},
         "train": {"output_dir": str(out), "objective": "sft", "max_steps": args.steps,

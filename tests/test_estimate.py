@@ -90,8 +90,9 @@ def test_flops_per_token_by_hand():
     assert flops_per_token(shape, plan(strategy="lora", lora_targets=LORA_TARGETS)) == 4 * 99_328 + 6 * 2 * 64 * 8
 
 
-def _saved_bytes(model, batch) -> int:
-    """Bytes of every distinct storage autograd keeps for the backward pass of the SFT loss (parameters not counted)."""
+def _saved_bytes(model, batch, fused: bool = False) -> int:
+    """Bytes of every distinct storage autograd keeps for the backward pass of the SFT loss (parameters not counted);
+    `fused`: the fused head + loss, else the loss over the model's logits."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
 
@@ -102,14 +103,17 @@ def _saved_bytes(model, batch) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        build_objective("sft").loss(model, batch)
+        build_objective("sft", fused_loss=fused).loss(model, batch)
     return sum(seen.values())
 
 
 @pytest.mark.parametrize("case", [dict(), dict(mask=True), dict(strategy="lora"), dict(weight_bytes=2),
-                                  dict(strategy="lora", weight_bytes=2, mask=True)])
+                                  dict(strategy="lora", weight_bytes=2, mask=True), dict(fused_loss=True),
+                                  dict(fused_loss=True, strategy="lora", mask=True)])
 def test_activations_equal_what_autograd_keeps(case):
-    """The formula against the tensors autograd saves in a real forward pass (the reference implementation)."""
+    """The formula against the tensors autograd saves in a real forward pass (the reference implementation).
+    Besides the activations the loss keeps: the logits' loss rows, or (fused) the hidden states' gradient and,
+    when the head trains, its weight's gradient, both fp32."""
     p = plan(rows=2, seq_len=24, **case)
     model = build_model("llama", 400, 64, 2, 4, 2, 128).to(torch.bfloat16 if p.weight_bytes == 2 else torch.float32)
     if p.strategy == "lora":
@@ -120,8 +124,10 @@ def test_activations_equal_what_autograd_keeps(case):
     mask[1, 20:] = 0 if p.mask else 1
     labels = ids.masked_fill(mask == 0, -100)
     p = dataclasses.replace(p, loss_rows=int((labels[:, 1:] != -100).sum()))
-    expected = activation_bytes(model_shape(tiny_config()), p) + p.loss_rows * 400 * p.weight_bytes  # + loss rows
-    saved = _saved_bytes(model, {"input_ids": ids, "attention_mask": mask, "labels": labels})
+    loss = p.loss_rows * 64 * 4 + (400 * 64 * 4 if p.strategy == "full" else 0) if p.fused_loss \
+        else p.loss_rows * 400 * p.weight_bytes
+    expected = activation_bytes(model_shape(tiny_config()), p) + loss
+    saved = _saved_bytes(model, {"input_ids": ids, "attention_mask": mask, "labels": labels}, p.fused_loss)
     assert saved == pytest.approx(expected, rel=0.02)  # cos/sin tables and 1/rms rounding aside
 
 
@@ -156,11 +162,13 @@ class LiveTensors(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 @pytest.mark.parametrize("case", [dict(), dict(strategy="lora"), dict(gradient_checkpointing=True),
-                                  dict(rows=1, seq_len=6)])
+                                  dict(rows=1, seq_len=6), dict(fused_loss=False),
+                                  dict(fused_loss=False, strategy="lora")])
 def test_peak_equals_the_tensors_alive_in_real_training_steps(case):
     """Two optimizer steps (the second with AdamW's state) of the real loss, optimizer and backward pass: the
-    largest number of tensor bytes alive at once equals the estimated peak (the last case peaks in the update)."""
-    p = plan(**{"rows": 4, "seq_len": 48, **case})
+    largest number of tensor bytes alive at once equals the estimated peak (the fourth case peaks in the update).
+    The fused head + loss (the default) and the loss over the full logits."""
+    p = plan(**{"rows": 4, "seq_len": 48, "fused_loss": True, **case})
     model = build_model("llama", 2000, 64, 2, 4, 2, 128)
     if p.strategy == "lora":
         model = apply_strategy(model, "lora", lora_r=8)
@@ -175,7 +183,7 @@ def test_peak_equals_the_tensors_alive_in_real_training_steps(case):
     tracker = LiveTensors([*model.parameters(), *model.buffers()])
     with tracker:
         for _ in range(2):
-            build_objective("sft").loss(model, batch).loss_sum.backward()
+            build_objective("sft", fused_loss=p.fused_loss).loss(model, batch).loss_sum.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())  # rotary tables, not in the estimate

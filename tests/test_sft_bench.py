@@ -22,7 +22,9 @@ def sft_bench():
     return module
 
 
-def test_sft_bench_counts_the_loss_tokens_of_the_batches_trl_is_given(sft_bench, tmp_path, monkeypatch):
+@pytest.mark.parametrize("case", ["tunesmith-lora", "tunesmith-lora-padded"])
+def test_sft_bench_counts_the_loss_tokens_of_the_batches_trl_is_given(sft_bench, tmp_path, monkeypatch, case):
+    """Padding-free (one row per step, the conversations end to end) and padded (a row per conversation)."""
     import tunesmith.train.loop as loop
 
     args = sft_bench.parse_args(TINY)
@@ -35,19 +37,23 @@ def test_sft_bench_counts_the_loss_tokens_of_the_batches_trl_is_given(sft_bench,
 
     train_step = loop.train_step
     monkeypatch.setattr(loop, "train_step", recording_step)
-    result = sft_bench.run_one("tunesmith-lora", tmp_path, args)
+    result = sft_bench.run_one(case, tmp_path, args)
 
     # What TRL gets, tokenised as SFTTrainer does with assistant_only_loss: row k*batch+i is row i of step k,
     # with tunesmith's ids, and a loss exactly where tunesmith's labels have one.
     encodings = sft_bench.trl_encodings(sft_bench.trl_tokenizer(tmp_path), sft_bench.trl_rows(tmp_path, args))
     assert [len(step) for step in batches] == [1, 1, 1]  # one micro-batch per step
     for k, (batch,) in enumerate(batches):
-        assert len(batch["input_ids"]) == args.batch
-        for i, length in enumerate(batch["token_mask"].sum(1).tolist()):
-            ids, mask = encodings[k * args.batch + i]
-            assert batch["input_ids"][i, :length].tolist() == ids
-            assert batch["labels"][i, :length].tolist() == [t if m else -100 for t, m in zip(ids, mask)]
-            assert 0 < sum(mask) < len(ids)  # replies only: the prompts carry no loss
+        step = encodings[k * args.batch : (k + 1) * args.batch]
+        expected = [(ids, [t if m else -100 for t, m in zip(ids, mask)]) for ids, mask in step]
+        assert all(0 < sum(mask) < len(ids) for ids, mask in step)  # replies only: the prompts carry no loss
+        if case.endswith("-padded"):
+            rows = [(batch["input_ids"][i, :n].tolist(), batch["labels"][i, :n].tolist())
+                    for i, n in enumerate(batch["token_mask"].sum(1).tolist())]
+            assert rows == expected
+        else:
+            assert batch["input_ids"].tolist() == [[t for ids, _ in expected for t in ids]]
+            assert batch["labels"].tolist() == [[t for _, labels in expected for t in labels]]
 
     # The measured tokens of a step are its loss-bearing tokens, the count TRL's side takes from its labels.
     shapes = sft_bench.step_shapes(encodings, args.batch, args.steps)

@@ -120,8 +120,9 @@ def _check_align(cfg: Config) -> None:
     a, objective = cfg.align, cfg.train.objective
     if objective in ("sft", "clm"):
         return
-    if cfg.data.pack:
-        raise ConfigError(f"data.pack: packing is for sft and clm; {objective} compares whole answers, set it false")
+    for key in ("pack", "padding_free"):
+        if getattr(cfg.data, key):
+            raise ConfigError(f"data.{key}: applies to sft and clm; {objective} compares whole answers, set it false")
     if a.beta <= 0:
         raise ConfigError(f"align.beta: must be positive, got {a.beta}")
     if not 0.0 <= a.label_smoothing < 0.5:

@@ -127,6 +127,9 @@ class DataConfig:
     max_seq_len: int = 1024
     truncation: Literal["right", "left", "drop"] = "right"  # keep the start, keep the end, or drop
     pack: bool = False  # SFT: best-fit packing into max_seq_len; clm: fixed blocks of max_seq_len
+    # SFT/clm: each micro-batch's examples laid end to end in one row, position ids restarting at each, no
+    # padding. The same batches and loss as padding; attention runs per example (model/attention.py).
+    padding_free: bool = False
     split: SplitConfig = field(default_factory=SplitConfig)
     clean: CleanConfig = field(default_factory=CleanConfig)
     instruct: InstructConfig = field(default_factory=InstructConfig)
@@ -290,6 +293,9 @@ class TrainConfig:
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # autocast with fp32 master weights (bf16 also on CPU)
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% slower
     compile: bool = False  # torch.compile the model (first steps are slow while it compiles)
+    # SFT/clm: the LM head and the loss fused, on loss-bearing positions only, a chunk at a time: no (B, T, V)
+    # logits (objectives/head.py). Models whose head is not a plain linear layer use the full logits anyway.
+    fused_loss: bool = True
     probe_memory: bool = True  # run the longest micro-batch once before training, so an out-of-memory shows at once
 
 

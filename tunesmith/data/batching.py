@@ -40,6 +40,24 @@ def collate(examples: Sequence[Example], pad_token_id: int) -> dict[str, torch.T
     return batch
 
 
+def collate_flat(examples: Sequence[Example], pad_token_id: int | None = None) -> dict[str, torch.Tensor]:
+    """Padding-free: the examples end to end in one row, position ids restarting at each (packed examples keep
+    theirs), and no position predicts the first token of the next example. The loss-bearing targets are those
+    of `collate` on the same examples, in the same order; there is no padding, so `pad_token_id` is unused.
+
+    Returns:
+        input_ids, labels, token_mask (all ones) and position_ids, each (1, sum of the lengths).
+    """
+    input_ids, labels, positions = [], [], []
+    for e in examples:
+        input_ids += e.input_ids
+        labels += [IGNORE_INDEX, *e.labels[1:]]  # as in a padded row, nothing predicts an example's first token
+        positions += e.position_ids if e.position_ids is not None else range(len(e.input_ids))
+    row = torch.tensor(input_ids)[None]
+    return {"input_ids": row, "labels": torch.tensor(labels)[None], "token_mask": torch.ones_like(row),
+            "position_ids": torch.tensor(positions)[None]}
+
+
 @functools.lru_cache(maxsize=2)  # the loop asks once per step; the permutation changes once per epoch
 def epoch_batches(num_examples: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     """The micro-batches of one epoch: a seeded permutation cut into `batch_size` pieces (last may be short).

@@ -8,13 +8,14 @@ and returning it from `build_objective`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from tunesmith.data.batching import collate
+from tunesmith.data.batching import collate, collate_flat
 from tunesmith.objectives.base import LossOutput
 from tunesmith.objectives.sft import sft_loss
 from tunesmith.objectives.tokens import count_loss_tokens
@@ -49,13 +50,16 @@ OBJECTIVES: dict[str, Objective] = {
 
 
 def build_objective(name: str, align=None, ref_model=None, pad_token_id: int = 0, batch_size: int = 8, *,
-                    tokenizer=None, run_dir=None, device="cpu", model=None) -> Objective:
+                    tokenizer=None, run_dir=None, device="cpu", model=None, fused_loss: bool = True,
+                    padding_free: bool = False) -> Objective:
     """The objective `name` with its coefficients from `align` (an AlignConfig) and its reference model
     (None: precomputed log-probs in the batches, or the policy with its adapters off). RL objectives also need
     the tokenizer (to read answers), the run directory (sample generations go there) and the device; PPO puts
-    its value head on `model` (before the optimizer is built)."""
+    its value head on `model` (before the optimizer is built). SFT and CLM take `fused_loss` (train.fused_loss)
+    and `padding_free` (data.padding_free)."""
     if name in OBJECTIVES:
-        return OBJECTIVES[name]
+        return dataclasses.replace(OBJECTIVES[name], loss=functools.partial(sft_loss, fused=fused_loss),
+                                   collate=collate_flat if padding_free else collate)
     from tunesmith.objectives import align as a
 
     if name == "reward":

@@ -18,6 +18,9 @@ trainable, a micro-batch of R rows x T tokens whose N positions enter the loss, 
                              (recomputed log-softmax, its incoming and outgoing gradient)
                  logits bwd gradient of the loss rows + gradient of the (R,T,V) logits
                  The logits are in the model dtype, but fp32 under mixed precision (accelerate converts outputs).
+                 With the fused loss (SFT/clm, train.fused_loss; tunesmith/objectives/head.py) there are no
+                 (R,T,V) logits: two fp32 chunks of 2^22 logits, the hidden states' gradient (N x H) and,
+                 when the head trains, its weight's gradient (V x H, fp32) made in the forward pass.
     peak = max over the phases of a step (the optimizer state exists from the first step on):
       loss       weights + optimizer + activations + autocast + logits (+ gradients when grad_accum > 1)
       reference  weights + optimizer + activations + autocast + loss rows + a no-grad reference forward's logits
@@ -32,8 +35,9 @@ model dtype (QLoRA: its compute dtype)):
                    weight or an adapter); a consumer that casts (autocast to 16 bit, peft's cast to fp32
                    adapters) keeps its own copy: up to 3 (q, k, v) and 2 (gate, up)
     attention      SDPA keeps q, k, v and its output ((2 n_h + 2 n_kv) d.c; o_proj reads that output) and a
-                   log-sum-exp (4 n_h); with an attention mask (padding, packing) k and v are repeated to n_h heads
-                   and each layer also keeps the (R, 1, T, T) mask converted to c bytes (R.T^2.c per layer)
+                   log-sum-exp (4 n_h); with an attention mask (padding) k and v are repeated to n_h heads and
+                   each layer also keeps the (R, 1, T, T) mask converted to c bytes (R.T^2.c per layer). Packed
+                   and padding-free rows (one row of R.T tokens) have no mask: attention runs per example
     MLP            3 I.c (gate, up, silu(gate)) + I.c for down_proj's input when it needs it
     LoRA           r_lora per adapted module (lora_A's output), in fp32 (2 bytes under autocast)
     final norm     4H (+ H.r when it trains) and the LM head's input when the head trains
@@ -130,6 +134,7 @@ class Plan:
     eval_rows: int = 0  # rows of a validation batch (0: no validation data)
     source: str = "data.max_seq_len"  # where seq_len and loss_rows come from
     logit_positions: int = 0  # positions the LM head computes (`answer_logits` skips the prompt); 0: seq_len
+    fused_loss: bool = False  # head and loss fused on the loss positions (no logits tensor)
 
 
 @dataclass
@@ -301,7 +306,9 @@ def activation_bytes(shape: ModelShape, plan: Plan) -> float:
         per_token = sum(s.hidden * r for i in range(s.layers) if on_grad_path(plan, i, s.layers))
     else:
         per_token = sum(layer_activation_bytes(s, plan, i) for i in range(s.layers))
-    head_input = s.hidden * (2 if plan.amp else r) if plan.strategy == "full" or plan.head_trains else 0
+    # The head's input, kept for its weight gradient (the fused loss makes that gradient in the forward pass)
+    head_input = s.hidden * (2 if plan.amp else r) \
+        if (plan.strategy == "full" or plan.head_trains) and not plan.fused_loss else 0
     final_norm = 4 * s.hidden + (s.hidden * r if plan.strategy == "full" else 0) + head_input
     layers = 0 if plan.gradient_checkpointing else sum(on_grad_path(plan, i, s.layers) for i in range(s.layers))
     return tokens * (per_token + final_norm) + layers * mask_bytes(plan)
@@ -326,6 +333,8 @@ def logits_bytes(shape: ModelShape, plan: Plan) -> dict[str, float]:
     """Bytes of the logits and the chunked loss at their forward, chunk-backward and logits-backward moments."""
     if not plan.vocab_logits:
         return {"forward": 0.0, "chunk backward": 0.0, "logits backward": 0.0}
+    if plan.fused_loss:
+        return fused_loss_bytes(shape, plan)
     V, n, b = shape.vocab, plan.loss_rows, _logits_dtype_bytes(plan)
     full = plan.rows * (plan.logit_positions or plan.seq_len) * V
     chunk = min(n, LOSS_CHUNK)
@@ -336,6 +345,21 @@ def logits_bytes(shape: ModelShape, plan: Plan) -> dict[str, float]:
     return {"forward": forward,
             "chunk backward": rows + accumulated + max(3 * chunk * V * 4, chunk * V * b + n * V * b),
             "logits backward": n * V * b + full * b + (full * 2 if plan.amp else 0)}
+
+
+def fused_loss_bytes(shape: ModelShape, plan: Plan) -> dict[str, float]:
+    """The fused head + loss: one chunk's logits and log-probabilities (fp32), the hidden states' gradient and
+    the head's weight gradient (fp32, when the head trains) made in the forward pass, and in the backward pass
+    those gradients scaled (and cast to the weights' dtype)."""
+    from tunesmith.objectives.head import CHUNK_ELEMENTS
+
+    s, n = shape, plan.loss_rows
+    hidden = n * s.hidden * (4 if plan.amp else residual_bytes(plan))
+    head = s.vocab * s.hidden * 4 if plan.strategy == "full" or plan.head_trains else 0.0
+    chunk = 2 * min(n * s.vocab, CHUNK_ELEMENTS) * 4
+    return {"forward": chunk + hidden + head,
+            "chunk backward": 2 * hidden + head + (s.vocab * s.hidden * param_dtype_bytes(plan) if head else 0.0),
+            "logits backward": 0.0}
 
 
 def _logits_dtype_bytes(plan: Plan) -> int:
@@ -446,14 +470,22 @@ def plan_from_config(cfg: Config, shape: ModelShape, batch: dict | None = None) 
         raise ConfigError("strategy.name: features trains no weights in the loop; there is no step to estimate")
     rows = t.micro_batch_size * (2 if t.objective in PREFERENCE_OBJECTIVES else 1)
     seq_len = cfg.data.max_seq_len
-    loss_rows, mask, source = rows * (seq_len - 1), cfg.data.pack or rows > 1, "data.max_seq_len"
+    # Packed and padding-free rows run attention per example (no mask) under SDPA
+    varlen = (cfg.data.pack or cfg.data.padding_free) and cfg.model.attn_implementation == "sdpa"
+    loss_rows, mask, source = rows * (seq_len - 1), (cfg.data.pack or rows > 1) and not varlen, "data.max_seq_len"
+    flat = cfg.data.padding_free and t.objective in ("sft", "clm")
+    if flat:  # one row of every example of the micro-batch
+        rows, seq_len = 1, rows * seq_len
     logit_positions = 0
     if t.objective in RL_OBJECTIVES:
         rows, seq_len = t.micro_batch_size * a.group_size, seq_len + a.max_new_tokens
         loss_rows = rows * a.max_new_tokens
         notes.append("RL: the update is estimated; sampling (its KV cache) is not")
     elif batch is not None:
-        seq_len, loss_rows, mask, source = batch["seq_len"], batch["loss_rows"], batch["mask"], "prepared data"
+        seq_len, loss_rows, source = batch["seq_len"], batch["loss_rows"], "prepared data"
+        mask = batch["mask"] and not varlen
+        if flat:
+            seq_len = batch["flat_len"]
         # The loss objectives ask for logits from the batch's first answer token on (`answer_logits`); prompt
         # and prefix tuning prepend virtual tokens and ReFT wraps the model, so they keep every position.
         if st.name not in ("prompt_tuning", "prefix_tuning", "reft"):
@@ -481,6 +513,8 @@ def plan_from_config(cfg: Config, shape: ModelShape, batch: dict | None = None) 
         gradient_checkpointing=t.gradient_checkpointing, grad_accum=t.grad_accum, reference_copy=reference,
         reference_pass=t.objective in ("dpo", "kto") and not a.precompute_ref,
         vocab_logits=t.objective != "reward", source=source,
+        fused_loss=t.fused_loss and t.objective in ("sft", "clm") and st.name not in ("prompt_tuning",
+                                                                                      "prefix_tuning", "reft"),
         eval_rows=cfg.eval.batch_size * rows // t.micro_batch_size if cfg.data.validation or cfg.data.split.validation
         else 0,
     )
@@ -526,6 +560,7 @@ def cached_batch(cfg: Config, tokenizer) -> dict | None:
     seq_len = int(top[0])
     packed = "position_ids" in table.column_names and table.column("position_ids").null_count < len(table)
     return {"seq_len": seq_len, "loss_rows": int(min(len(top) * (seq_len - 1), sum(losses))),
+            "flat_len": int(np.sort(lengths[0])[::-1][:b].sum()),  # padding-free: the b longest end to end
             "mask": bool(packed or (top != seq_len).any()), "prompt_floor": 0 if packed or not floors else min(floors)}
 
 

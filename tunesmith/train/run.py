@@ -26,6 +26,7 @@ from tunesmith.data.build import prepare_from_config, write_data_report
 from tunesmith.data.pipeline import ExampleTable
 from tunesmith.data.templates import end_of_turn_marker, install_template
 from tunesmith.errors import ConfigError
+from tunesmith.model.attention import VARLEN, supports_varlen
 from tunesmith.model.load import ensure_pad_token, load_model, load_tokenizer, resize_embeddings, resolve_dtype
 from tunesmith.model.heads import load_classification_model, prepare_classification
 from tunesmith.model.prompt_tuning import PROMPT_STRATEGIES, PromptSpec
@@ -77,7 +78,8 @@ def train(cfg: Config) -> dict:
     ref_model = build_reference(cfg, model)
     objective = build_objective(cfg.train.objective, cfg.align, ref_model, tokenizer.pad_token_id,
                                 cfg.eval.batch_size, tokenizer=tokenizer, run_dir=run_dir,
-                                device=accelerator.device, model=model)
+                                device=accelerator.device, model=model, fused_loss=cfg.train.fused_loss,
+                                padding_free=cfg.data.padding_free)
     if cfg.strategy.name == "reft":  # interventions at the prompt positions each batch's labels give
         objective = intervening_on_prompts(objective)
     settings = _loop_settings(cfg, len(train_set), accelerator.num_processes)
@@ -196,6 +198,9 @@ def build_model(cfg: Config, tokenizer, added_tokens: list[str], labels: list[st
     else:
         model = load_model(m.name_or_path, resolve_dtype(m.dtype), m.attn_implementation, m.revision,
                            m.trust_remote_code, m.allow_pickle, quant, head="score" if reward else "causal")
+    if (cfg.data.pack or cfg.data.padding_free) and m.attn_implementation == "sdpa" \
+            and supports_varlen(model.config):
+        model.set_attn_implementation(VARLEN)  # several examples per row: attention per example, no L x L mask
     resize_embeddings(model, tokenizer)
     if reward:  # the score is read at each row's last non-pad token
         model.config.pad_token_id = tokenizer.pad_token_id

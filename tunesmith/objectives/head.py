@@ -1,0 +1,130 @@
+"""The language-model head and the next-token loss fused, on the loss-bearing positions only.
+
+A causal LM's last step is `logits = hidden @ W.T` over every position, (B, T, V), and the loss then reads one
+entry per supervised position. Here the head runs only on the N positions that carry loss, a chunk of rows at
+a time, and each chunk's gradient (softmax - one-hot) is turned into the gradients of the hidden states and of
+W while the chunk's logits exist. Neither pass ever holds more than one chunk of logits, so the memory of the
+loss does not grow with the vocabulary or the sequence, and the head costs two matmuls per supervised
+position (forward, input gradient) plus one for W when W trains, where the usual path pays for every position
+and recomputes (or keeps) the logits for backward.
+
+It applies to models whose logits are exactly `lm_head(hidden)` with a plain `nn.Linear` head (Llama, Qwen2,
+Mistral, GPT-2, ...): the head is called on the final hidden states through hooks, inside the model's own
+forward pass (so DDP and other wrappers see an ordinary forward), and asked for nothing. `head_nll` returns
+None when a model is not of that kind, and the caller takes the ordinary path.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tunesmith.objectives.tokens import IGNORE_INDEX, model_inputs, shift_labels
+
+# Logit entries per chunk: 2^22 float32 values (16 MiB) whatever the vocabulary, so chunk rows = 2^22 / V.
+CHUNK_ELEMENTS = 1 << 22
+
+# Configuration keys of models that scale or cap the logits after the head (the fused loss would skip that).
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+class LinearNLL(torch.autograd.Function):
+    """sum_i -log softmax(h_i @ W.T + b)[t_i], with the gradients computed in the forward pass, chunk by chunk.
+
+    Inputs: hidden (N, d), weight (V, d), bias (V,) or None, targets (N,) int64, chunk rows. Returns a 0-dim
+    float32 tensor. The loss is a plain sum, so its gradient with respect to every input is the forward's
+    gradient times one scalar: backward only scales what the forward stored.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_rows: int):
+        need_h, need_w = hidden.requires_grad, weight.requires_grad
+        need_b = bias is not None and bias.requires_grad
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_rows):
+            h, t = hidden[start:start + chunk_rows], targets[start:start + chunk_rows]
+            logp = torch.log_softmax(F.linear(h, weight, bias).float(), dim=-1)  # (n, V)
+            total -= logp.gather(1, t[:, None]).sum()
+            if need_h or need_w or need_b:
+                # d(-log p_t)/d logits = softmax - one_hot(t), built in place of the log-probabilities
+                grad = logp.exp_()
+                grad[torch.arange(len(t), device=grad.device), t] -= 1.0
+                grad = grad.to(h.dtype)
+                if need_h:
+                    grad_h[start:start + chunk_rows] = grad @ weight.to(h.dtype)
+                if need_w:
+                    grad_w += (grad.t() @ h).float()
+                if need_b:
+                    grad_b += grad.float().sum(0)
+        ctx.save_for_backward(*(g for g in (grad_h, grad_w, grad_b) if g is not None))
+        ctx.needs = (need_h, need_w, need_b)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        saved = iter(ctx.saved_tensors)
+        grads = [next(saved) * grad_output if need else None for need in ctx.needs]
+        grads = [None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)]
+        return grads[0], grads[1], grads[2], None, None
+
+
+def linear_nll(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor) -> torch.Tensor:
+    """Summed next-token NLL (float32, 0-dim) of `targets` (N,) given final hidden states (N, d)."""
+    if hidden.shape[0] == 0:
+        return hidden.sum() * 0.0 + head.weight.sum() * 0.0  # keeps the graph (and DDP) whole
+    chunk_rows = max(1, CHUNK_ELEMENTS // head.out_features)
+    return LinearNLL.apply(hidden, head.weight, head.bias, targets, chunk_rows)
+
+
+def fused_head(model) -> nn.Linear | None:
+    """The model's plain linear LM head when the fused loss applies to it, else None."""
+    from peft import PeftModel
+    from transformers import PreTrainedModel
+
+    inner = getattr(model, "module", model)  # DDP
+    if isinstance(inner, PeftModel):
+        if inner.active_peft_config.is_prompt_learning:
+            return None
+        inner = inner.get_base_model()
+    if not isinstance(inner, PreTrainedModel):
+        return None
+    if any(getattr(inner.config, key, None) not in (None, 1, 1.0) for key in LOGIT_TRANSFORMS):
+        return None
+    head = inner.get_output_embeddings()
+    if type(head) is not nn.Linear or any(type(p).__name__ == "DTensor" for p in head.parameters()):
+        return None  # a wrapped head (LoRA on the head, trainable tokens) or a sharded one
+    return head
+
+
+def head_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int] | None:
+    """Summed next-token NLL over the batch's loss-bearing positions and their count, or None when the model's
+    head is not a plain linear layer (then use `tokens.summed_nll` on the logits).
+
+    The model runs its ordinary forward pass; a hook hands the head an empty sequence (so it computes nothing)
+    and computes the fused loss on the supervised positions of the hidden states it was given, with the head's
+    weights as they are inside the forward pass.
+    """
+    head = fused_head(model)
+    if head is None:
+        return None
+    targets = shift_labels(batch["labels"])  # (B, T)
+    keep = targets != IGNORE_INDEX
+    result: dict[str, torch.Tensor] = {}
+
+    def take_hidden(module, args):
+        (hidden,) = args
+        result["loss"] = linear_nll(hidden[keep], module, targets[keep])
+        # A new empty tensor, not a view: autograd would keep the view's storage, every hidden state, alive
+        return (hidden.new_empty((hidden.shape[0], 0, hidden.shape[2])),)
+
+    handle = head.register_forward_pre_hook(take_hidden)
+    try:
+        model(**model_inputs(batch))
+    finally:
+        handle.remove()
+    return result["loss"], int(keep.sum())
