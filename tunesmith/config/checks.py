@@ -82,6 +82,12 @@ def _check_distributed(cfg: Config) -> None:
     if t.objective in ("grpo", "ppo"):
         raise ConfigError(f"train.distributed.strategy: {d.strategy} with objective {t.objective}: rollouts generate "
                           "a different number of tokens in each process, which sharded weights cannot follow; use ddp")
+    if d.strategy == "deepspeed":
+        for key, value in (("train.save_every", t.save_every), ("train.resume", t.resume),
+                           ("eval.best_metric", cfg.eval.best_metric)):
+            if value:
+                raise ConfigError(f"{key}: checkpoints of deepspeed runs (partitioned optimizer state) are not "
+                                  "implemented; leave it unset, or use strategy fsdp for sharded, resumable runs")
     if d.strategy == "deepspeed" and t.on_nonfinite == "skip":
         raise ConfigError("train.on_nonfinite: DeepSpeed applies the update inside its backward, so a step cannot be "
                           "skipped; use stop")

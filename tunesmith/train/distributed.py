@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from torch import nn
 
 from tunesmith.errors import ConfigError
@@ -103,6 +104,16 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def gathered_weights(accelerator: Accelerator, model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The whole model's weights on the main process where processes hold only parts of them (FSDP, ZeRO-3),
+    else None (the model's own are whole). Every process must call it."""
+    if is_sharded(model):
+        return full_state_dict(model)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3:
+        return accelerator.get_state_dict(model)  # needs stage3_gather_16bit_weights_on_model_save
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------

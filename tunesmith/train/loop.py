@@ -33,6 +33,7 @@ from typing import Callable, Sequence
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
 from tunesmith.data.batching import epoch_batches
@@ -277,11 +278,16 @@ def train_step(model, objective: Objective, optimizer, scheduler, accelerator: A
     global_units = int(accelerator.reduce(torch.tensor(local_units, device=accelerator.device), "sum"))
     # DDP averages gradients over processes; multiplying by their number turns that into a sum.
     scale = accelerator.num_processes / max(global_units, 1)
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if deepspeed:  # its engine divides every micro-batch's loss by gradient_accumulation_steps (= train.grad_accum)
+        scale *= accelerator.state.deepspeed_plugin.deepspeed_config["gradient_accumulation_steps"]
     loss_sum = torch.zeros((), device=accelerator.device)
     tokens = 0
     metric_sums: dict[str, float] = {}
     for i, batch in enumerate(micro_batches):
         sync = i == len(micro_batches) - 1
+        if deepspeed:  # the engine steps (clips, updates, zeroes) in the backward of the window's last micro-batch
+            accelerator.gradient_state._set_sync_gradients(sync)
         with contextlib.nullcontext() if sync else accelerator.no_sync(model):
             out = objective.loss(model, batch)
             accelerator.backward(out.loss_sum * (scale if i < real else 0.0))
@@ -369,6 +375,9 @@ def evaluate(model, objective: Objective, examples: Sequence[Example], batch_siz
 
 def _save(model, optimizer, scheduler, accelerator: Accelerator, run_dir: Path, step: int, keep_last: int,
           state: dict, keep: tuple[int, ...] = ()) -> None:
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:  # config checks refuse save_every and resume
+        log.warning("step %d: no checkpoint written: checkpoints of deepspeed runs are not implemented", step)
+        return
     if is_sharded(model):  # every process writes its shard
         save_sharded_checkpoint(run_dir / "checkpoints", step, model, optimizer, scheduler, state, keep_last, keep)
         return

@@ -41,7 +41,7 @@ from tunesmith.track.plots import plot_training_curves
 from tunesmith.track.sinks import create_tracker, require_sink_packages
 from tunesmith.train.checkpoint import (latest_checkpoint, load_checkpoint, load_sharded_checkpoint,
                                         load_trainable_state)
-from tunesmith.train.distributed import (build_accelerator, fill_deepspeed_auto, full_state_dict, is_sharded, prepare,
+from tunesmith.train.distributed import (build_accelerator, fill_deepspeed_auto, gathered_weights, is_sharded, prepare,
                                          read_deepspeed_config, shard_model)
 from tunesmith.train.loop import LoopSettings, fit, steps_per_epoch
 from tunesmith.train.optim import build_optimizer, build_scheduler
@@ -136,8 +136,8 @@ def train(cfg: Config) -> dict:
                      summary["best"]["metric"], summary["best"]["value"])
 
         report = {"preempted": preempted, "steps": summary["steps"]} if preempted else {}
-        # A sharded model's weights are gathered onto the main process (by every process) to be saved whole.
-        weights = full_state_dict(model) if is_sharded(model) and not preempted else None
+        # Weights split across processes (FSDP, ZeRO-3) are gathered onto the main process, by all of them.
+        weights = None if preempted else gathered_weights(accelerator, model)
         if accelerator.is_main_process and not preempted:
             save_final(accelerator.unwrap_model(model), tokenizer, run_dir / "final", weights)
             trainable, total = parameter_counts(accelerator.unwrap_model(model))
