@@ -18,14 +18,17 @@ from tunesmith.train.checkpoint import complete_checkpoints, verify
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# 20 examples, micro-batch 3: 2 processes x accumulation 2 see the same 6-example micro-batch pairs per step as
-# 1 process x accumulation 4, also in each epoch's last, short window. 2 epochs = 4 optimizer steps.
+# 20 examples, 5 held out for validation, micro-batch 3: 2 processes x accumulation 2 see the same 6-example
+# micro-batch pairs per step as 1 process x accumulation 4, also in each epoch's last, short window. 2 epochs = 4
+# optimizer steps.
 TOLERANCE = 1e-5
 
 
 def _config(path, model_dir, data, out, accum, strategy, distributed, cache) -> str:
     cfg = {"model": {"name_or_path": str(model_dir)},
-           "data": {"train": [str(data)], "template": "chatml", "max_seq_len": 256, "cache_dir": str(cache)},
+           "data": {"train": [str(data)], "template": "chatml", "max_seq_len": 256, "cache_dir": str(cache),
+                    "split": {"validation": 5}},
+           "eval": {"batch_size": 2},  # 3 validation batches: one process has 2, the other 1 (and a padding one)
            "strategy": {"name": strategy, "lora": {"r": 4, "alpha": 8}},
            "train": {"output_dir": str(out), "epochs": 2, "micro_batch_size": 3, "grad_accum": accum,
                      "lr": 1e-3, "seed": 7, "save_every": 2, "keep_last": 5, "distributed": distributed},
@@ -89,6 +92,8 @@ def test_fsdp_lora_equals_one_process_and_reloads_with_peft(lora_runs, model_dir
     one, fsdp = lora_runs["one"], lora_runs["fsdp"]
     assert len(_losses(one)) == 4
     assert _losses(fsdp) == pytest.approx(_losses(one), rel=TOLERANCE, abs=TOLERANCE)
+    eval_losses = [json.loads((run / "report.json").read_text())["eval_loss"] for run in (one, fsdp)]
+    assert eval_losses[1] == pytest.approx(eval_losses[0], rel=TOLERANCE)
     a = load_file(one / "final" / "adapter_model.safetensors")
     b = load_file(fsdp / "final" / "adapter_model.safetensors")
     assert _max_difference(a, b) < TOLERANCE
