@@ -57,6 +57,40 @@ def check(cfg: Config) -> None:
         _check_init(cfg)
     _check_align(cfg)
     _check_eval(cfg)
+    _check_distributed(cfg)
+
+
+def _check_distributed(cfg: Config) -> None:
+    """train.distributed: the keys each strategy needs, and what a sharded run cannot do."""
+    d, t = cfg.train.distributed, cfg.train
+    if d.strategy == "deepspeed" and not d.deepspeed_config:
+        raise ConfigError("train.distributed.deepspeed_config: strategy deepspeed needs a DeepSpeed JSON config, e.g. "
+                          "configs/deepspeed/zero2.json")
+    if d.deepspeed_config and d.strategy != "deepspeed":
+        raise ConfigError(f"train.distributed.deepspeed_config: set, but train.distributed.strategy is {d.strategy}; "
+                          "set strategy deepspeed or remove it")
+    if d.wrap and d.strategy != "fsdp":
+        raise ConfigError(f"train.distributed.wrap: applies to strategy fsdp, not {d.strategy}")
+    if d.strategy == "ddp":
+        return
+    if d.strategy == "fsdp" and t.mixed_precision == "fp16":
+        raise ConfigError("train.mixed_precision: fp16 needs a sharded gradient scaler, which tunesmith does not use "
+                          "with fsdp; use bf16")
+    if d.strategy == "fsdp" and cfg.strategy.name == "qlora":
+        raise ConfigError("strategy.name: qlora's 4-bit weights are not sharded by fsdp here; use lora, or "
+                          "train.distributed.strategy ddp")
+    if t.objective in ("grpo", "ppo"):
+        raise ConfigError(f"train.distributed.strategy: {d.strategy} with objective {t.objective}: rollouts generate "
+                          "a different number of tokens in each process, which sharded weights cannot follow; use ddp")
+    if d.strategy == "deepspeed":
+        for key, value in (("train.save_every", t.save_every), ("train.resume", t.resume),
+                           ("eval.best_metric", cfg.eval.best_metric)):
+            if value:
+                raise ConfigError(f"{key}: checkpoints of deepspeed runs (partitioned optimizer state) are not "
+                                  "implemented; leave it unset, or use strategy fsdp for sharded, resumable runs")
+    if d.strategy == "deepspeed" and t.on_nonfinite == "skip":
+        raise ConfigError("train.on_nonfinite: DeepSpeed applies the update inside its backward, so a step cannot be "
+                          "skipped; use stop")
 
 
 # Strategies that can train a model from random weights: the others adapt or read a pretrained one.

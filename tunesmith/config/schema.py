@@ -264,6 +264,20 @@ class AlignConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """How the processes of a multi-process run (`--nproc`, torchrun) share the model (see the README)."""
+
+    # ddp: a full copy per process, gradients averaged; fsdp: FSDP2 full shard (weights, gradients and optimizer
+    # state split across processes); deepspeed: ZeRO through accelerate, configured by deepspeed_config
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    # fsdp: free each block's gathered weights after its forward (false keeps them until the backward: more
+    # memory, less communication, like ZeRO-2)
+    reshard_after_forward: bool = True
+    wrap: list[str] = field(default_factory=list)  # fsdp: block class names sharded as units; []: the model's own
+    deepspeed_config: Optional[str] = None  # deepspeed: a DeepSpeed JSON file; its "auto" values come from train.*
+
+
+@dataclass
 class TrainConfig:
     """The optimisation loop."""
 
@@ -289,6 +303,7 @@ class TrainConfig:
     # A NaN/inf loss or gradient norm: "skip" drops that update (counted in metrics.jsonl and the report; the
     # learning-rate schedule still advances), "stop" ends the run with an error, keeping the checkpoints so far.
     on_nonfinite: Literal["skip", "stop"] = "stop"
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)  # several processes
     # Speed and memory
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # autocast with fp32 master weights (bf16 also on CPU)
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% slower

@@ -12,6 +12,11 @@ Contents of `step-N/`:
     state.json              step and anything else the loop needs (data position is derived from step)
     manifest.json           file -> sha256, written last
 
+A sharded checkpoint (FSDP, `save_sharded_checkpoint`) holds, instead of trainable.safetensors and
+optimizer.pt, each process's shard of the trainable weights and optimizer state written by
+torch.distributed.checkpoint (`__<rank>_0.distcp`, `.metadata`); it is renamed into place only after every
+process has written its shard, and the manifest lists every file. It resumes with any number of processes.
+
 A write that fails (a full disk, a file size limit) removes its temporary directory and raises
 `CheckpointError` naming the checkpoint, the file and the reason; the checkpoints already on disk, and so
 what `latest_checkpoint` returns, are untouched (pruning happens only after a checkpoint is complete).
@@ -44,6 +49,7 @@ log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^step-(\d+)$")
 MANIFEST = "manifest.json"
 FILES = ("trainable.safetensors", "optimizer.pt", "scheduler.json", "rng.pt", "state.json")  # all in the manifest
+SHARDED_FILES = (".metadata", "scheduler.json", "rng.pt", "state.json")  # and a .distcp file per process
 
 
 class CheckpointError(TunesmithError):
@@ -62,20 +68,34 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint `step` atomically under `root` and prune all but the newest `keep_last` and the steps
     in `keep` (the best checkpoint)."""
+    tmp = root / f".tmp-step-{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    files = {
+        "trainable.safetensors": lambda path: save_file(trainable_state(model), path),
+        "optimizer.pt": lambda path: _torch_save(optimizer.state_dict(), path),
+        **_loop_files(scheduler, state, step),
+    }
+    return _complete(root, step, files, keep_last, keep)
+
+
+def _loop_files(scheduler: Any, state: dict[str, Any], step: int) -> dict[str, Any]:
+    """Writers of the files every checkpoint has besides the weights and optimizer state."""
+    return {
+        "scheduler.json": lambda path: path.write_text(json.dumps(scheduler.state_dict())),
+        "rng.pt": lambda path: _torch_save(rng_state(), path),
+        "state.json": lambda path: path.write_text(json.dumps({**state, "step": step})),
+    }
+
+
+def _complete(root: Path, step: int, files: dict[str, Any], keep_last: int, keep: tuple[int, ...]) -> Path:
+    """Write `files` (name -> writer) into `root/.tmp-step-N` (which may already hold files), then the manifest
+    of everything there, fsync, rename to `step-N` and prune. A failed write removes the temporary directory."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
     tmp = root / f".tmp-step-{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
     writing = tmp
     try:
-        tmp.mkdir()
-        files = {
-            "trainable.safetensors": lambda path: save_file(trainable_state(model), path),
-            "optimizer.pt": lambda path: _torch_save(optimizer.state_dict(), path),
-            "scheduler.json": lambda path: path.write_text(json.dumps(scheduler.state_dict())),
-            "rng.pt": lambda path: _torch_save(rng_state(), path),
-            "state.json": lambda path: path.write_text(json.dumps({**state, "step": step})),
-        }
+        tmp.mkdir(exist_ok=True)
         for name, write in files.items():
             writing = tmp / name
             write(writing)
@@ -152,7 +172,8 @@ def verify(path: Path) -> str | None:
     if not (isinstance(files, dict) and files and all(isinstance(n, str) and isinstance(d, str) and n == Path(n).name
                                                         and n not in ("", ".", "..") for n, d in files.items())):
         return "unreadable manifest (expected a mapping of file names in the checkpoint to checksums)"
-    unlisted = [name for name in FILES if name not in files]
+    required = SHARDED_FILES if ".metadata" in files else FILES
+    unlisted = [name for name in required if name not in files]
     if unlisted:
         return f"the manifest does not list {', '.join(unlisted)}"
     for name, digest in files.items():
@@ -165,8 +186,78 @@ def verify(path: Path) -> str | None:
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
     """Restore trainable weights, optimizer, scheduler and RNG states; return the saved loop state."""
+    if is_sharded_checkpoint(path):
+        raise CheckpointError(f"{path} is sharded (written with train.distributed.strategy=fsdp); resume it with "
+                              "that strategy, or gather its shards with torch.distributed.checkpoint.format_utils")
     load_trainable_state(model, load_file(path / "trainable.safetensors"))
     optimizer.load_state_dict(_torch_load(path / "optimizer.pt"))
+    scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
+    set_rng_state(_torch_load(path / "rng.pt"))
+    return json.loads((path / "state.json").read_text())
+
+
+def save_sharded_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                            scheduler: Any, state: dict[str, Any], keep_last: int, keep: tuple[int, ...] = ()
+                            ) -> Path | None:
+    """`save_checkpoint` for an FSDP-sharded model; every process calls it. Each process writes its shard of the
+    trainable weights and optimizer state (torch.distributed.checkpoint) into the temporary directory; once all
+    have finished, the main process adds the loop's files and the manifest and renames it into place. Returns
+    the checkpoint's path on the main process, None on the others."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    main = dist.get_rank() == 0
+    final, tmp = root / f"step-{step}", root / f".tmp-step-{step}"
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    try:
+        dcp.save(sharded_state(model, optimizer), checkpoint_id=tmp)  # collective: returns when all shards are written
+    except Exception as exc:  # DCP gathers every process's failure into one CheckpointException, raised on all
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(_write_failure(final, tmp / f"__{dist.get_rank()}_0.distcp", exc)) from exc
+    path = _complete(root, step, _loop_files(scheduler, state, step), keep_last, keep) if main else None
+    dist.barrier()  # nobody goes on (or reads the checkpoint) before it is in place
+    return path
+
+
+def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """This process's shards of the trainable weights and of the optimizer state (DTensors, keyed by name)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    weights, optim = get_state_dict(model, getattr(optimizer, "optimizer", optimizer),  # accelerate's wrapper
+                                    options=StateDictOptions(ignore_frozen_params=True))
+    return {"model": weights, "optimizer": optim}
+
+
+def is_sharded_checkpoint(path: Path) -> bool:
+    return (path / ".metadata").is_file()
+
+
+def load_sharded_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                            scheduler: Any = None) -> dict[str, Any]:
+    """Restore a sharded checkpoint into an FSDP-sharded model (and optimizer, scheduler and RNG states when
+    given; weights only otherwise, e.g. the best checkpoint at the end); every process calls it. Returns the
+    saved loop state."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         set_model_state_dict, set_state_dict)
+
+    if not is_sharded_checkpoint(path):
+        raise CheckpointError(f"{path} is not sharded (written without train.distributed.strategy=fsdp); resume it "
+                              "with the strategy it was written with")
+    options = StateDictOptions(ignore_frozen_params=True, strict=False)  # frozen weights are not in it
+    if optimizer is None:
+        state = {"model": get_model_state_dict(model, options=options)}
+        dcp.load(state, checkpoint_id=path)  # reads only the keys asked for: the weights
+        set_model_state_dict(model, state["model"], options=options)
+        return json.loads((path / "state.json").read_text())
+    state = sharded_state(model, optimizer)
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, getattr(optimizer, "optimizer", optimizer), model_state_dict=state["model"],
+                   optim_state_dict=state["optimizer"], options=options)
     scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
     set_rng_state(_torch_load(path / "rng.pt"))
     return json.loads((path / "state.json").read_text())

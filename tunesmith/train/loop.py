@@ -33,6 +33,7 @@ from typing import Callable, Sequence
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
 from tunesmith.data.batching import epoch_batches
@@ -41,7 +42,8 @@ from tunesmith.errors import TunesmithError
 from tunesmith.objectives import Objective
 from tunesmith.track.sinks import Tracker
 from tunesmith.train.best import BestTracker
-from tunesmith.train.checkpoint import latest_checkpoint, save_checkpoint
+from tunesmith.train.checkpoint import latest_checkpoint, save_checkpoint, save_sharded_checkpoint
+from tunesmith.train.distributed import is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -276,11 +278,16 @@ def train_step(model, objective: Objective, optimizer, scheduler, accelerator: A
     global_units = int(accelerator.reduce(torch.tensor(local_units, device=accelerator.device), "sum"))
     # DDP averages gradients over processes; multiplying by their number turns that into a sum.
     scale = accelerator.num_processes / max(global_units, 1)
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if deepspeed:  # its engine divides every micro-batch's loss by gradient_accumulation_steps (= train.grad_accum)
+        scale *= accelerator.state.deepspeed_plugin.deepspeed_config["gradient_accumulation_steps"]
     loss_sum = torch.zeros((), device=accelerator.device)
     tokens = 0
     metric_sums: dict[str, float] = {}
     for i, batch in enumerate(micro_batches):
         sync = i == len(micro_batches) - 1
+        if deepspeed:  # the engine steps (clips, updates, zeroes) in the backward of the window's last micro-batch
+            accelerator.gradient_state._set_sync_gradients(sync)
         with contextlib.nullcontext() if sync else accelerator.no_sync(model):
             out = objective.loss(model, batch)
             accelerator.backward(out.loss_sum * (scale if i < real else 0.0))
@@ -343,12 +350,19 @@ def evaluate(model, objective: Objective, examples: Sequence[Example], batch_siz
     units = 0
     metric_sums: dict[str, float] = {}
     rank, world = accelerator.process_index, accelerator.num_processes
-    for start in range(rank * batch_size, len(examples), batch_size * world):
+    starts = range(rank * batch_size, len(examples), batch_size * world)
+    # Every process runs as many forwards as the first (FSDP's weight gathers are collective): one that has run
+    # out of batches runs the first one again and discards it.
+    rounds = math.ceil(math.ceil(len(examples) / batch_size) / world)
+    for i in range(rounds):
+        start = starts[i] if i < len(starts) else 0
         batch = objective.collate(examples[start : start + batch_size], pad_token_id)
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         if objective.prepare is not None:
             objective.prepare(model, [batch], accelerator, None)
         out = objective.loss(model, batch)
+        if i >= len(starts):
+            continue
         loss_sum += out.loss_sum.double()
         units += out.num_units
         _add(metric_sums, out.metrics)
@@ -361,6 +375,12 @@ def evaluate(model, objective: Objective, examples: Sequence[Example], batch_siz
 
 def _save(model, optimizer, scheduler, accelerator: Accelerator, run_dir: Path, step: int, keep_last: int,
           state: dict, keep: tuple[int, ...] = ()) -> None:
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:  # config checks refuse save_every and resume
+        log.warning("step %d: no checkpoint written: checkpoints of deepspeed runs are not implemented", step)
+        return
+    if is_sharded(model):  # every process writes its shard
+        save_sharded_checkpoint(run_dir / "checkpoints", step, model, optimizer, scheduler, state, keep_last, keep)
+        return
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         path = save_checkpoint(run_dir / "checkpoints", step, accelerator.unwrap_model(model), optimizer,

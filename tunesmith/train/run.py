@@ -40,7 +40,10 @@ from tunesmith.objectives.align import precompute_reference
 from tunesmith.track.logs import close_logging, setup_logging
 from tunesmith.track.plots import plot_training_curves
 from tunesmith.track.sinks import create_tracker, require_sink_packages
-from tunesmith.train.checkpoint import latest_checkpoint, load_checkpoint, load_trainable_state
+from tunesmith.train.checkpoint import (latest_checkpoint, load_checkpoint, load_sharded_checkpoint,
+                                        load_trainable_state)
+from tunesmith.train.distributed import (build_accelerator, fill_deepspeed_auto, gathered_weights, is_sharded, prepare,
+                                         read_deepspeed_config, shard_model)
 from tunesmith.train.loop import LoopSettings, fit, steps_per_epoch
 from tunesmith.train.optim import build_optimizer, build_scheduler
 
@@ -59,7 +62,7 @@ def train(cfg: Config) -> dict:
     resume_from = _resume_point(run_dir, cfg.train.resume, damaged)
     require_sink_packages(cfg.tracking.sinks)  # a missing tracker package fails before any loading
     AcceleratorState._reset_state()  # accelerate keeps one global state; a new run in this process sets its own
-    accelerator = Accelerator(cpu=_multi_cpu(), mixed_precision=cfg.train.mixed_precision)
+    accelerator = build_accelerator(cfg.train.distributed.strategy, cfg.train.mixed_precision, deepspeed_config(cfg))
     setup_logging(run_dir if accelerator.is_main_process else None, cfg.tracking.log_level)
     for path, problem in damaged:
         log.warning("skipping damaged checkpoint %s: %s; resuming from the one before it", path, problem)
@@ -83,10 +86,11 @@ def train(cfg: Config) -> dict:
     if cfg.strategy.name == "reft":  # interventions at the prompt positions each batch's labels give
         objective = intervening_on_prompts(objective)
     settings = _loop_settings(cfg, len(train_set), accelerator.num_processes)
+    model = shard(cfg, model, accelerator)  # before the optimizer, which must hold the sharded parameters
     optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, tuple(cfg.train.betas), cfg.train.eps)
     warmup = cfg.train.warmup_steps or round(cfg.train.warmup_ratio * settings.total_steps)
     scheduler = build_scheduler(optimizer, settings.total_steps, warmup, cfg.train.scheduler)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = prepare(accelerator, model, optimizer)
     if ref_model is not None:
         ref_model.to(accelerator.device)
     if cfg.align.precompute_ref and cfg.train.objective in ("dpo", "kto"):
@@ -103,7 +107,8 @@ def train(cfg: Config) -> dict:
     data_state = {"train_fingerprint": data.fingerprint, "total_steps": settings.total_steps}
     start_step, nonfinite_steps = 0, []
     if resume_from is not None:
-        saved = load_checkpoint(resume_from, accelerator.unwrap_model(model), optimizer, scheduler)
+        saved = load_sharded_checkpoint(resume_from, model, optimizer, scheduler) if is_sharded(model) else \
+            load_checkpoint(resume_from, accelerator.unwrap_model(model), optimizer, scheduler)
         _check_resumable(saved, data_state, resume_from)
         start_step, nonfinite_steps = saved["step"], saved.get("nonfinite_steps", [])
         log.info("resumed from %s (step %d of %d)", resume_from, start_step, settings.total_steps)
@@ -124,14 +129,19 @@ def train(cfg: Config) -> dict:
         # Stopped by SIGTERM/SIGINT: its checkpoint is written; final/ and the report wait for --resume.
         preempted = summary.get("preempted")
         if cfg.eval.load_best_at_end and summary.get("best") and not preempted:
-            load_trainable_state(accelerator.unwrap_model(model),
-                                 load_file(Path(summary["best"]["checkpoint"]) / "trainable.safetensors"))
+            best = Path(summary["best"]["checkpoint"])
+            if is_sharded(model):
+                load_sharded_checkpoint(best, model)
+            else:
+                load_trainable_state(accelerator.unwrap_model(model), load_file(best / "trainable.safetensors"))
             log.info("final/ holds the best checkpoint (step %d, %s %.4f)", summary["best"]["step"],
                      summary["best"]["metric"], summary["best"]["value"])
 
         report = {"preempted": preempted, "steps": summary["steps"]} if preempted else {}
+        # Weights split across processes (FSDP, ZeRO-3) are gathered onto the main process, by all of them.
+        weights = None if preempted else gathered_weights(accelerator, model)
         if accelerator.is_main_process and not preempted:
-            save_final(accelerator.unwrap_model(model), tokenizer, run_dir / "final")
+            save_final(accelerator.unwrap_model(model), tokenizer, run_dir / "final", weights)
             trainable, total = parameter_counts(accelerator.unwrap_model(model))
             report = {
                 "steps": summary["steps"],
@@ -156,11 +166,25 @@ def train(cfg: Config) -> dict:
     return report
 
 
-def _multi_cpu() -> bool:
-    """Several processes and no GPU: accelerate runs them on CPU over gloo only when told to."""
-    import torch
+def deepspeed_config(cfg: Config) -> dict | None:
+    """train.distributed.deepspeed_config read, checked and its "auto" values filled (None: not deepspeed)."""
+    d, t = cfg.train.distributed, cfg.train
+    if d.strategy != "deepspeed":
+        return None
+    return fill_deepspeed_auto(read_deepspeed_config(d.deepspeed_config), micro_batch_size=t.micro_batch_size,
+                               grad_accum=t.grad_accum, world_size=int(os.environ.get("WORLD_SIZE", "1")),
+                               max_grad_norm=t.max_grad_norm, mixed_precision=t.mixed_precision)
 
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+def shard(cfg: Config, model, accelerator: Accelerator):
+    """The model sharded with FSDP2 when train.distributed.strategy=fsdp and there are several processes."""
+    d = cfg.train.distributed
+    if d.strategy != "fsdp":
+        return model
+    if accelerator.num_processes == 1:
+        log.warning("train.distributed.strategy=fsdp with one process: nothing to shard, training unsharded")
+        return model
+    return shard_model(model, d.wrap, d.reshard_after_forward, cfg.train.mixed_precision, accelerator.device)
 
 
 def build_tokenizer(cfg: Config):
@@ -388,12 +412,16 @@ def _log_data(report: dict) -> None:
                      s["packing"]["sequences"], 100 * s["packing"]["efficiency"])
 
 
-def save_final(model, tokenizer, path: Path) -> None:
-    """Adapter (PEFT format) or full model (safetensors) plus tokenizer, written atomically."""
+def save_final(model, tokenizer, path: Path, weights: dict | None = None) -> None:
+    """Adapter (PEFT format) or full model (safetensors) plus tokenizer, written atomically; `weights`: the
+    whole state dict to save instead of the model's own (a sharded model's, gathered)."""
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     value_head = model._modules.pop("v_head", None)  # PPO's value head is training state, not the policy
-    model.save_pretrained(tmp)
+    if weights is not None:
+        model.save_pretrained(tmp, state_dict={k: v for k, v in weights.items() if not k.startswith("v_head.")})
+    else:
+        model.save_pretrained(tmp)
     if value_head is not None:
         model.add_module("v_head", value_head)
     tokenizer.save_pretrained(tmp)
