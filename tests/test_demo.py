@@ -95,6 +95,19 @@ def test_exact_match_normalises_case_space_and_trailing_punctuation(prediction, 
     assert exact_match(prediction, reference) is expected
 
 
+@pytest.mark.parametrize("prediction, ending, expected", [
+    ("Tonvik.", "Tonvik.", True),
+    ("The capital of Zarnia is Tonvik.", "Tonvik.", True),
+    ("People in Zarnia speak  TULISH", "Tulish.", True),
+    ("The capital of Zarnia is Tonvikburg.", "Tonvik.", False),
+    ("Tonvik is the capital of Zarnia.", "Tonvik.", False),
+    ("", "Tonvik.", False),
+    ("anything", "", False),
+])
+def test_a_completion_counts_when_the_answer_ends_with_the_missing_words(prediction, ending, expected):
+    assert ev.ends_with(prediction, ending) is expected
+
+
 def test_normalize_answer_keeps_inner_punctuation():
     assert normalize_answer("  St. Marn, the city. ") == "st. marn, the city"
 
@@ -206,9 +219,10 @@ def test_demo_configs_keep_the_yaml_settings_and_move_the_run_paths(tmp_path):
     cfg = demo_config("sft_lora.yaml", tmp_path, 7)
     assert cfg.strategy.name == "lora" and cfg.data.template == "chatml" and cfg.train.objective == "sft"
     assert cfg.model.name_or_path == str(tmp_path / "pretrain" / "final")
-    assert {s.task for s in cfg.data.train} == {"qa", "arithmetic", "sentiment", "extraction", "nli"}
+    assert {s.task for s in cfg.data.train} == {"qa", "arithmetic", "sentiment", "extraction", "paraphrase",
+                                                "completion", "nli"}
     assert all(s.path.startswith(str(tmp_path / "data" / "tasks")) for s in cfg.data.train)
-    assert cfg.data.instruct.held_out_clusters == ["nli"]
+    assert cfg.data.instruct.held_out_clusters == ["completion", "nli"]
     assert cfg.train.output_dir == str(tmp_path / "sft") and cfg.data.cache_dir == str(tmp_path / "cache")
     assert cfg.train.seed == 7 and cfg.train.max_steps == 600
     cfg = demo_config("pretrain.yaml", tmp_path, 0, max_steps=5)
@@ -269,6 +283,11 @@ def test_small_demo_shows_each_effect_in_its_direction(tmp_path, capsys):
     prompting, clusters = report["prompting"], report["clusters"]
     assert prompting["few_shot"]["exact_match"] > prompting["zero_shot"]["exact_match"], prompting
     assert report["seen_clusters"]["tuned"] >= report["seen_clusters"]["base"] + 0.30, report["seen_clusters"]
+    # Held out: sentence completion, a task type tuning never showed, about countries it never named.
+    completion = {name: scores["completion"] for name, scores in clusters.items()}
+    assert completion["base"]["n"] >= 40, completion
+    assert completion["tuned"]["exact_match"] >= completion["base"]["exact_match"] + 0.10, completion
+    assert completion["tuned"]["exact_match"] > report["heldout_clusters"]["completion"]["chance"], completion
     assert clusters["base"]["fact_completion"]["exact_match"] > 0.5  # the base does know the facts
     forgetting = report["forgetting"]  # as numbers
     assert 1.0 < forgetting["base"] < forgetting["tuned"] and forgetting["aligned"] > 1.0
@@ -291,6 +310,10 @@ def test_small_demo_shows_each_effect_in_its_direction(tmp_path, capsys):
     answers = written["answers"]["clusters"]["tuned"]["qa"]
     assert clusters["tuned"]["qa"]["exact_match"] == pytest.approx(
         sum(exact_match(a["prediction"], a["reference"]) for a in answers) / len(answers))
+    completions = ev.read_jsonl(tmp_path / "demo" / "data" / "tasks" / "completion.jsonl")
+    answers = written["answers"]["clusters"]["tuned"]["completion"]
+    assert clusters["tuned"]["completion"]["exact_match"] == pytest.approx(
+        sum(ev.ends_with(a["prediction"], r["ending"]) for a, r in zip(answers, completions)) / len(answers))
     pairs = written["answers"]["preferences"]["aligned"]
     assert alignment["aligned"]["preferred"] == pytest.approx(
         sum(p["chosen_logp"] > p["rejected_logp"] for p in pairs) / len(pairs))

@@ -33,6 +33,8 @@ SAMPLES = {
     "translation": {"source": "The cat sleeps.", "target": "Le chat dort.", "source_lang": "English",
                     "target_lang": "French"},
     "extraction": {"text": "She flew to Lima last week.", "field": "city", "value": "Lima"},
+    "completion": {"text": "The capital of France is", "ending": "Paris."},
+    "paraphrase": {"text": "Paris is the capital city of France.", "paraphrase": "The capital of France is Paris."},
     "arithmetic": {"question": "Tom has 3 apples and buys 4 more. How many apples does he have?", "answer": "7",
                    "reasoning": "Tom starts with 3 apples and buys 4 more. 3 + 4 = 7."},
 }

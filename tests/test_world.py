@@ -14,9 +14,9 @@ from tunesmith.data.formats import load_rows
 from tunesmith.data.templates import install_template
 from tunesmith.data.pipeline import InstructOptions, Options, Source, prepare
 from tunesmith.demo.files import WorldSize, write_world
-from tunesmith.demo.tasks import HELDOUT_TASK, NLI_LABELS, SEEN_TASKS
+from tunesmith.demo.tasks import HELDOUT_TASKS, NLI_LABELS, SEEN_TASKS
 from tunesmith.demo.texts import arithmetic_facts, split_sums
-from tunesmith.demo.world import QUESTIONS, REGION_QUESTIONS, make_world, read_questions
+from tunesmith.demo.world import ANSWERS, FACT_PHRASINGS, QUESTIONS, REGION_QUESTIONS, make_world, read_questions
 
 SMALL = WorldSize(stories=6, reviews=8, arithmetic_quizzes=4, fact_quizzes=4, region_quizzes=4, heldout_documents=6,
                   sentiment=(12, 6), extraction=(12, 6), arithmetic_test=8, nli=9)
@@ -47,7 +47,7 @@ def test_same_seed_same_bytes_and_another_seed_differs(tmp_path):
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
         write_world(make_world(seed=seed, num_countries=12), tmp_path / name, SMALL)
     a, b, c = (_all_bytes(tmp_path / d) for d in "abc")
-    assert len(a) == 18 and a == b
+    assert len(a) == 21 and a == b
     assert all(a[name] != c[name] for name in a), [name for name in a if a[name] == c[name]]
 
 
@@ -66,7 +66,9 @@ def test_sizes_are_honoured(world_files):
     asked, unasked = split_sums(arithmetic_facts(SMALL.max_operand), 0, SMALL.unasked_sum_fraction)
     assert (counts["sentiment_train"], counts["sentiment_test"]) == SMALL.sentiment
     assert (counts["extraction_train"], counts["extraction_test"]) == SMALL.extraction
-    assert counts[HELDOUT_TASK] == SMALL.nli
+    assert counts["nli"] == SMALL.nli
+    assert counts["completion"] == len(world.heldout_countries) * 7  # every phrasing that ends on the fact
+    assert counts["paraphrase_test"] == len(world.heldout_countries) * 3
     assert (counts["arithmetic_train"], counts["arithmetic_test"]) == (len(asked), SMALL.arithmetic_test)
     assert counts["qa_train"] == len(world.sft_countries) * 3 * (4 + 1)  # every question template, yes/no
     assert counts["qa_test"] == counts["eval_heldout"] == len(world.heldout_countries) * 3
@@ -95,13 +97,14 @@ def test_every_task_file_renders_through_the_builtin_templates(world_files, chat
     it; the held-out cluster goes to the test split whole."""
     world, paths = world_files
     sources = [Source(str(paths[f"{task}_{split}"]), task=task) for task in SEEN_TASKS for split in ("train", "test")]
-    sources.append(Source(str(paths[HELDOUT_TASK]), task=HELDOUT_TASK))
-    options = Options(max_seq_len=512, instruct=InstructOptions(held_out_clusters=("nli",)))
+    sources += [Source(str(paths[task]), task=task) for task in HELDOUT_TASKS]
+    options = Options(max_seq_len=512, instruct=InstructOptions(held_out_clusters=HELDOUT_TASKS))
     prepared = prepare(chat_tokenizer, {"train": sources}, options)
     rows = sum(len(_read(paths[f"{t}_{s}"])) for t in SEEN_TASKS for s in ("train", "test"))
     assert prepared.report["splits"]["train"]["examples"] == rows
-    assert prepared.report["splits"]["test"]["examples"] == SMALL.nli
-    assert prepared.report["held_out_clusters"]["rows"] == SMALL.nli
+    held_out = sum(len(_read(paths[task])) for task in HELDOUT_TASKS)
+    assert prepared.report["splits"]["test"]["examples"] == held_out
+    assert prepared.report["held_out_clusters"]["rows"] == held_out
     assert prepared.report["splits"]["train"]["truncated"] == 0
 
 
@@ -120,9 +123,9 @@ def test_records_hold_the_fields_their_task_needs(world_files):
         left, op, right = re.match(r"\D*(\d+) (plus|minus) (\d+)", row["question"]).groups()
         assert int(row["answer"]) == (int(left) + int(right) if op == "plus" else int(left) - int(right))
         assert row["reasoning"].endswith(f"is {row['answer']}.")
-    labels = [row["label"] for row in _read(paths[HELDOUT_TASK])]
+    labels = [row["label"] for row in _read(paths["nli"])]
     assert set(labels) == set(NLI_LABELS) and len({labels.count(x) for x in labels}) == 1
-    for row in _read(paths[HELDOUT_TASK]):
+    for row in _read(paths["nli"]):
         claim_true = row["hypothesis"].rstrip(".").split()[-1] in row["premise"]
         assert claim_true == (row["label"] == "entailment")
     assert {row["label"] for row in _read(paths["sentiment_train"])} == {"positive", "negative"}
@@ -179,3 +182,44 @@ def test_eval_questions_are_the_heldout_countries_facts(world_files):
     for qa in rows:
         assert qa.fact == world.by_name(qa.country).fact(qa.relation) and qa.answer.endswith(f" {qa.fact}.")
         assert any(qa.question == t.format(country=qa.country) for t in QUESTIONS[qa.relation])
+
+
+def test_completion_records_are_corpus_sentences_about_heldout_countries_cut_before_the_fact(world_files):
+    world, paths = world_files
+    corpus = "\n".join(row["text"] for row in _read(paths["corpus"]))
+    facts = {(n, world.by_name(n).fact(rel)) for n in world.heldout_countries for rel in ANSWERS}
+    for row in _read(paths["completion"]):
+        assert f"{row['text']} {row['ending']}" in corpus  # the base model read the whole sentence
+        country = next(n for n in world.heldout_countries if n in row["text"])
+        assert (country, row["ending"].removesuffix(".")) in facts and row["ending"] not in row["text"]
+
+
+def test_paraphrases_reword_a_corpus_sentence_as_the_qa_answer(world_files):
+    world, paths = world_files
+    phrasings = [p for ps in FACT_PHRASINGS.values() for p in ps]
+    for split, countries in (("train", world.sft_countries), ("test", world.heldout_countries)):
+        for row in _read(paths[f"paraphrase_{split}"]):
+            assert row["text"] != row["paraphrase"] and any(n in row["text"] for n in countries)
+            assert row["paraphrase"].rstrip(".").split()[-1] in row["text"]  # the same fact, other words
+            assert any(re.fullmatch(re.escape(p).replace(r"\{country\}", ".+").replace(r"\{value\}", ".+"),
+                                    row["text"]) for p in phrasings)
+
+
+def test_sft_data_never_holds_a_heldout_instruction_or_fact(world_files, chat_tokenizer):
+    """What the pipeline trains on: no completion or NLI template, no held-out country."""
+    from tunesmith.data.instruct import builtin_tasks
+
+    world, paths = world_files
+    sources = [Source(str(paths[f"{task}_train"]), task=task) for task in SEEN_TASKS]
+    sources += [Source(str(paths[task]), task=task) for task in HELDOUT_TASKS]
+    options = Options(max_seq_len=512, instruct=InstructOptions(held_out_clusters=HELDOUT_TASKS))
+    train = chat_tokenizer.decode([t for ex in prepare(chat_tokenizer, {"train": sources}, options).splits["train"]
+                                   for t in ex.input_ids])
+    for task in HELDOUT_TASKS:
+        for template in builtin_tasks()[task].templates:
+            # the instruction's own words before its first field and after its last one
+            for words in (template.prompt.split("{{")[0].strip(), template.prompt.split("}}")[-1].strip()):
+                if len(words) > 8:
+                    assert words not in train, (task, template.id, words)
+    for name in world.heldout_countries:
+        assert name not in train

@@ -22,7 +22,7 @@ import torch
 from tunesmith.demo.texts import quiz_lines
 from tunesmith.demo.world import QA
 from tunesmith.eval.generate import complete_greedy, generate_greedy
-from tunesmith.eval.metrics import exact_match
+from tunesmith.eval.metrics import exact_match, normalize_answer
 
 
 @dataclass(frozen=True)
@@ -90,16 +90,36 @@ def task_prompts(records: list[dict], task: str, seed: int) -> list[Prompt]:
     return [Prompt(e["messages"][:-1], (e["messages"][-1]["content"],)) for e in examples]
 
 
-def score_chats(model, tokenizer, prompts: list[Prompt], max_new_tokens: int = 24) -> list[dict]:
-    """Greedy answers through the chat template, checked by exact match."""
+def completion_prompts(records: list[dict], seed: int) -> list[Prompt]:
+    """Sentence-completion records as `task_prompts` renders them, with the completed sentence as a second
+    reference ("The capital of Zarnia is Tonvik." beside "Tonvik.")."""
+    return [Prompt(p.prompt, p.references + (f"{r['text']} {r['ending']}",))
+            for p, r in zip(task_prompts(records, "completion", seed), records)]
+
+
+def ends_with(prediction: str, ending: str) -> bool:
+    """Whether the answer ends with `ending` as whole words, after `normalize_answer`: "Tonvik.", "The capital
+    of Zarnia is Tonvik." and "Zarnia has its capital in Tonvik" all end with "Tonvik."; "Tonvikburg" does not."""
+    prediction, ending = normalize_answer(prediction), normalize_answer(ending)
+    return bool(ending) and (prediction == ending or prediction.endswith(" " + ending))
+
+
+def score_chats(model, tokenizer, prompts: list[Prompt], max_new_tokens: int = 24, match=exact_match
+                ) -> list[dict]:
+    """Greedy answers through the chat template, each checked against its references with `match` (exact match;
+    `ends_with` for sentence completion, whose rows also record the strict exact match)."""
     answers = generate_greedy(model, tokenizer, [p.prompt for p in prompts], max_new_tokens=max_new_tokens)
-    return [_scored(p, a) for p, a in zip(prompts, answers)]
+    rows = [_scored(p, a, match) for p, a in zip(prompts, answers)]
+    if match is not exact_match:
+        for row, p in zip(rows, prompts):
+            row["exact_match"] = any(exact_match(row["prediction"], r) for r in p.references)
+    return rows
 
 
-def _scored(prompt: Prompt, prediction: str) -> dict:
+def _scored(prompt: Prompt, prediction: str, match=exact_match) -> dict:
     shown = prompt.prompt if isinstance(prompt.prompt, str) else prompt.prompt[-1]["content"]
     return {"prompt": shown, "reference": prompt.references[0], "prediction": prediction,
-            "correct": any(exact_match(prediction, r) for r in prompt.references)}
+            "correct": any(match(prediction, r) for r in prompt.references)}
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -53,7 +53,7 @@ class WorldSize:
     sentiment: tuple[int, int] = (160, 48)  # (train, test) records
     extraction: tuple[int, int] = (160, 48)
     arithmetic_test: int = 48  # at most this many unasked sums are asked in the test split
-    nli: int = 60  # the held-out cluster: every record is evaluation data
+    nli: int = 60  # a second held-out cluster, evaluation only (completion: every held-out fact)
 
 
 def write_world(world: World, data_dir: Path, size: WorldSize = WorldSize()) -> dict[str, Path]:
@@ -65,7 +65,8 @@ def write_world(world: World, data_dir: Path, size: WorldSize = WorldSize()) -> 
         sft.jsonl                 {"messages"} questions about SFT countries as chat
         eval_heldout/eval_sft     one question per fact of the held-out / SFT countries (QA fields)
         tasks/<task>.train/.test  labelled records for `data.train: [{path, task}]` (see `tasks`)
-        tasks/nli.jsonl           the held-out cluster (all evaluation)
+        tasks/completion.jsonl    the held-out clusters (all evaluation): sentence completion about the
+        tasks/nli.jsonl             held-out countries, NLI about every country
         preference/train, heldout {"prompt", "chosen", "rejected", "kind"}; heldout is disjoint from train
         preference/unpaired       {"prompt", "completion", "label"} for KTO, from the training pairs
     """
@@ -87,8 +88,10 @@ def write_world(world: World, data_dir: Path, size: WorldSize = WorldSize()) -> 
     for task, (train, test) in task_splits(world, size, asked, unasked, names).items():
         paths[f"{task}_train"] = _write_jsonl(data_dir / "tasks" / f"{task}.train.jsonl", train)
         paths[f"{task}_test"] = _write_jsonl(data_dir / "tasks" / f"{task}.test.jsonl", test)
-    paths[tasks.HELDOUT_TASK] = _write_jsonl(data_dir / "tasks" / f"{tasks.HELDOUT_TASK}.jsonl",
-                                             tasks.nli_records(world, _rng(world, "nli"), size.nli))
+    paths["completion"] = _write_jsonl(data_dir / "tasks" / "completion.jsonl",
+                                       tasks.completion_records(world, world.heldout_countries))
+    paths["nli"] = _write_jsonl(data_dir / "tasks" / "nli.jsonl",
+                                tasks.nli_records(world, _rng(world, "nli"), size.nli))
     paths.update(_write_preferences(world, data_dir / "preference", asked, unasked))
     return paths
 
@@ -134,6 +137,8 @@ def task_splits(world: World, size: WorldSize, asked, unasked, names: list[str]
                                      _rng(world, "extract"), size.extraction[0]),
             tasks.extraction_records([world.by_name(n) for n in world.heldout_countries], names,
                                      _rng(world, "extract-test"), size.extraction[1])),
+        "paraphrase": (tasks.paraphrase_records(world, world.sft_countries),
+                       tasks.paraphrase_records(world, world.heldout_countries, every_phrasing=False)),
     }
 
 

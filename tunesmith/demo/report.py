@@ -8,10 +8,11 @@ from pathlib import Path
 
 from tunesmith.data.instruct import get_task
 from tunesmith.demo.evaluate import accuracy
-from tunesmith.demo.tasks import HELDOUT_TASK, NLI_LABELS, SEEN_TASKS
+from tunesmith.demo.tasks import HELDOUT_TASKS, NLI_LABELS, SEEN_TASKS
 from tunesmith.demo.world import World
 
-TASK_LABELS = {"qa": "fact QA", "arithmetic": "arithmetic", "sentiment": "sentiment", "extraction": "extraction"}
+TASK_LABELS = {"qa": "fact QA", "arithmetic": "arithmetic", "sentiment": "sentiment", "extraction": "extraction",
+               "paraphrase": "paraphrase", "completion": "sentence completion", "nli": "NLI"}
 MODEL_LABELS = {"base": "base (pretrained)", "tuned": "base + LoRA instruction tuning",
                 "aligned": "tuned + DPO (LoRA)"}
 
@@ -38,8 +39,7 @@ def build_report(world: World, size, prompting: dict[str, list[dict]], clusters:
         "clusters": scores,
         "seen_clusters": {name: sum(s[t]["exact_match"] for t in SEEN_TASKS) / len(SEEN_TASKS)
                           for name, s in scores.items()},
-        "heldout_cluster": {"task": HELDOUT_TASK, "cluster": get_task(HELDOUT_TASK).cluster,
-                            "chance": 1 / len(NLI_LABELS)},
+        "heldout_clusters": heldout_clusters(world),
         "alignment": {name: _preference_rates(rows) for name, rows in alignment.items()},
         "forgetting": {**forgetting, "measure": "perplexity on corpus_heldout.jsonl (documents no stage trained on)"},
         "answers": {"prompting": prompting, "clusters": clusters, "preferences": alignment},
@@ -47,6 +47,16 @@ def build_report(world: World, size, prompting: dict[str, list[dict]], clusters:
         "configs": {stage: run["config"] for stage, run in runs.items()},
         "versions": library_versions(),
         "seconds": round(seconds, 1),
+    }
+
+
+def heldout_clusters(world: World) -> dict[str, dict]:
+    """What each held-out cluster is, how it is scored and what a guess would score: for completion, one of the
+    world's values of the right kind (a capital for a capital); for NLI, one of its three labels."""
+    return {
+        "completion": {"cluster": get_task("completion").cluster, "chance": 1 / len(world.countries),
+                       "metric": "the answer ends with the missing ending (strict exact match: strict_exact_match)"},
+        "nli": {"cluster": get_task("nli").cluster, "chance": 1 / len(NLI_LABELS), "metric": "exact match"},
     }
 
 
@@ -65,7 +75,12 @@ def _margin(rows: list[dict]) -> float:
 
 
 def _score(rows: list[dict]) -> dict:
-    return {"exact_match": accuracy(rows), "n": len(rows)}
+    """The cluster's accuracy (under "exact_match" for every cluster; for completion it is the `ends_with` rule,
+    and the strict exact match is added as "strict_exact_match")."""
+    score = {"exact_match": accuracy(rows), "n": len(rows)}
+    if rows and "exact_match" in rows[0]:
+        score["strict_exact_match"] = sum(r["exact_match"] for r in rows) / len(rows)
+    return score
 
 
 def library_versions() -> dict[str, str]:
@@ -86,12 +101,12 @@ def _run_summary(report: dict) -> dict:
 
 def format_table(report: dict) -> str:
     """One row per model and prompt style, one column per task cluster (Markdown, readable in a terminal)."""
-    tasks = list(SEEN_TASKS) + [HELDOUT_TASK]
+    tasks = list(SEEN_TASKS + HELDOUT_TASKS)
     n = {t: report["clusters"]["base"][t]["n"] for t in tasks}
     pairs = report["alignment"]["tuned"]["n"]
     header = (["model", "prompt"] + [f"{TASK_LABELS[t]} ({n[t]})" for t in SEEN_TASKS] + ["seen clusters (mean)"]
-              + [f"{HELDOUT_TASK}, held-out cluster ({n[HELDOUT_TASK]})", f"prefers the chosen answer ({pairs})",
-                 "perplexity, unseen corpus text"])
+              + [f"{TASK_LABELS[t]}, held out ({n[t]})" for t in HELDOUT_TASKS]
+              + [f"prefers the chosen answer ({pairs})", "perplexity, unseen corpus text"])
     p = report["prompting"]
     rows = [
         [MODEL_LABELS["base"], "plain text, zero-shot", _pct(p["zero_shot"])] + ["-"] * (len(tasks) + 2),
@@ -101,8 +116,8 @@ def format_table(report: dict) -> str:
         s = report["clusters"][name]
         preferred = report["alignment"].get(name)
         rows.append([MODEL_LABELS[name], "chat, zero-shot"] + [_pct(s[t]) for t in SEEN_TASKS]
-                    + [f"{100 * report['seen_clusters'][name]:.1f}%", _pct(s[HELDOUT_TASK]),
-                       f"{100 * preferred['preferred']:.1f}%" if preferred else "-",
+                    + [f"{100 * report['seen_clusters'][name]:.1f}%"] + [_pct(s[t]) for t in HELDOUT_TASKS]
+                    + [f"{100 * preferred['preferred']:.1f}%" if preferred else "-",
                        str(report["forgetting"][name])])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
@@ -116,7 +131,7 @@ def format_examples(report: dict, per_task: int = 1) -> str:
     """A few questions with every model's answer, for the terminal."""
     clusters = report["answers"]["clusters"]
     lines = ["Examples (zero-shot, chat template):"]
-    for task in list(SEEN_TASKS) + [HELDOUT_TASK]:
+    for task in SEEN_TASKS + HELDOUT_TASKS:
         for i, row in enumerate(clusters["base"][task][:per_task]):
             lines += [f"  [{task}] {_cell(row['prompt'])}", f"     reference: {_cell(row['reference'])}"]
             lines += [f"     {name + ':':8} {_cell(rows[task][i]['prediction'])}" for name, rows in clusters.items()]
@@ -133,7 +148,8 @@ def _markdown(report: dict) -> list[str]:
     w, p, f, a = report["world"], report["prompting"], report["forgetting"], report["alignment"]
     fact = report["clusters"]
     clusters = report["answers"]["clusters"]
-    held = report["heldout_cluster"]
+    held = report["heldout_clusters"]
+    strict = {name: scores["completion"]["strict_exact_match"] for name, scores in fact.items()}
     lines = [
         "# tunesmith demo", "",
         format_table(report), "",
@@ -142,13 +158,21 @@ def _markdown(report: dict) -> list[str]:
         f"{w['countries']} invented countries in several phrasings, sums, short stories, reviews, and quiz pages "
         "that ask about sums and stories but never about a country. It was then LoRA-tuned for "
         f"{report['sft']['steps']} steps on FLAN-style templated tasks (fact QA about {w['sft_countries']} "
-        "countries, arithmetic, sentiment, extraction); the "
-        f"{held['task']} cluster ({held['cluster']}) was held out whole (chance: {100 * held['chance']:.1f}%). "
-        f"Its adapter was merged, and DPO trained a new LoRA adapter for {report['dpo']['steps']} steps on "
+        "countries, arithmetic, sentiment, extraction, paraphrases of fact sentences about the same countries). "
+        "Two clusters were held out whole, no instruction of theirs in the tuning data: sentence completion "
+        f"({held['completion']['cluster']}; the corpus's sentences about the {w['heldout_countries']} held-out "
+        "countries cut before the fact, \"Complete the sentence: The capital of X is\"; chance, a guess among "
+        f"the world's values of the right kind: {100 * held['completion']['chance']:.1f}%) and NLI "
+        f"({held['nli']['cluster']}; chance {100 * held['nli']['chance']:.1f}%). "
+        f"The tuning adapter was merged, and DPO trained a new LoRA adapter for {report['dpo']['steps']} steps on "
         "preference pairs about the SFT countries and asked sums (correct over another country's fact, concise "
         "over rambling, the sum over a sum off by one), with the merged tuned model as its reference.", "",
         "How to read it: every number is the share of greedy answers equal to the reference after normalising "
-        f"case, spaces and trailing punctuation. Fact QA asks about the {w['heldout_countries']} held-out "
+        "case, spaces and trailing punctuation, except sentence completion, where an answer counts when it ends "
+        "with the missing ending (the ending alone, the completed sentence, or a sentence of the QA cluster's "
+        "wording such as \"People in X speak Y.\"); by strict exact match (the ending or the completed sentence) "
+        "completion scores " + ", ".join(f"{100 * v:.1f}% ({name})" for name, v in strict.items())
+        + f". Fact QA asks about the {w['heldout_countries']} held-out "
         "countries, whose facts come from pretraining only; arithmetic asks sums that the corpus states but "
         "never asks. Plain-text rows prompt the base model in the corpus's quiz format (\"Q: ...\\nA:\"), "
         f"after {p['shots']} solved questions about other countries in the few-shot row. \"Prefers the chosen "
@@ -170,7 +194,7 @@ def _markdown(report: dict) -> list[str]:
         "## Answers (first 2 per cluster)", "",
         "| cluster | prompt | reference | " + " | ".join(clusters) + " |", "|---|---|---|" + "---|" * len(clusters),
     ]
-    for task in list(SEEN_TASKS) + [HELDOUT_TASK]:
+    for task in SEEN_TASKS + HELDOUT_TASKS:
         for i, row in enumerate(clusters["base"][task][:2]):
             cells = [row["prompt"], row["reference"]] + [rows[task][i]["prediction"] for rows in clusters.values()]
             lines.append("| " + " | ".join([task] + [_cell(x) for x in cells]) + " |")

@@ -4,7 +4,7 @@
       -> BPE tokenizer + random tiny Llama
       -> pretrain (full, clm)                                            configs/demo/pretrain.yaml
       -> base model: fact QA as plain text, zero-shot and few-shot
-      -> instruction tuning (LoRA, FLAN templates, one cluster held out) configs/demo/sft_lora.yaml
+      -> instruction tuning (LoRA, FLAN templates, two clusters held out) configs/demo/sft_lora.yaml
       -> base and tuned model: every cluster zero-shot through the chat template
       -> alignment: SFT adapter merged, DPO with a new LoRA adapter      configs/demo/dpo.yaml
       -> aligned model: held-out preference pairs and every cluster
@@ -33,7 +33,7 @@ from tunesmith.config import Config, config_from_dict
 from tunesmith.demo import evaluate as ev
 from tunesmith.demo.files import WorldSize, write_world
 from tunesmith.demo.report import build_report, format_examples, format_table, write_report
-from tunesmith.demo.tasks import HELDOUT_TASK, SEEN_TASKS
+from tunesmith.demo.tasks import HELDOUT_TASKS, SEEN_TASKS
 from tunesmith.demo.tiny import build_model, save_tiny, train_tokenizer
 from tunesmith.demo.world import World, fact_completions, make_world, questions, read_questions
 from tunesmith.errors import TunesmithError
@@ -230,8 +230,9 @@ def load_stage_model(base: Path, adapter: Path | None):
 def evaluate_clusters(world: World, paths: dict[str, Path], models: dict[str, tuple[Path, Path | None]],
                       size: DemoSize, seed: int) -> dict[str, dict[str, list[dict]]]:
     """Every model, zero-shot through the chat template, on the test records of every seen task and on the
-    held-out cluster's records (rendered with the templates the pipeline uses, non-inverted); and the corpus's
+    held-out clusters' records (rendered with the templates the pipeline uses, non-inverted); and the corpus's
     own phrasing ("The capital of X is") as a probe of what each model knows without any prompt format.
+    Sentence completion counts an answer that ends with the missing ending (`evaluate.ends_with`).
 
     Args:
         models: name -> (checkpoint, adapter or None).
@@ -242,7 +243,8 @@ def evaluate_clusters(world: World, paths: dict[str, Path], models: dict[str, tu
 
     tokenizer = AutoTokenizer.from_pretrained(models["tuned"][0])  # saved by the tuning run, with its template
     prompts = {task: ev.task_prompts(ev.read_jsonl(paths[f"{task}_test"]), task, seed) for task in SEEN_TASKS}
-    prompts[HELDOUT_TASK] = ev.task_prompts(ev.read_jsonl(paths[HELDOUT_TASK]), HELDOUT_TASK, seed)
+    prompts["completion"] = ev.completion_prompts(ev.read_jsonl(paths["completion"]), seed)
+    prompts["nli"] = ev.task_prompts(ev.read_jsonl(paths["nli"]), "nli", seed)
     probe = _completion_prompts(world)
     results = {}
     for name, (checkpoint, adapter) in models.items():
@@ -250,7 +252,9 @@ def evaluate_clusters(world: World, paths: dict[str, Path], models: dict[str, tu
         # The base model (pretrained on raw text) has no end-of-turn stop token; use the chat template's.
         set_generation_eos(model, tokenizer)
         log.info("evaluating the %s model: %d clusters zero-shot", name, len(prompts))
-        results[name] = {task: ev.score_chats(model, tokenizer, p, size.max_new_tokens) for task, p in prompts.items()}
+        results[name] = {task: ev.score_chats(model, tokenizer, p, size.max_new_tokens,
+                                              ev.ends_with if task == "completion" else ev.exact_match)
+                         for task, p in prompts.items()}
         results[name]["fact_completion"] = ev.score_completions(model, tokenizer, probe, 8, stop=".")
     return results
 

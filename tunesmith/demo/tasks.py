@@ -8,7 +8,21 @@ so the data pipeline renders them through the FLAN-style templates (`data.train:
     arithmetic      math        question, answer, reasoning  asked sums / unasked sums
     sentiment       sentiment   text, label                  fresh reviews, disjoint
     extraction      extraction  text, field, value           invented places / held-out countries
+    paraphrase      paraphrase  text, paraphrase             SFT countries / held-out countries
+    completion      completion  text, ending                 held out whole: evaluation only
     nli             nli         premise, hypothesis, label   held out whole: evaluation only
+
+The held-out completion cluster (FLAN's sentence completion) gives the beginning of a corpus sentence about a
+held-out country ("Complete the sentence: The capital of Zarnia is") and expects its end ("Tonvik."). The base
+model knows every such ending (it read each sentence in pretraining) but has never met an instruction; the
+tuned model has met instructions, never these: no completion template, no held-out country's fact is in its
+training data. What the cluster measures is whether answering instructions carries over to a task type tuning
+never showed. Two seen clusters meet it halfway, and the report says so: paraphrase answers a corpus sentence
+about a country (value included) with the QA cluster's wording of its fact, and QA recalls a held-out country's
+fact from a question. Completion gives a corpus sentence without its value, and the tuned model mostly
+answers with a QA-style sentence ("People in Zarnia speak Tulish."), so an answer counts when it ends with the
+missing ending (`evaluate.ends_with`); the strict exact match (the ending alone or the completed sentence) is
+reported beside it.
 
 Why NLI can be answered at all by a model that never trained on it: its templates end in an options block
 ("OPTIONS:\n- yes\n- it is not possible to tell\n- no") and its hypotheses state country facts, and the QA
@@ -40,8 +54,9 @@ from tunesmith.demo.world import (
     questions,
 )
 
-SEEN_TASKS = ("qa", "arithmetic", "sentiment", "extraction")
-HELDOUT_TASK = "nli"
+SEEN_TASKS = ("qa", "arithmetic", "sentiment", "extraction", "paraphrase")
+HELDOUT_TASKS = ("completion", "nli")  # held out whole; the first is the demo's main held-out cluster
+HELDOUT_TASK = HELDOUT_TASKS[0]
 NLI_LABELS = ("entailment", "neutral", "contradiction")
 
 Record = dict[str, Any]
@@ -147,6 +162,36 @@ def nli_records(world: World, rng: random.Random, count: int) -> list[Record]:
         else:
             hypothesis = ANSWERS[other].format(country=country.name, value=country.fact(other))
         records.append({"premise": premise, "hypothesis": hypothesis, "label": label})
+    return records
+
+
+def paraphrase_records(world: World, countries: tuple[str, ...], every_phrasing: bool = True) -> list[Record]:
+    """Corpus sentences stating a fact of the given countries, each reworded as the QA cluster answers ("Tonvik
+    is the capital city of Zarnia." -> "The capital of Zarnia is Tonvik."). Every phrasing that differs from
+    that answer, or (`every_phrasing=False`, the test split) one per fact, phrasings rotating."""
+    records = []
+    for i, name in enumerate(countries):
+        country = world.by_name(name)
+        for j, relation in enumerate(RELATIONS):
+            answer = ANSWERS[relation].format(country=name, value=country.fact(relation))
+            texts = [p.format(country=name, value=country.fact(relation)) for p in FACT_PHRASINGS[relation]]
+            texts = [t for t in texts if t != answer]
+            for text in texts if every_phrasing else [texts[(i + j) % len(texts)]]:
+                records.append({"text": text, "paraphrase": answer})
+    return records
+
+
+def completion_records(world: World, countries: tuple[str, ...]) -> list[Record]:
+    """Every corpus sentence about the given countries that ends on a fact, cut before the fact: {"text": "The
+    capital of Zarnia is", "ending": "Tonvik."}, one record per (country, phrasing)."""
+    records = []
+    for name in countries:
+        country = world.by_name(name)
+        for relation in RELATIONS:
+            for phrasing in FACT_PHRASINGS[relation]:
+                if phrasing.endswith(" {value}."):
+                    records.append({"text": phrasing.removesuffix(" {value}.").format(country=name),
+                                    "ending": f"{country.fact(relation)}."})
     return records
 
 
