@@ -1,5 +1,5 @@
 """The benchmark scripts run: benchmarks/dpo_bench.py's tunesmith side on a tiny model (its TRL side takes
-minutes and lives in docs/PERFORMANCE.md, not here)."""
+minutes and lives in docs/PERFORMANCE.md, not here), and benchmarks/scaling_bench.py's three loss paths."""
 
 from __future__ import annotations
 
@@ -39,3 +39,24 @@ def test_dpo_bench_measures_every_step_of_a_tunesmith_run(dpo_bench, tmp_path):
     assert result["losses"][0] == pytest.approx(math.log(2), rel=1e-5)  # policy == reference at the first step
     assert result["tokens_per_s"] > 0 and result["peak_mb"] >= 0 and result["setup_mb"] is not None
     assert loop.train_step is train_step  # the timing wrapper is gone after the run
+
+
+def test_scaling_bench_paths_train_the_same_steps(tmp_path):
+    """The fused, logits and naive paths of one point: the same loss at every step (they compute one objective on
+    the same model and rows), the tokens of every step counted, a memory figure."""
+    import sys
+
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec = importlib.util.spec_from_file_location("scaling_bench", BENCHMARKS / "scaling_bench.py")
+        scaling = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(scaling)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    args = scaling.parse_args(["--tokens", "64", "--steps", "2", "--threads", "1"])
+    runs = {path: scaling.run_point(path, 300, 32, args) for path in scaling.PATHS}
+    for r in runs.values():
+        assert r["rows"] == 2 and r["step_tokens"] == [62, 62] and r["tokens_per_s"] > 0 and r["peak_mb"] >= 0
+    assert runs["fused"]["losses"] == pytest.approx(runs["naive"]["losses"], rel=1e-5)
+    assert runs["logits"]["losses"] == pytest.approx(runs["naive"]["losses"], rel=1e-5)
+    assert runs["naive"]["losses"][0] == pytest.approx(math.log(300), rel=0.05)  # a random model: near uniform

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tunesmith.objectives.tokens import IGNORE_INDEX, model_inputs, shift_labels
+from tunesmith.objectives.tokens import IGNORE_INDEX, causal_lm, model_inputs, shift_labels
 
 # Logit entries per chunk: 2^22 float32 values (16 MiB) whatever the vocabulary, so chunk rows = 2^22 / V.
 CHUNK_ELEMENTS = 1 << 22
@@ -83,17 +83,8 @@ def linear_nll(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor) -> 
 
 def fused_head(model) -> nn.Linear | None:
     """The model's plain linear LM head when the fused loss applies to it, else None."""
-    from peft import PeftModel
-    from transformers import PreTrainedModel
-
-    inner = getattr(model, "module", model)  # DDP
-    if isinstance(inner, PeftModel):
-        if inner.active_peft_config.is_prompt_learning:
-            return None
-        inner = inner.get_base_model()
-    if not isinstance(inner, PreTrainedModel):
-        return None
-    if any(getattr(inner.config, key, None) not in (None, 1, 1.0) for key in LOGIT_TRANSFORMS):
+    inner = causal_lm(model)
+    if inner is None or any(getattr(inner.config, key, None) not in (None, 1, 1.0) for key in LOGIT_TRANSFORMS):
         return None
     head = inner.get_output_embeddings()
     if type(head) is not nn.Linear or any(type(p).__name__ == "DTensor" for p in head.parameters()):

@@ -153,19 +153,24 @@ def completion_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tenso
     return sequence_logps(*answer_logits(model, batch))
 
 
-def accepts_logits_to_keep(model) -> bool:
-    """Whether `model(..., logits_to_keep=k)` returns the logits of the last k positions of the input."""
+def causal_lm(model):
+    """The `transformers` model under a DDP and a peft wrapper, whose positions are the input's; None for prompt
+    learning (virtual tokens come first) and for models that are not a `PreTrainedModel`."""
     from peft import PeftModel
     from transformers import PreTrainedModel
 
     model = getattr(model, "module", model)  # DDP
     if isinstance(model, PeftModel):
         if model.active_peft_config.is_prompt_learning:
-            return False
+            return None
         model = model.get_base_model()
-    if not isinstance(model, PreTrainedModel):
-        return False
-    return "logits_to_keep" in inspect.signature(type(model).forward).parameters
+    return model if isinstance(model, PreTrainedModel) else None
+
+
+def accepts_logits_to_keep(model) -> bool:
+    """Whether `model(..., logits_to_keep=k)` returns the logits of the last k positions of the input."""
+    inner = causal_lm(model)
+    return inner is not None and "logits_to_keep" in inspect.signature(type(inner).forward).parameters
 
 
 def summed_nll(logits: torch.Tensor, labels: torch.Tensor, chunk_size: int = 4096) -> tuple[torch.Tensor, int]:
