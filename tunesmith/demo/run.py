@@ -33,7 +33,7 @@ from tunesmith.config import Config, config_from_dict
 from tunesmith.demo import evaluate as ev
 from tunesmith.demo.files import WorldSize, write_world
 from tunesmith.demo.report import build_report, format_examples, format_table, write_report
-from tunesmith.demo.tasks import HELDOUT_TASKS, SEEN_TASKS
+from tunesmith.demo.tasks import SEEN_TASKS
 from tunesmith.demo.tiny import build_model, save_tiny, train_tokenizer
 from tunesmith.demo.world import World, fact_completions, make_world, questions, read_questions
 from tunesmith.errors import TunesmithError
