@@ -274,21 +274,12 @@ def trl_config(out: Path, args: argparse.Namespace):
     )
 
 
-def run_trl(work: Path, args: argparse.Namespace) -> Meter:
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import DPOTrainer
+def train_metered(meter: Meter, make_trainer: Callable[[list], object], count: Callable[[dict], int]) -> Meter:
+    """Train the TRL trainer `make_trainer(callbacks)` builds, recording each optimizer step in `meter`: its tokens
+    are `count(inputs)` summed over the step's micro-batches, its loss the one TRL logs."""
+    from transformers import TrainerCallback
 
-    from tunesmith.data.templates import install_template
-    from tunesmith.model.load import DTYPES
-
-    meter, pending = Meter(args.device), []
-    tokenizer = AutoTokenizer.from_pretrained(work / "model")
-    install_template(tokenizer, "chatml")  # the template tunesmith renders (its tokens are in the vocabulary)
-    model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=DTYPES[args.dtype])
-    lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0, target_modules=LORA_TARGETS,
-                      task_type="CAUSAL_LM")
+    pending: list[int] = []
 
     class Steps(TrainerCallback):
         def on_train_begin(self, *a, **kw):
@@ -302,19 +293,39 @@ def run_trl(work: Path, args: argparse.Namespace) -> Meter:
             if logs and "loss" in logs:
                 meter.losses[-1] = logs["loss"]
 
-    with tempfile.TemporaryDirectory(dir=work) as out:
-        trainer = DPOTrainer(model=model, args=trl_config(Path(out), args), processing_class=tokenizer,
-                             train_dataset=Dataset.from_list(trl_rows(work, args)), peft_config=lora,
-                             callbacks=[Steps()])
-        step = trainer.training_step
+    trainer = make_trainer([Steps()])
+    step = trainer.training_step
 
-        def counted_step(model, inputs, *a, **kw):
-            pending.append(int(inputs["attention_mask"].sum()))
-            return step(model, inputs, *a, **kw)
+    def counted_step(model, inputs, *a, **kw):
+        pending.append(count(inputs))
+        return step(model, inputs, *a, **kw)
 
-        trainer.training_step = counted_step
-        trainer.train()
+    trainer.training_step = counted_step
+    trainer.train()
     return meter
+
+
+def run_trl(work: Path, args: argparse.Namespace) -> Meter:
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOTrainer
+
+    from tunesmith.data.templates import install_template
+    from tunesmith.model.load import DTYPES
+
+    tokenizer = AutoTokenizer.from_pretrained(work / "model")
+    install_template(tokenizer, "chatml")  # the template tunesmith renders (its tokens are in the vocabulary)
+    model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=DTYPES[args.dtype])
+    lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0, target_modules=LORA_TARGETS,
+                      task_type="CAUSAL_LM")
+    with tempfile.TemporaryDirectory(dir=work) as out:
+        return train_metered(
+            Meter(args.device),
+            lambda callbacks: DPOTrainer(model=model, args=trl_config(Path(out), args), processing_class=tokenizer,
+                                         train_dataset=Dataset.from_list(trl_rows(work, args)), peft_config=lora,
+                                         callbacks=callbacks),
+            lambda inputs: int(inputs["attention_mask"].sum()))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -41,7 +41,6 @@ Measured the same way on every side (dpo_bench.Meter):
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
 import sys
@@ -49,14 +48,8 @@ import tempfile
 from pathlib import Path
 
 
-def _load_dpo_bench():
-    spec = importlib.util.spec_from_file_location("dpo_bench", Path(__file__).with_name("dpo_bench.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-dpo = _load_dpo_bench()
+sys.path.insert(0, str(Path(__file__).parent))
+import dpo_bench as dpo  # noqa: E402  its data, model, measuring and driver code
 
 CASES = ("tunesmith-lora", "tunesmith-lora-padded", "trl-lora-default", "trl-lora-best",
          "tunesmith-full", "tunesmith-full-padded", "trl-full-default", "trl-full-best")
@@ -207,41 +200,22 @@ def trl_config(case: str, out: Path, args: argparse.Namespace):
 def run_trl(case: str, work: Path, args: argparse.Namespace):
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, TrainerCallback
+    from transformers import AutoModelForCausalLM
     from trl import SFTTrainer
 
     from tunesmith.model.load import DTYPES
 
-    meter, pending = dpo.Meter(args.device), []
     model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=DTYPES[args.dtype])
     lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
                       target_modules=dpo.LORA_TARGETS, task_type="CAUSAL_LM") if "-lora-" in case else None
-
-    class Steps(TrainerCallback):
-        def on_train_begin(self, *a, **kw):
-            meter.start()
-
-        def on_step_end(self, *a, **kw):
-            meter.step_end(sum(pending), None)
-            pending.clear()
-
-        def on_log(self, _args, _state, _control, logs=None, **kw):
-            if logs and "loss" in logs:
-                meter.losses[-1] = logs["loss"]
-
     with tempfile.TemporaryDirectory(dir=work) as out:
-        trainer = SFTTrainer(model=model, args=trl_config(case, Path(out), args), processing_class=trl_tokenizer(work),
-                             train_dataset=Dataset.from_list(trl_rows(work, args)), peft_config=lora,
-                             callbacks=[Steps()])
-        step = trainer.training_step
-
-        def counted_step(model, inputs, *a, **kw):
-            pending.append(int((inputs["labels"][:, 1:] != -100).sum()))  # as tunesmith counts its loss tokens
-            return step(model, inputs, *a, **kw)
-
-        trainer.training_step = counted_step
-        trainer.train()
-    return meter
+        return dpo.train_metered(
+            dpo.Meter(args.device),
+            lambda callbacks: SFTTrainer(model=model, args=trl_config(case, Path(out), args),
+                                         processing_class=trl_tokenizer(work),
+                                         train_dataset=Dataset.from_list(trl_rows(work, args)), peft_config=lora,
+                                         callbacks=callbacks),
+            lambda inputs: int((inputs["labels"][:, 1:] != -100).sum()))  # as tunesmith counts its loss tokens
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -43,6 +45,14 @@ def model_dirs(tmp_path_factory, tokenizer) -> dict[str, Path]:
     """family -> directory holding a tiny random model (safetensors) and the shared tokenizer."""
     root = tmp_path_factory.mktemp("models")
     return {f: save_tiny(root / f, build_model(f, vocab_size=len(tokenizer)), tokenizer) for f in FAMILIES}
+
+
+def load_benchmark(name: str):
+    """A script of benchmarks/ as a module, its folder on sys.path (where the scripts import dpo_bench from)."""
+    folder = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return importlib.import_module(name)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

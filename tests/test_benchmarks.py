@@ -3,22 +3,17 @@ minutes and lives in docs/PERFORMANCE.md, not here), and benchmarks/scaling_benc
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def dpo_bench():
-    spec = importlib.util.spec_from_file_location("dpo_bench", BENCHMARKS / "dpo_bench.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("dpo_bench")
 
 
 def test_dpo_bench_measures_every_step_of_a_tunesmith_run(dpo_bench, tmp_path):
@@ -44,15 +39,7 @@ def test_dpo_bench_measures_every_step_of_a_tunesmith_run(dpo_bench, tmp_path):
 def test_scaling_bench_paths_train_the_same_steps(tmp_path):
     """The fused, logits and naive paths of one point: the same loss at every step (they compute one objective on
     the same model and rows), the tokens of every step counted, a memory figure."""
-    import sys
-
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        spec = importlib.util.spec_from_file_location("scaling_bench", BENCHMARKS / "scaling_bench.py")
-        scaling = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(scaling)
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    scaling = load_benchmark("scaling_bench")
     args = scaling.parse_args(["--tokens", "64", "--steps", "2", "--threads", "1"])
     runs = {path: scaling.run_point(path, 300, 32, args) for path in scaling.PATHS}
     for r in runs.values():

@@ -4,22 +4,17 @@ minutes: its figures live in docs/PERFORMANCE.md, not here)."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from conftest import load_benchmark
+
 TINY = ["--conversations", "8", "--max-words", "60", "--vocab-size", "400", "--hidden-size", "32", "--layers", "2",
         "--heads", "2", "--intermediate-size", "64", "--batch", "2", "--steps", "3", "--warmup", "1"]
 
 
 @pytest.fixture(scope="module")
 def sft_bench():
-    spec = importlib.util.spec_from_file_location("sft_bench", BENCHMARKS / "sft_bench.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("sft_bench")
 
 
 @pytest.mark.parametrize("case", ["tunesmith-lora", "tunesmith-lora-padded"])

@@ -34,6 +34,17 @@ def documents(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
     return spans
 
 
+# The spans of the last position ids seen: every layer of a forward pass gets the same tensor, so its documents are
+# found once per pass (one host sync, not one per layer). The entry holds the tensor, so its identity stays unique.
+_last_spans: list = [None, None]
+
+
+def _cached_documents(position_ids: torch.Tensor, rows: int) -> list[list[tuple[int, int]]]:
+    if _last_spans[0] is not position_ids:
+        _last_spans[:] = [position_ids, documents(position_ids.expand(rows, -1))]
+    return _last_spans[1]
+
+
 def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                      **kwargs) -> tuple[torch.Tensor, None]:
@@ -48,7 +59,7 @@ def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     gqa = query.shape[1] != key.shape[1]
     dropout = dropout if module.training else 0.0
     rows = []
-    for b, spans in enumerate(documents(position_ids.expand(query.shape[0], -1))):
+    for b, spans in enumerate(_cached_documents(position_ids, query.shape[0])):
         rows.append(torch.cat([
             F.scaled_dot_product_attention(query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e],
                                            dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa)
