@@ -1,25 +1,25 @@
-# Set-up and everyday commands. `make demo` and `make test` work from a fresh clone:
-# they create .venv when missing and install what the project needs.
+# Set-up and everyday commands. `make demo` and `make test` work from a fresh clone: they create .venv when
+# missing and install exactly the versions in requirements/lock-cpu.txt (lock-cuda.txt where a GPU is present).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_VERSION := 2.13.0
+PIP_VERSION := 26.3
+HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1 && echo yes)
+LOCK := requirements/lock-$(if $(HAS_CUDA),cuda,cpu).txt
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast upgrade-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet pip==$(PIP_VERSION)
 
-# Without CUDA, install the CPU build of torch first so that no CUDA wheels are pulled in.
-$(STAMP): pyproject.toml | $(BIN)/python
-	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
-		echo "CUDA present: installing the default torch build"; \
-	else \
-		$(BIN)/pip install --quiet torch==$(TORCH_VERSION); \
-	fi
-	$(BIN)/pip install --quiet -e ".[test]"
+# Every package of the lock, exactly, and nothing else (--no-deps: the lock already holds every dependency);
+# then tunesmith itself, editable. Without CUDA the lock names torch's CPU build, found on this machine's disk.
+$(STAMP): pyproject.toml $(LOCK) | $(BIN)/python
+	$(BIN)/pip install --quiet --no-deps -r $(LOCK)
+	$(BIN)/pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -34,6 +34,12 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# Moving to newer dependencies is a deliberate commit: resolve the newest releases pyproject.toml allows into the
+# locks, install them, and run the whole suite against them. Commit the locks only when it passes.
+upgrade-deps: | $(BIN)/python
+	$(BIN)/python requirements/refresh.py --torch $(TORCH_VERSION)
+	$(MAKE) test
 
 clean:
 	rm -rf runs .pytest_cache

@@ -9,7 +9,7 @@ import os
 import pytest
 
 from conftest import write_jsonl
-from tunesmith.data.formats import load_rows
+from tunesmith.data.formats import iter_rows, load_rows
 from tunesmith.data.pipeline import ExampleTable, Options, Source, prepare, read_sources
 from tunesmith.data.sources import iter_records
 from tunesmith.data.templates import install_template
@@ -42,7 +42,16 @@ def test_csv_and_tsv_with_locations_and_field_mapping(tmp_path):
 def test_json_array_records_are_located_by_line(tmp_path):
     path = tmp_path / "d.json"
     path.write_text('[\n  {"text": "one"},\n\n  {"text": "two"}\n]\n')
-    assert [where for where, _ in iter_records(str(path))] == [f"{path}:2", f"{path}:4"]
+    assert [where for where, _ in iter_records(str(path))] == [f"{path}:2 [0]", f"{path}:4 [1]"]
+
+
+def test_a_bad_item_of_a_one_line_json_array_is_named_by_its_index(tmp_path):
+    path = tmp_path / "d.json"
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    path.write_text(json.dumps([good, good, good, {"messages": 42}]))
+    with pytest.raises(DataError) as caught:
+        list(iter_rows(path))
+    assert str(caught.value) == f"{path}:1 [3]: messages: expected a non-empty list of turns, got int 42"
 
 
 def test_json_object_of_columns(tmp_path):
@@ -94,7 +103,7 @@ MALFORMED = {
     "csv_bad_utf8": ("x.csv", b"text\n\xff\xfe\n", "auto", "x.csv:2: invalid UTF-8 at byte 0"),
     "csv_empty_cell": ("x.csv", b"prompt,completion\nq,\n", "auto", "x.csv:2: completion: missing field"),
     "json_not_array": ("x.json", b'"text"', "auto", "x.json:1: expected a JSON array of objects"),
-    "json_bad_item": ("x.json", b'[{"text": "a"},\n 3]', "auto", "x.json:2: item 1: expected a JSON object, got int"),
+    "json_bad_item": ("x.json", b'[{"text": "a"},\n 3]', "auto", "x.json:2 [1]: expected a JSON object, got int"),
     "json_syntax": ("x.json", b'[{"text": "a"},\n {"text": }]', "auto", "x.json:2: invalid JSON: Expecting value"),
     "json_missing_comma": ("x.json", b'[{"text": "a"}\n {"text": "b"}]', "auto", "x.json:2: invalid JSON: expected ','"),
     "json_ragged_columns": ("x.json", b'{"text": ["a", "b"], "label": ["x"]}', "auto",

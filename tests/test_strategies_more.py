@@ -4,6 +4,7 @@ reloads to the same outputs."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 
@@ -168,6 +169,9 @@ def test_lm_strategies_train_their_parameters_only_and_reload_exactly(model_dirs
 def test_classification_strategies_train_the_head_and_reload_exactly(model_dirs, tokenizer, tmp_path, name):
     from peft import PeftModel
 
+    if name == "prefix_tuning" and not _declares_past_key_values(_classifier(model_dirs["llama"])):
+        _assert_prefix_refused_where_peft_fails(model_dirs["llama"])
+        return
     model = apply_strategy(_classifier(model_dirs["llama"]), name, task_type="SEQ_CLS", lora_r=2,
                            prompt=PromptSpec(num_virtual_tokens=4))
     trainable = set(_trainable(model))
@@ -188,6 +192,23 @@ def test_classification_strategies_train_the_head_and_reload_exactly(model_dirs,
     with torch.no_grad():
         got, want = classify_logits(reloaded.eval(), batch), classify_logits(model, batch)
     assert got.shape == (3, 3) and (got - want).abs().max().item() < 1e-6
+
+
+def _declares_past_key_values(classifier) -> bool:
+    return "past_key_values" in inspect.signature(classifier.forward).parameters
+
+
+def _assert_prefix_refused_where_peft_fails(path):
+    """transformers 5.x calls the KV cache `cache`: PEFT's own prefix tuning of a classifier then fails at the
+    first forward pass. tunesmith refuses it before training, naming the key; were PEFT to pass the prefix again,
+    the first assertion fails and the refusal must go."""
+    from peft import PrefixTuningConfig, get_peft_model
+
+    plain = get_peft_model(_classifier(path), PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4))
+    with pytest.raises(ValueError, match="does not support past key values"):
+        plain(input_ids=torch.tensor([[5, 6, 7]]))
+    with pytest.raises(ConfigError, match="strategy.name: prefix_tuning cannot train a classification or reward"):
+        apply_strategy(_classifier(path), "prefix_tuning", task_type="SEQ_CLS", prompt=PromptSpec(num_virtual_tokens=4))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import sys
 import warnings
 from typing import Iterator
@@ -150,6 +151,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune open causal language models.")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="also show the libraries' warnings and load reports on the terminal (always in train.log)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train a model from a YAML config")
@@ -271,7 +274,13 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # argparse has printed usage (or --help)
         return 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 2
+    if args.verbose:
+        os.environ["TUNESMITH_VERBOSE"] = "1"  # read by track.logs; inherited by the processes a launcher starts
     try:
+        if args.command != "env":  # `env` reports versions instead of refusing them
+            from tunesmith.compat import check_versions
+
+            check_versions()
         return args.func(args)
     except TunesmithError as exc:
         print(f"error: {one_line(str(exc))}", file=sys.stderr)
@@ -293,10 +302,12 @@ def launch(nproc: int, argv: list[str]) -> int:
 
 @contextlib.contextmanager
 def warnings_to_log() -> Iterator[None]:
-    """Python warnings (e.g. a library's FutureWarning) go to the run's log, so stderr carries only errors."""
+    """Python warnings (e.g. a library's FutureWarning) go to the run's log as library records: the terminal
+    shows them only with --verbose, so it carries what the user can act on."""
 
     def show(message, category, filename, lineno, file=None, line=None) -> None:
-        logging.getLogger("tunesmith").warning("%s: %s (%s:%d)", category.__name__, message, filename, lineno)
+        logging.getLogger("tunesmith.libraries").warning("%s: %s (%s:%d)", category.__name__, message, filename,
+                                                         lineno, extra={"library": True})
 
     with warnings.catch_warnings():
         warnings.showwarning = show

@@ -6,7 +6,8 @@
 Supported: JSON Lines (.jsonl, .ndjson), JSON (an array of objects or an object of columns), CSV and TSV,
 Parquet, plain text (.txt, .md: one document per file or per line), folders of those, globs, and directories
 written by `datasets.save_to_disk`. Every reader streams except JSON, whose format has no record boundaries.
-A location is `file:line` for line-based formats and `file:row N` (0-based) for columnar ones.
+A location is `file:line` for line-based formats, `file:line [i]` for the i-th item (0-based) of a JSON array,
+and `file:row N` (0-based) for columnar ones.
 
 A record that cannot be read (invalid JSON, bad UTF-8, a CSV row with the wrong number of fields) is yielded as
 a `DataError` in place of the record, so a caller with a skip policy can count it and read on; problems with a
@@ -156,9 +157,10 @@ def _json(path: Path) -> Iterator[tuple[str, Record]]:
             obj, pos = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+        where = f"{path}:{line} [{index}]"  # the item too: an array on one line puts every record on line 1
         if not isinstance(obj, dict):
-            obj = DataError(f"{path}:{line}: item {index}: expected a JSON object, got {type(obj).__name__}")
-        yield f"{path}:{line}", obj
+            obj = DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        yield where, obj
         index += 1
         pos = _skip_space(text, pos)
         if text[pos : pos + 1] == ",":

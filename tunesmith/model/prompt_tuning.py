@@ -15,9 +15,12 @@ positions off the output of direct forward passes: logits are (B, T, V) as for a
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 from torch import nn
+
+from tunesmith.errors import ConfigError
 
 PROMPT_STRATEGIES = ("prompt_tuning", "prefix_tuning")
 
@@ -50,6 +53,8 @@ def prompt_learning_model(model: nn.Module, name: str, spec: PromptSpec, task_ty
                     "tokenizer_name_or_path": tokenizer_path or model.name_or_path}
         config = PromptTuningConfig(task_type=task_type, num_virtual_tokens=spec.num_virtual_tokens, **init)
     elif name == "prefix_tuning":
+        if task_type == "SEQ_CLS":
+            check_prefix_reaches(model)
         config = PrefixTuningConfig(task_type=task_type, num_virtual_tokens=spec.num_virtual_tokens,
                                     prefix_projection=spec.prefix_projection,
                                     encoder_hidden_size=spec.projection_hidden_size)
@@ -59,6 +64,27 @@ def prompt_learning_model(model: nn.Module, name: str, spec: PromptSpec, task_ty
     if name == "prompt_tuning" and task_type == "CAUSAL_LM":
         strip_virtual_tokens(peft_model)
     return peft_model
+
+
+def check_prefix_reaches(model: nn.Module) -> None:
+    """Refuse prefix tuning of a classifier whose forward PEFT cannot hand the prefix to.
+
+    PEFT gives a sequence classifier its prefix only when the model's (or its backbone's) `forward` declares a
+    `past_key_values` argument; transformers 5.x renamed that argument `cache`, so PEFT stops at the first forward
+    pass with "Model does not support past key values". Said here, before anything trains, with what to use.
+    """
+    backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    for module in (model, backbone):
+        if module is not None and "past_key_values" in inspect.signature(module.forward).parameters:
+            return
+    import peft
+    import transformers
+
+    raise ConfigError(
+        f"strategy.name: prefix_tuning cannot train a classification or reward head on {type(model).__name__}: "
+        f"peft {peft.__version__} passes the prefix as `past_key_values`, which transformers "
+        f"{transformers.__version__} names `cache`; use prompt_tuning, lora or head for this objective "
+        "(prefix tuning of a causal LM works)")
 
 
 def strip_virtual_tokens(peft_model) -> None:

@@ -170,7 +170,7 @@ class ReftModel(nn.Module):
         ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
         shape = (ids if ids is not None else embeds).shape[:2]
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get("cache")  # transformers >= 5.25 names the KV cache `cache`
         if self._given is not None:
             self._positions = self._given if self._given.numel() else None
             if self._positions is not None and tuple(self._positions.shape) != tuple(shape):

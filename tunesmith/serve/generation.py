@@ -68,7 +68,7 @@ def decode(model, rows: Sequence[Row], stop_ids: set[int] | Sequence[int], pad_i
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): real tokens count from 0
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
                 logits_to_keep=1)
-    cache, logits = out.past_key_values, out.logits[:, -1]  # logits (B, V)
+    cache, logits = out.cache, out.logits[:, -1]  # logits (B, V)
     next_positions = positions[:, -1:] + 1  # (B, 1)
     active = list(range(len(rows)))
     counts = [0] * len(rows)
@@ -94,8 +94,8 @@ def decode(model, rows: Sequence[Row], stop_ids: set[int] | Sequence[int], pad_i
             active = [active[j] for j in keep]
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(active), 1)], dim=1)
         out = model(input_ids=tokens[:, None].to(device), attention_mask=attention_mask,
-                    position_ids=next_positions, past_key_values=cache, use_cache=True)
-        cache, logits = out.past_key_values, out.logits[:, -1]
+                    position_ids=next_positions, cache=cache, use_cache=True)
+        cache, logits = out.cache, out.logits[:, -1]
         next_positions = next_positions + 1
 
 

@@ -1,13 +1,44 @@
-"""Python logging for a run: the terminal (through tqdm, so bars stay intact) and `train.log`."""
+"""Python logging for a run: the terminal (through tqdm, so bars stay intact) and `train.log`.
+
+Two kinds of message reach these handlers:
+    tunesmith's own     (loggers under "tunesmith")  what the user can act on: the terminal and train.log
+    the libraries'      (transformers, peft, bitsandbytes, ... and Python warnings)  deprecations and load reports
+                        the user cannot act on: train.log only, and the terminal too with `--verbose`
+                        (TUNESMITH_VERBOSE=1)
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LIBRARIES = "tunesmith.libraries"  # the logger library records are re-emitted through
+VERBOSE_ENV = "TUNESMITH_VERBOSE"
+
+
+def verbose() -> bool:
+    """Whether library messages also go to the terminal (`tunesmith --verbose ...` sets the variable, so the
+    processes a launcher starts inherit it)."""
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+def _is_library(record: logging.LogRecord) -> bool:
+    return getattr(record, "library", False)
+
+
+class _LibraryHandler(logging.Handler):
+    """On the root logger: a record from any library (not under "tunesmith") goes on through `LIBRARIES`,
+    marked, so train.log keeps it and the terminal shows it only when verbose."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if _is_library(record) or record.name == "tunesmith" or record.name.startswith("tunesmith."):
+            return  # already on its way (before `setup_logging`, "tunesmith" propagates to the root logger)
+        record.library = True
+        logging.getLogger(LIBRARIES).handle(record)
 
 
 class _TqdmHandler(logging.StreamHandler):
@@ -19,15 +50,27 @@ class _TqdmHandler(logging.StreamHandler):
 
 
 def quiet_third_party() -> None:
-    """Keep the terminal for tunesmith's own progress: no per-file progress bars from transformers, and no
-    notice from bitsandbytes about an optional CPU kernel that would have to be downloaded from a hub."""
+    """Keep the terminal for tunesmith's own progress: no per-file progress bars from transformers or datasets,
+    and the libraries' log records (deprecations, load reports, bitsandbytes' notice about an optional CPU kernel
+    on a hub) sent through `LIBRARIES`: to train.log, and to the terminal only when verbose."""
     import datasets
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()  # per-table saving bars; the pipeline reports its own progress
     transformers.utils.logging.set_verbosity_warning()
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    for name in ("transformers", "datasets"):  # their own stderr handlers go: the records reach the root logger
+        _route_to_root(logging.getLogger(name))
+    root = logging.getLogger()
+    if not any(isinstance(h, _LibraryHandler) for h in root.handlers):
+        root.addHandler(_LibraryHandler())
+
+
+def _route_to_root(logger: logging.Logger) -> None:
+    """Drop a library's own terminal handlers and let its records propagate (to `_LibraryHandler`)."""
+    for handler in [h for h in logger.handlers if type(h) is logging.StreamHandler]:
+        logger.removeHandler(handler)
+    logger.propagate = True
 
 
 def close_logging() -> None:
@@ -48,6 +91,8 @@ def setup_logging(run_dir: Path | None, level: str = "info") -> None:
         handler.close()
     console = _TqdmHandler()
     console.setFormatter(logging.Formatter("%(message)s"))
+    if not verbose():
+        console.addFilter(lambda record: not _is_library(record))
     root.addHandler(console)
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
