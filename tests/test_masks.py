@@ -48,7 +48,7 @@ ZEPHYR = (
     "{{ '<|' + message['role'] + '|>\\n' + message['content'] + eos_token + '\\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
 )
-TEMPLATES = ("chatml", "llama3", "alpaca", "zephyr")
+TEMPLATES = ("chatml", "llama3", "alpaca", "gemma", "zephyr")
 VARIANTS = ("default", "add_bos", "no_chatml")
 
 # The whole conversation, rendered.
@@ -72,6 +72,12 @@ RENDERED = {
         "### Instruction:\nWhat is 2 plus 3?\n\n### Response:\nIt is 5.<|end_of_text|>\n\n"
         "### Instruction:\nAnd 4 plus 4?\n\n### Response:\nIt is 8. Indeed.<|end_of_text|>\n\n"
     ),
+    "gemma": (  # no system role: the system message opens the first user turn
+        "<start_of_turn>user\nAnswer briefly.\n\nWhat is 2 plus 3?<end_of_turn>\n"
+        "<start_of_turn>model\nIt is 5.<end_of_turn>\n"
+        "<start_of_turn>user\nAnd 4 plus 4?<end_of_turn>\n"
+        "<start_of_turn>model\nIt is 8. Indeed.<end_of_turn>\n"
+    ),
     "zephyr": (
         "<|begin_of_text|><|system|>\nAnswer briefly.<|end_of_text|>\n"
         "<|user|>\nWhat is 2 plus 3?<|end_of_text|>\n"
@@ -85,12 +91,16 @@ GOLDEN_SPANS = {
     "chatml": ["It is 5.<|im_end|>", "It is 8. Indeed.<|im_end|>"],
     "llama3": ["It is 5.<|eot_id|>", "It is 8. Indeed.<|eot_id|>"],
     "alpaca": ["It is 5.<|end_of_text|>", "It is 8. Indeed.<|end_of_text|>"],
+    "gemma": ["It is 5.<end_of_turn>", "It is 8. Indeed.<end_of_turn>"],
     "zephyr": ["It is 5.<|end_of_text|>", "It is 8. Indeed.<|end_of_text|>"],
 }
 # What follows the last end-of-turn token (never supervised).
-TRAILING = {"chatml": "\n", "llama3": "", "alpaca": "\n\n", "zephyr": "\n"}
-END_OF_TURN = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>", "alpaca": EOS, "zephyr": EOS}
-BOS_COUNT = {"chatml": 0, "llama3": 1, "alpaca": 1, "zephyr": 1}  # chatml has no BOS, at inference either
+TRAILING = {"chatml": "\n", "llama3": "", "alpaca": "\n\n", "gemma": "\n", "zephyr": "\n"}
+END_OF_TURN = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>", "alpaca": EOS, "gemma": "<end_of_turn>", "zephyr": EOS}
+# BOS exactly once where the template writes it; chatml and gemma write it when the tokenizer's own encoding adds
+# one (the add_bos variant, Gemma's real tokenizer), as at inference.
+BOS_COUNT = {"chatml": 0, "llama3": 1, "alpaca": 1, "gemma": 0, "zephyr": 1}
+BOS_WHEN_ENCODED = ("chatml", "gemma")
 ADDED = {
     ("chatml", "default"): [],
     ("chatml", "add_bos"): [],
@@ -98,6 +108,7 @@ ADDED = {
     ("llama3", "default"): ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
     ("llama3", "add_bos"): ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
     ("llama3", "no_chatml"): ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+    **{("gemma", v): ["<start_of_turn>", "<end_of_turn>"] for v in VARIANTS},
 }
 
 
@@ -186,15 +197,16 @@ def test_prompt_ids_equal_apply_chat_template(base_tokenizers, template, variant
     tokenised without special tokens and as tokenize=True; the whole conversation renders as written; BOS once."""
     tok, _ = with_template(base_tokenizers[variant], template)
     ids, labels = encode_chat(tok, CONVERSATION)
-    assert tok.decode(ids, skip_special_tokens=False) == RENDERED[template]
+    bos = variant == "add_bos" and template in BOS_WHEN_ENCODED
+    assert tok.decode(ids, skip_special_tokens=False) == (BOS if bos else "") + RENDERED[template]
     starts = [s for s, _ in span_bounds(labels)]
     assert len(starts) == 2
     for start, k in zip(starts, (2, 4)):
         prompt_text = tok.apply_chat_template(list(CONVERSATION[:k]), add_generation_prompt=True, tokenize=False)
         assert ids[:start] == tok(prompt_text, add_special_tokens=False)["input_ids"]
         assert ids[:start] == chat_template_ids(tok, CONVERSATION[:k])
-    assert ids.count(tok.bos_token_id) == BOS_COUNT[template]
-    if BOS_COUNT[template]:
+    assert ids.count(tok.bos_token_id) == BOS_COUNT[template] + bos
+    if BOS_COUNT[template] or bos:
         assert ids[0] == tok.bos_token_id
 
 

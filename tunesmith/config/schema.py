@@ -121,7 +121,7 @@ class DataConfig:
     fields: dict[str, str] = field(default_factory=dict)  # default field mapping for every source
     text_unit: Literal["file", "line"] = "file"
     on_error: Literal["error", "skip"] = "error"  # a bad row stops the run, or is dropped and counted
-    template: Optional[Literal["chatml", "llama3", "alpaca"]] = None  # None: the tokenizer's own
+    template: Optional[Literal["chatml", "llama3", "alpaca", "gemma"]] = None  # None: the tokenizer's own
     system_prompt: Optional[str] = None
     train_on_prompt: bool = False
     max_seq_len: int = 1024

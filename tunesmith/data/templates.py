@@ -75,7 +75,33 @@ ALPACA = Template(
     end_of_turn=None,
 )
 
-TEMPLATES: dict[str, Template] = {"chatml": CHATML, "llama3": LLAMA3, "alpaca": ALPACA}
+# Gemma's own turn format (Gemma 2 and 3 instruction-tuned models use it; the base models ship without a
+# template, and this is the one users give them): roles `user` and `model`, no system role (a system message is
+# put at the start of the first user turn), `<end_of_turn>` after every turn. Its markers are already in Gemma's
+# vocabulary, so nothing is added to it and the embeddings keep their size.
+GEMMA = Template(
+    jinja=(
+        "{%- if messages[0]['role'] == 'system' -%}"
+        "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}{%- set loop_messages = messages[1:] -%}"
+        "{%- else -%}"
+        "{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}"
+        "{%- endif -%}"
+        "{%- for message in loop_messages -%}"
+        "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+        "{{- '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') + message['content']"
+        " + '<end_of_turn>\n' -}}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- '<start_of_turn>model\n' -}}{%- endif -%}"
+    ),
+    special_tokens=("<start_of_turn>", "<end_of_turn>"),
+    end_of_turn="<end_of_turn>",
+)
+
+TEMPLATES: dict[str, Template] = {"chatml": CHATML, "llama3": LLAMA3, "alpaca": ALPACA, "gemma": GEMMA}
+# Templates that begin with the tokenizer's BOS when its own encoding adds one (Gemma's `tok("hi")` is
+# [<bos>, hi]): a rendered conversation is encoded without special tokens, so the BOS must be in the text.
+# llama3 writes its own `<|begin_of_text|>`; alpaca writes the BOS whenever there is one distinct from EOS.
+BOS_WHEN_ENCODED = ("chatml", "gemma")
 
 
 def install_template(tokenizer, name: str | None) -> list[str]:
@@ -98,8 +124,17 @@ def install_template(tokenizer, name: str | None) -> list[str]:
     missing = [t for t in template.special_tokens if not _is_single_token(tokenizer, t)]
     if missing:
         tokenizer.add_tokens(missing, special_tokens=True)
-    tokenizer.chat_template = template.jinja
+    bos = name in BOS_WHEN_ENCODED and adds_bos(tokenizer)
+    tokenizer.chat_template = ("{{- bos_token -}}" if bos else "") + template.jinja
     return missing
+
+
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer's own encoding starts a text with its BOS token (Llama 2, Gemma: yes; GPT-2, Qwen:
+    no)."""
+    if tokenizer.bos_token_id is None:
+        return False
+    return tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [tokenizer.bos_token_id]
 
 
 def _is_single_token(tokenizer, token: str) -> bool:

@@ -99,7 +99,7 @@ class Prompter:
             raise ConfigError(f"prompt_format: {self.prompt_format!r} is not one of {', '.join(PROMPT_FORMATS)}")
         if self.prompt_format == "chat" and not has_chat_template(self.tokenizer):
             raise ConfigError("prompt_format: 'chat' but the tokenizer has no chat template; set data.template "
-                              "(chatml, llama3, alpaca) or use prompt_format: plain")
+                              "(chatml, llama3, alpaca, gemma) or use prompt_format: plain")
 
     def is_chat(self, item: Item) -> bool:
         if self.prompt_format == "auto":
