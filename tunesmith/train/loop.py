@@ -42,6 +42,7 @@ from tunesmith.errors import TunesmithError
 from tunesmith.objectives import Objective
 from tunesmith.track.sinks import Tracker
 from tunesmith.train.best import BestTracker
+from tunesmith.train.forgetting import ForgettingGuard
 from tunesmith.train.checkpoint import latest_checkpoint, save_checkpoint, save_sharded_checkpoint
 from tunesmith.train.distributed import is_sharded
 
@@ -115,6 +116,7 @@ def fit(
     tracker: Tracker,
     sample_eval: Callable[[torch.nn.Module], dict[str, float]] | None = None,
     nonfinite_steps: Sequence[int] = (),
+    forgetting: ForgettingGuard | None = None,
 ) -> dict:
     """Train from `start_step` to `settings.total_steps` (or an early stop, or a preemption signal); returns the
     last logged train and eval losses, the steps run, the best checkpoint, the steps skipped for a non-finite
@@ -122,6 +124,9 @@ def fit(
     SIGINT stopped the run, `preempted` = {"signal", "step"} (a checkpoint of that step was written).
 
     `sample_eval(model)` adds metrics to every validation pass (e.g. generation metrics on a sample).
+    `forgetting` scores the general eval sets before the first step and at every validation pass (also without
+    validation data); with its `stop`, a drop beyond its limit ends the run, and `summary["forgetting"]["last_good"]`
+    names the checkpoint of the last pass within the limit (kept from rotation), for final/.
 
     Logs train and eval records through `tracker` (metrics.jsonl and any other sinks; a no-op on processes
     other than the main one) and writes checkpoints under `run_dir/checkpoints/`; `checkpoint_state` is stored
@@ -138,6 +143,12 @@ def fit(
     best = BestTracker.create(s.best_metric, s.best_mode, s.early_stopping_patience, checkpoints, start_step) \
         if s.best_metric else None
     nonfinite = list(nonfinite_steps)
+    last_good, forgot = None, False  # with forgetting.stop: the last validation pass within the limit
+    if forgetting is not None and not forgetting.baseline:
+        baseline = forgetting.start(model)
+        if accelerator.is_main_process:
+            tracker.log({"step": start_step, **baseline})
+        model.train()
     with _Preemption() as preemption:  # SIGTERM/SIGINT: finish the step, save, return; handlers restored after
         for step in range(start_step, s.total_steps):
             own, real = padded_window(train, step, s, accelerator.process_index, accelerator.num_processes)
@@ -161,27 +172,38 @@ def fit(
                     tracker.log(record)
                 log.debug("step %d: %s", done, record)
             bar.update(1)
-            improved = stop = False
-            if validation and ((s.eval_every and done % s.eval_every == 0) or done == s.total_steps):
-                result = evaluate(model, objective, validation, s.eval_batch_size, pad_token_id, accelerator)
-                if sample_eval is not None:
-                    result.update(sample_eval(model))
-                eval_loss = summary["eval_loss"] = result["loss"]
+            improved = stop = forgot = False
+            if (validation or forgetting) and ((s.eval_every and done % s.eval_every == 0) or done == s.total_steps):
+                result = {}
+                if validation:
+                    result = evaluate(model, objective, validation, s.eval_batch_size, pad_token_id, accelerator)
+                    if sample_eval is not None:
+                        result.update(sample_eval(model))
+                    summary["eval_loss"] = result["loss"]
+                    log.info("step %d: validation loss %.4f", done, result["loss"])
+                if forgetting is not None:
+                    general, forgot = forgetting.check(model, done)
+                    result.update(general)
+                    model.train()
+                    if forgetting.stop and not forgot:
+                        last_good, improved = done, True  # saved below, and kept
                 summary["eval_metrics"] = {k: v for k, v in result.items() if k != "loss"}
                 record = {"step": done, **{f"eval_{k}": v for k, v in result.items()}}
-                log.info("step %d: validation loss %.4f", done, eval_loss)
                 if accelerator.is_main_process:
                     tracker.log(record)
-                if best is not None:
+                if best is not None and validation:
                     improved = best.update(done, record)
                     stop = best.exhausted() and done < s.total_steps
                     if accelerator.is_main_process:
                         best.write(checkpoints)
-            keep = (best.best[0],) if best is not None and best.best else ()
+            keep = ((best.best[0],) if best is not None and best.best else ()) + ((last_good,) if last_good else ())
             state = {**(checkpoint_state or {}), "nonfinite_steps": nonfinite}
             saved = (s.save_every and done % s.save_every == 0) or done == s.total_steps or improved or stop
             if saved:
                 _save(model, optimizer, scheduler, accelerator, run_dir, done, s.keep_last, state, keep)
+            if forgot and forgetting.stop:
+                summary["steps"] = done
+                break
             if stop:
                 log.info("early stopping at step %d: %s has not improved for %d validation passes (best %.4f at "
                          "step %d)", done, best.metric, best.patience, best.best[1], best.best[0])
@@ -197,6 +219,9 @@ def fit(
                 break
     bar.close()
     summary["nonfinite_steps"] = nonfinite
+    if forgetting is not None:
+        summary["forgetting"] = {"sets": forgetting.summary(), "stopped": bool(forgetting.stop and forgot),
+                                 "last_good": str(checkpoints / f"step-{last_good}") if last_good else None}
     if best is not None and best.best:
         summary["best"] = {"metric": best.metric, "step": best.best[0], "value": best.best[1],
                            "checkpoint": str(checkpoints / f"step-{best.best[0]}")}
