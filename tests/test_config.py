@@ -226,7 +226,7 @@ def test_wrong_type_names_key_and_value(override, message):
 @pytest.mark.parametrize("override, message", [
     ("strategy.name=lorra", "strategy.name: 'lorra' is not one of 'full', 'freeze', 'lora', 'dora', 'qlora', "
                             "'head', 'features', 'prompt_tuning', 'prefix_tuning', 'reft' (did you mean 'lora'?)"),
-    ("data.template=chatm", "data.template: 'chatm' is not one of 'chatml', 'llama3', 'alpaca' "
+    ("data.template=chatm", "data.template: 'chatm' is not one of 'chatml', 'llama3', 'alpaca', 'gemma' "
                             "(did you mean 'chatml'?)"),  # Optional[Literal] keeps the suggestion
     ("tracking.log_level=INFO", "tracking.log_level: 'INFO' is not one of 'debug', 'info', 'warning', 'error' "
                                 "(did you mean 'info'?)"),

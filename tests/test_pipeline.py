@@ -245,12 +245,13 @@ def test_prepare_command_writes_tables_and_reports(tmp_path, model_dirs):
 
     from tunesmith.config import config_from_dict
     from tunesmith.data.prepare import prepare_command
+    from tunesmith.model.build import build_tokenizer
 
     path = write_jsonl(tmp_path / "d.jsonl", [CHAT] * 20)
     cfg = config_from_dict({"model": {"name_or_path": str(model_dirs["llama"])},
                             "data": {"train": [str(path)], "template": "chatml", "split": {"validation": 4}},
                             "train": {"output_dir": str(tmp_path / "run")}})
-    out = prepare_command(cfg)
+    out = prepare_command(cfg, build_tokenizer(cfg)[0])
     assert {p.name for p in out.iterdir()} == {"train", "validation", "data_report.json", "data_report.md",
                                               "token_lengths.png"}
     assert len(load_from_disk(str(out / "train"))) == 16

@@ -46,9 +46,12 @@ def _prepare(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, list(args.overrides))
     check_paths(cfg)
     from tunesmith.data.prepare import prepare_command
+    from tunesmith.model.build import build_tokenizer
+    from tunesmith.track.logs import setup_logging
 
+    setup_logging(None, cfg.tracking.log_level)
     with warnings_to_log():
-        prepare_command(cfg)
+        prepare_command(cfg, build_tokenizer(cfg)[0])
     return 0
 
 
@@ -149,6 +152,13 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _env(args: argparse.Namespace) -> int:
+    from tunesmith.envinfo import env_command
+
+    env_command(as_json=args.json)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune open causal language models.")
     parser.add_argument("-v", "--verbose", action="store_true",
@@ -178,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     tokenizer.add_argument("inputs", nargs="+", help="text files, JSONL (a text field), folders or globs")
     tokenizer.add_argument("--output", required=True, help="directory for the tokenizer (save_pretrained)")
     tokenizer.add_argument("--vocab-size", type=int, default=8000, help="tokens in all, specials included")
-    tokenizer.add_argument("--chat-template", default=None, choices=["chatml", "llama3", "alpaca"],
+    tokenizer.add_argument("--chat-template", default=None, choices=["chatml", "llama3", "alpaca", "gemma"],
                            help="install this chat template and add its special tokens")
     tokenizer.add_argument("--field", default="text", help="the record field holding the text (default: text)")
     tokenizer.add_argument("--text-unit", default="file", choices=["file", "line"],
@@ -265,6 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output-dir", default="runs/demo")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
+
+    env = commands.add_parser("env", help="versions, hardware, extras and llama.cpp: what a bug report needs")
+    env.add_argument("--json", action="store_true", help="print one JSON object")
+    env.set_defaults(func=_env)
     return parser
 
 

@@ -50,11 +50,43 @@ def save_config(cfg: Config, path: Path) -> None:
     path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
 
 
+@dataclasses.dataclass(frozen=True, repr=False)
+class AsWritten:
+    """A plain YAML scalar that YAML 1.1 reads as a bool, number or date, kept with its text as written.
+
+    YAML alone cannot tell `mixed_precision: no` (the word) from `pack: no` (false): only the key's schema type
+    can, so the choice waits for `_coerce`. A string or word-choice key takes the text (`no`, `off`, `0123`,
+    `2024-01-01`), any other key YAML's value.
+    """
+
+    value: Any
+    text: str
+
+    def __str__(self) -> str:  # in a dotted key: `data.fields.no`
+        return self.text
+
+    def __repr__(self) -> str:  # in an error message: what YAML read (`got list [1]`)
+        return repr(self.value)
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader whose plain (unquoted) bool, number and date scalars come back as `AsWritten`."""
+
+
+def _construct_as_written(loader: _Loader, node: yaml.ScalarNode) -> Any:
+    value = yaml.SafeLoader.yaml_constructors[node.tag](loader, node)
+    return AsWritten(value, node.value) if node.style is None else value
+
+
+for _tag in ("bool", "int", "float", "timestamp"):  # null stays None: `key: null` always means "unset"
+    _Loader.add_constructor(f"tag:yaml.org,2002:{_tag}", _construct_as_written)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader) or {}
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text (invalid byte at offset {exc.start})") from None
     except yaml.YAMLError as exc:
@@ -64,7 +96,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except RecursionError:  # PyYAML's parser recurses for every nesting level: a few hundred exhaust the stack
         raise ConfigError(f"{path}: invalid YAML: nested too deeply") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+        found = raw.value if isinstance(raw, AsWritten) else raw
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(found).__name__}")
     return raw
 
 
@@ -89,15 +122,16 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
 
 
 def _override_value(text: str, tp: Any) -> Any:
-    """The value of an override: YAML, except that a string field keeps the text as written.
+    """The value of an override: YAML, except that a string or word-choice field keeps the text as written.
 
     Without that exception `model.revision=0123` would become "83" (YAML octal), `data.system_prompt=yes`
-    a bool and `data.system_prompt=Answer: briefly` a mapping. Quotes are removed; `null` stays null.
+    and `train.mixed_precision=no` bools, and `data.system_prompt=Answer: briefly` a mapping. Quotes are
+    removed; `null` stays null. Inside a list (`tracking.sinks=[...]`) words are kept by `AsWritten`.
     """
     if not text:
         return ""
     try:
-        value = yaml.safe_load(text)
+        value = yaml.load(text, Loader=_Loader)
     except (yaml.YAMLError, RecursionError):  # not YAML (or nested too deeply to parse): the text as written
         return text
     if _is_text(tp) and value is not None:
@@ -127,9 +161,17 @@ def _section_type(tp: Any) -> Any:
 
 
 def _is_text(tp: Any) -> bool:
-    """str or Optional[str]."""
+    """str, a Literal of strings, or Optional of either."""
     if typing.get_origin(tp) in (Union, types.UnionType):
-        return [a for a in typing.get_args(tp) if a is not type(None)] == [str]
+        options = [a for a in typing.get_args(tp) if a is not type(None)]
+        return len(options) == 1 and _takes_words(options[0])
+    return _takes_words(tp)
+
+
+def _takes_words(tp: Any) -> bool:
+    """str, or a Literal whose choices are all strings (`Literal["no", "bf16", "fp16"]`)."""
+    if typing.get_origin(tp) is Literal:
+        return all(isinstance(a, str) for a in typing.get_args(tp))
     return tp is str
 
 
@@ -157,6 +199,8 @@ def build(cls: type, raw: Any, prefix: str) -> Any:
 def _coerce(tp: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    if isinstance(value, AsWritten) and origin not in (Union, types.UnionType):  # a union decides per option
+        value = value.text if _takes_words(tp) else value.value
     if dataclasses.is_dataclass(tp):
         return build(tp, value if value is not None else {}, prefix=f"{key}.")
     if origin in (Union, types.UnionType):
@@ -326,4 +370,6 @@ def _type_name(tp: Any) -> str:
 
 
 def _describe(value: Any) -> str:
+    if isinstance(value, AsWritten):
+        value = value.value
     return f"{type(value).__name__} {value!r}" if value is not None else "nothing (null)"

@@ -18,7 +18,6 @@ from functools import cache
 from typing import Protocol
 
 import numpy as np
-from datasketch import MinHash, MinHashLSH
 
 from tunesmith.data.normalize import _check_choice
 from tunesmith.errors import ConfigError
@@ -200,6 +199,8 @@ def minhash_signatures(
     _check_choice("shingle", shingle, SHINGLES)
     if ngram < 1 or num_perm < 2:
         raise ConfigError(f"near-dedup: ngram must be >= 1 and num_perm >= 2, got {ngram} and {num_perm}")
+    from datasketch import MinHash  # 0.4 s of imports (scipy), paid only when near-dedup runs
+
     perms = MinHash(num_perm=num_perm, seed=seed, scheme="affine32").permutations  # (2, num_perm) uint32
     chunks = [texts[lo : lo + _CHUNK] for lo in range(0, len(texts), _CHUNK)]
     with ThreadPoolExecutor(max_workers=_NUM_THREADS) as pool:
@@ -259,6 +260,8 @@ def lsh_bands(threshold: float, num_perm: int) -> Bands:
     """datasketch's MinHashLSH band layout for the threshold, chosen to miss few true pairs (weights 0.1 FP /
     0.9 FN): a missed pair is lost, while a false candidate is only verified away. At threshold 0.8 and 128
     permutations: 14 bands of 9, recall 0.87 at J=0.8, 0.975 at 0.85."""
+    from datasketch import MinHashLSH  # 0.4 s of imports (scipy), paid only when near-dedup runs
+
     _check_threshold(threshold)
     layout = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=(0.1, 0.9))
     return Bands(layout.b, layout.r)

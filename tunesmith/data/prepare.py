@@ -3,6 +3,9 @@
 Writes to `train.output_dir/data/`: one Arrow table per split (`datasets.load_from_disk` reads them),
 `data_report.json`, `data_report.md` and `token_lengths.png`. `tunesmith train` runs the same code (and finds
 the result in the cache), so what was inspected is what is trained.
+
+The command line builds the tokenizer (`model.build`) and hands it in: the data layer never imports the model
+layer, and `prepare` never imports the training stack.
 """
 
 from __future__ import annotations
@@ -13,18 +16,14 @@ from pathlib import Path
 
 from tunesmith.config import Config
 from tunesmith.data.build import cache_dir, prepare_from_config, write_data_report
-from tunesmith.track.logs import setup_logging
 
 log = logging.getLogger(__name__)
 
 
-def prepare_command(cfg: Config) -> Path:
-    """Prepare the data of `cfg`; returns the folder holding the tables and the report."""
-    from tunesmith.train.run import build_tokenizer
-
+def prepare_command(cfg: Config, tokenizer) -> Path:
+    """Prepare the data of `cfg` with the run's `tokenizer` (`model.build.build_tokenizer`, the one training
+    uses); returns the folder holding the tables and the report."""
     out = Path(cfg.train.output_dir) / "data"
-    setup_logging(None, cfg.tracking.log_level)
-    tokenizer, _ = build_tokenizer(cfg)
     prepared = prepare_from_config(cfg, tokenizer)
     write_data_report(prepared, out)
     cached = cache_dir(cfg) / prepared.fingerprint

@@ -7,61 +7,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
 from tunesmith.model.scratch import architecture_config as model_config  # noqa: F401 (tests use it)
-
-BOS, EOS, PAD, UNK = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>", "<|unk|>"
-CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
-
-
-def train_tokenizer(
-    texts: Iterable[str],
-    vocab_size: int = 512,
-    extra_special_tokens: tuple[str, ...] = CHATML_TOKENS,
-    pad: bool = True,
-    add_bos: bool = False,
-    bare_names: bool = False,
-):
-    """A byte-level BPE tokenizer trained on `texts` (deterministic), as a transformers fast tokenizer.
-
-    Args:
-        extra_special_tokens: added as special tokens (e.g. chat-template markers).
-        pad: give it a dedicated pad token (False to test tokenizers that have none).
-        add_bos: prepend BOS when encoding with add_special_tokens=True (Llama style).
-        bare_names: a space before a capital letter or a digit becomes a token of its own, so "Marnburg" and
-            "12" have the same tokens inside a sentence and at the start of an answer (after the chat
-            template's newline), where a copied name would otherwise need another spelling.
-    """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = [UNK, BOS, EOS] + ([PAD] if pad else []) + list(extra_special_tokens)
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    if bare_names:
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(r" (?=[\p{Lu}\p{N}])"), behavior="isolated"), tok.pre_tokenizer])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
-    if add_bos:
-        tok.post_processor = processors.TemplateProcessing(
-            single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tok.token_to_id(BOS))]
-        )
-    else:
-        tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    kwargs = {"pad_token": PAD} if pad else {}
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, unk_token=UNK,
-        additional_special_tokens=list(extra_special_tokens), **kwargs,
-    )
-    return fast
+from tunesmith.model.tokenizer import train_tokenizer  # noqa: F401 (the demo and tests use it)
 
 
 def build_model(

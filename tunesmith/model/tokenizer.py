@@ -16,13 +16,61 @@ from typing import Iterable, Iterator
 
 from tunesmith.data.sources import iter_records
 from tunesmith.data.templates import TEMPLATES, install_template
-from tunesmith.demo.tiny import BOS, EOS, PAD, UNK, train_tokenizer
 from tunesmith.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
+BOS, EOS, PAD, UNK = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>", "<|unk|>"
+CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
 BYTE_SYMBOLS = 256  # the byte-level alphabet every vocabulary holds before any merge
 BASE_SPECIALS = (UNK, BOS, EOS, PAD)
+
+
+def train_tokenizer(
+    texts: Iterable[str],
+    vocab_size: int = 512,
+    extra_special_tokens: tuple[str, ...] = CHATML_TOKENS,
+    pad: bool = True,
+    add_bos: bool = False,
+    bare_names: bool = False,
+):
+    """A byte-level BPE tokenizer trained on `texts` (deterministic), as a transformers fast tokenizer.
+
+    Args:
+        extra_special_tokens: added as special tokens (e.g. chat-template markers).
+        pad: give it a dedicated pad token (False to test tokenizers that have none).
+        add_bos: prepend BOS when encoding with add_special_tokens=True (Llama style).
+        bare_names: a space before a capital letter or a digit becomes a token of its own, so "Marnburg" and
+            "12" have the same tokens inside a sentence and at the start of an answer (after the chat
+            template's newline), where a copied name would otherwise need another spelling.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = [UNK, BOS, EOS] + ([PAD] if pad else []) + list(extra_special_tokens)
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if bare_names:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(r" (?=[\p{Lu}\p{N}])"), behavior="isolated"), tok.pre_tokenizer])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tok.token_to_id(BOS))]
+        )
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    kwargs = {"pad_token": PAD} if pad else {}
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, unk_token=UNK,
+        additional_special_tokens=list(extra_special_tokens), **kwargs,
+    )
+    return fast
 
 
 def corpus_texts(paths: Iterable[str], field: str = "text", text_unit: str = "file") -> Iterator[str]:
@@ -59,7 +107,7 @@ def train_corpus_tokenizer(texts: Iterable[str], vocab_size: int, chat_template:
     Args:
         texts: the documents (streamed; read once).
         vocab_size: tokens in all: specials, the 256 byte symbols, and merges.
-        chat_template: "chatml", "llama3", "alpaca" or None (no template).
+        chat_template: "chatml", "llama3", "alpaca", "gemma" or None (no template).
     Returns:
         A `transformers` fast tokenizer with BOS, EOS, unknown and pad tokens.
     Raises:

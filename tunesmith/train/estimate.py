@@ -67,6 +67,7 @@ import torch
 
 from tunesmith.config import Config, save_config
 from tunesmith.errors import ConfigError
+from tunesmith.model.build import architecture, build_tokenizer
 
 MiB = 2**20
 LOSS_CHUNK = 4096  # rows per chunk of tunesmith.objectives.tokens (its chunk_size default)
@@ -571,8 +572,6 @@ def cached_batch(cfg: Config, tokenizer) -> dict | None:
 def estimate_command(cfg: Config, measure: bool = False) -> dict:
     """Print the estimate of `cfg` as a table and write `estimate.json` to train.output_dir; with `measure`,
     also run a few steps in a fresh process and report the measured peak next to the estimate."""
-    from tunesmith.train.run import architecture, build_tokenizer
-
     m = cfg.model
     tokenizer, _ = build_tokenizer(cfg)
     if measure:  # training prepares the data anyway; prepared, its longest micro-batch is known
@@ -705,7 +704,7 @@ def _measure_child(config_path: str, result_path: str) -> None:
     from tunesmith.config import load_config
     from tunesmith.data.build import prepare_from_config
     from tunesmith.track.metrics import read_metrics
-    from tunesmith.train.run import architecture, build_tokenizer, train
+    from tunesmith.train.run import train
 
     cfg = load_config(config_path)
     tokenizer = build_tokenizer(cfg)[0]
