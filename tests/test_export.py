@@ -22,7 +22,7 @@ from tunesmith.demo.tiny import build_model, save_tiny, train_tokenizer
 from tunesmith.errors import ConfigError, ModelError
 from tunesmith.export.command import export_command
 from tunesmith.export.loading import load_model_and_tokenizer, resolve_source
-from tunesmith.export.merge import merge_command
+from tunesmith.export.merge import check_merge, merge_command, merge_tolerance
 from tunesmith.model.load import ensure_pad_token, resize_embeddings
 from tunesmith.model.strategies import apply_strategy
 from tunesmith.data.templates import install_template
@@ -114,6 +114,64 @@ def test_merge_refuses_a_full_model_and_a_non_empty_output(model_dirs, tmp_path)
         merge_command(str(model_dirs["llama"]), str(tmp_path / "busy"))
     with pytest.raises(ConfigError, match="no such model"):
         resolve_source(str(tmp_path / "missing"))
+
+
+def test_the_merge_check_scales_with_the_size_of_the_logits():
+    """peft merging a 30-layer model reorders additions: SmolLM2's logits (~35) move by 1.3e-4, 4e-6 of their size.
+    That passes; the same absolute error on logits of size 1 is 1.3e-4 relative and fails, numbers in the message."""
+    gen = torch.Generator().manual_seed(0)
+    want = 35 * torch.randn(1, 12, 50, generator=gen).tanh()  # (1, T, V), largest |logit| just under 35
+    noise = 1.3e-4 * (2 * torch.rand(want.shape, generator=gen) - 1)
+    report = check_merge(want + noise, want)
+    assert 1e-4 < report["max_logit_diff"] < report["tolerance"] == pytest.approx(1e-5 * want.abs().max().item())
+    assert report["relative_diff"] < 1e-5 and report["greedy_changed"] == 0
+    small = r"not base \+ adapter: .* differ by up to 0\.00013 on logits of size 1 \(0\.00013 relative; "
+    with pytest.raises(ModelError, match=small):
+        check_merge(want / 35 + noise, want / 35)
+    assert merge_tolerance(want, torch.bfloat16)[0] == 8 * torch.finfo(torch.bfloat16).eps
+
+
+def test_a_greedy_flip_is_allowed_only_at_a_near_tie():
+    want = torch.zeros(1, 2, 4)
+    want[0, :, :2] = torch.tensor([[10.0, 10.0], [10.0, 9.0]])  # position 0: an exact tie; position 1: a clear gap
+    got = want.clone()
+    got[0, 0, 1] += 5e-6  # the tie flips, within rounding
+    report = check_merge(got, want)
+    assert report["near_ties"] == 1 and report["greedy_changed"] == 0
+    got[0, 1, 1] += 1.5  # a real change of the greedy token
+    with pytest.raises(ModelError, match="greedy token changes at 1 of 2 probe positions"):
+        check_merge(got, want)
+
+
+def test_a_wrong_merge_is_refused_and_nothing_is_written(model_dirs, tokenizer, tmp_path, monkeypatch):
+    """The adapter applied twice (every LoRA B doubled before merging) is a different model."""
+    from tunesmith.export import merge
+
+    adapter = make_adapter(model_dirs["llama"], tokenizer, "lora", tmp_path / "adapter")
+    merge_once = merge.merge_adapter
+
+    def applied_twice(peft_model):
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_B" in name:
+                    p.mul_(2)
+        return merge_once(peft_model)
+
+    monkeypatch.setattr(merge, "merge_adapter", applied_twice)
+    with pytest.raises(ModelError, match=r"adapter.*not base \+ adapter.*relative.*serve it unmerged"):
+        merge_command(str(adapter), str(tmp_path / "merged"))
+    assert not (tmp_path / "merged" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_a_lora_adapter_on_smollm2_merges_within_the_tolerance(smollm2_dir, tmp_path):
+    """A real 30-layer model, LoRA on every linear layer with random non-zero A and B: the merge passes, where an
+    absolute 1e-4 refused it."""
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    adapter = make_adapter(smollm2_dir, tokenizer, "lora", tmp_path / "adapter", scale=0.01)
+    report = merge_command(str(adapter), str(tmp_path / "merged"), dtype="fp32")
+    assert report["greedy_changed"] == 0 and report["relative_diff"] <= report["rtol"] == 1e-5
+    assert report["logit_scale"] > 10
 
 
 @pytest.fixture(scope="module")

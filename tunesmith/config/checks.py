@@ -205,7 +205,12 @@ def check_paths(cfg: Config) -> None:
 
 
 def _check_model_path(key: str, value: str) -> None:
-    """A value that looks like a filesystem path must exist; 'org/name' may be a hub id."""
+    """A value that looks like a filesystem path must exist: a model directory, or a .gguf file (converted when
+    loaded, model/sources.py); 'org/name' may be a hub id and a bare name a packaged model."""
+    if value.lower().endswith(".gguf"):
+        if not Path(value).expanduser().is_file():
+            raise ConfigError(f"{key}: GGUF file not found: {value}")
+        return
     looks_local = value.startswith((".", "/", "~")) or value.count("/") > 1 or "\\" in value
     if looks_local and not Path(value).expanduser().is_dir():
         raise ConfigError(f"{key}: model directory not found: {value}")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 from tunesmith.config import Config, SourceConfig
@@ -15,6 +14,7 @@ from tunesmith.data.clean import CleanSteps
 from tunesmith.data.quality import QualityLimits
 from tunesmith.errors import ConfigError
 from tunesmith.data.pipeline import InstructOptions, Options, Prepared, Source, prepare
+from tunesmith.paths import cache_home
 
 
 def sources_from_config(cfg: Config) -> dict[str, list[Source]]:
@@ -48,8 +48,7 @@ def options_from_config(cfg: Config) -> Options:
 def cache_dir(cfg: Config) -> Path:
     if cfg.data.cache_dir:
         return Path(cfg.data.cache_dir)
-    base = os.environ.get("TUNESMITH_CACHE") or Path.home() / ".cache" / "tunesmith"
-    return Path(base) / "data"
+    return cache_home() / "data"
 
 
 def clean_from_config(cfg: Config) -> CleanSteps | None:

@@ -14,6 +14,7 @@ from tunesmith.errors import ConfigError
 from tunesmith.export.hf import check_output_dir, check_shard_size, save_hf
 from tunesmith.export.loading import load_model_and_tokenizer, resolve_source
 from tunesmith.export.merge import merge_source, output_dtype, summary_line
+from tunesmith.model.sources import resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def _check_gguf_architecture(weights: str) -> None:
     from tunesmith.export.to_gguf import gguf_architecture
 
     _require_gguf()
-    gguf_architecture(AutoConfig.from_pretrained(weights).model_type)
+    gguf_architecture(AutoConfig.from_pretrained(resolve_model_path(weights)).model_type)
 
 
 def _require_gguf() -> None:

@@ -7,6 +7,16 @@ Two tokenizer kinds map onto what llama.cpp runs:
       (Llama 2, Mistral)
 
 Anything else (WordPiece, Unigram, a slow-only tokenizer) is refused with a message.
+
+A byte-level BPE file also names its pre-tokenizer (tokenizer.ggml.pre): how llama.cpp cuts text into words before
+the merges. llama.cpp knows each by its own name and refuses a file with any other (LLAMA_CPP_PRE_TOKENIZERS).
+Its converter recognises a published tokenizer by hashing the tokens of a check text, which finds nothing for a
+tokenizer trained here; the name is read instead from what the tokenizer.json pre-tokenizer does:
+
+    ByteLevel with its regex, or Split(GPT-2 regex)        gpt-2
+    Digits(individual) then ByteLevel (SmolLM, StarCoder)  smollm (starcoder when decoding cleans up spaces)
+    Split(Llama 3 regex): digits in groups of 1-3           llama-bpe
+    Split(Qwen2 regex): single digits                       qwen2
 """
 
 from __future__ import annotations
@@ -19,6 +29,30 @@ from tunesmith.errors import ModelError
 from tunesmith.export.loading import end_of_turn_id
 
 log = logging.getLogger(__name__)
+
+# The names llama.cpp accepts in tokenizer.ggml.pre (llama.cpp b11434, src/llama-vocab.cpp, llama_vocab::impl::load;
+# any other name is "unknown pre-tokenizer type" and the file does not load).
+LLAMA_CPP_PRE_TOKENIZERS = frozenset("""
+    default minicpm5 llama3 llama-v3 llama-bpe falcon3 falcon-h1 pixtral midm-2.0 lfm2 jina-v5-nano deepseek-llm
+    deepseek-coder deepseek-v3 spark2_5 youtu falcon mpt starcoder gpt-2 phi-2 jina-es jina-de gigachat jina-v2-es
+    jina-v2-de a.x-4.0 mellum modern-bert jais-2 gemma4 granite-embed-multi-311m mmbert sarvam-moe jina-v1-en
+    jina-v2-code roberta-bpe whitespace refact command-r qwen2 deepseek-r1-qwen kormo f2llmv2 qwen35 stablelm2 olmo
+    dbrx smaug-bpe poro-chat chatglm-bpe glm4 glm5 viking jais tekken smollm codeshell bloom gpt3-finnish exaone
+    exaone4 exaone-moe chameleon minerva-7b megrez gpt-4o llama4 kanana2 talkie granite-embed-multi-97m tiny_aya
+    cohere2moe superbpe trillion granite-docling bailingmoe bailingmoe2 llada-moe seed-coder hunyuan hunyuan-dense
+    hy_v4 joyai-llm kimi-k2 ufakzeka grok-2 afmoe laguna minimax-m2 solar-open mellum2
+""".split())
+
+# Split patterns as tokenizer.json spells them -> the llama.cpp pre-tokenizer whose regex cuts text the same way
+# (llama.cpp writes the case-insensitive group out as [sS]-style classes, which matches the same text).
+GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_PATTERN = LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
+SPLIT_PRE_TOKENIZERS = {GPT2_PATTERN: "gpt-2", LLAMA3_PATTERN: "llama-bpe", QWEN2_PATTERN: "qwen2"}
+BYTE_LEVEL_PRE_TOKENIZER = "gpt-2"  # ByteLevel's own regex is GPT-2's
+# Every digit its own word, then GPT-2's regex: llama.cpp's smollm, or starcoder where decoding cleans up spaces.
+DIGITS_PRE_TOKENIZERS = {False: "smollm", True: "starcoder"}
 
 
 @dataclass
@@ -61,7 +95,8 @@ def tokenizer_vocab(tokenizer, num_rows: int) -> Vocab:
             types.append(gguf.TokenType.UNUSED)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])] if kind == "gpt2" else []
     scores = [-float(i) for i in range(num_rows)] if kind == "llama" else []  # earlier merges rank higher
-    return Vocab(kind, _pre_tokenizer(spec, kind), tokens, [int(t) for t in types], merges, scores)
+    clean_spaces = bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))
+    return Vocab(kind, pre_tokenizer_name(spec, kind, clean_spaces), tokens, [int(t) for t in types], merges, scores)
 
 
 def add_tokenizer(writer, tokenizer, num_rows: int) -> None:
@@ -102,20 +137,48 @@ def _normal_type(token: str, kind: str, tokenizer) -> int:
     return gguf.TokenType.NORMAL
 
 
-def _pre_tokenizer(spec: dict, kind: str) -> str:
-    """The name llama.cpp knows the pre-tokenizer by, read from the split pattern of tokenizer.json."""
+def pre_tokenizer_name(spec: dict, kind: str, clean_spaces: bool = False) -> str:
+    """The name llama.cpp knows the pre-tokenizer of `spec` (a parsed tokenizer.json) by.
+
+    Args:
+        kind: "gpt2" (byte-level BPE) or "llama" (SentencePiece-style, where llama.cpp ignores the name and its
+            converter writes "default").
+        clean_spaces: whether decoding removes the space before punctuation (clean_up_tokenization_spaces).
+    """
     if kind == "llama":
         return "default"
-    pre = spec.get("pre_tokenizer") or {}
-    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    splits = [p for p in parts if p.get("type") == "Split"]
-    if not splits and any(p.get("type") == "ByteLevel" and p.get("use_regex", True) for p in parts):
-        return "gpt2"  # ByteLevel's own regex is GPT-2's
-    pattern = (splits[0].get("pattern") or {}).get("Regex", "") if splits else ""
-    if r"\p{N}{1,3}" in pattern:
-        return "llama-bpe"  # digits in groups of up to three (Llama 3)
-    if r"\p{N}" in pattern and r"[^\r\n\p{L}\p{N}]?\p{L}+" in pattern:
-        return "qwen2"  # single digits (Qwen2)
-    log.warning("unknown pre-tokenizer %s: the GGUF file says 'default', and llama.cpp may split text "
-                "differently from transformers", json.dumps(pre)[:200])
-    return "default"
+    parts = _pre_tokenizer_parts(spec.get("pre_tokenizer"))
+    families = [name for name in map(_family, parts) if name]
+    digits = any(map(_splits_digits, parts))
+    extra = [p for p in parts if not (_family(p) or _splits_digits(p) or p.get("type") == "ByteLevel")]
+    if len(set(families)) != 1 or (digits and families[0] != BYTE_LEVEL_PRE_TOKENIZER):
+        log.warning("no llama.cpp pre-tokenizer splits text like %s: the GGUF file says 'default', and llama.cpp "
+                    "may tokenize differently from transformers", json.dumps(spec.get("pre_tokenizer"))[:200])
+        return "default"
+    if extra:
+        log.warning("llama.cpp has no pre-tokenizer for %s: the GGUF file says %r, which splits the same text "
+                    "more coarsely (the tokens agree where the vocabulary has no merge across the extra split, as "
+                    "in one trained with it)", json.dumps(extra)[:200], families[0])
+    return DIGITS_PRE_TOKENIZERS[clean_spaces] if digits else families[0]
+
+
+def _pre_tokenizer_parts(pre: dict | None) -> list[dict]:
+    """The steps of a pre-tokenizer, a Sequence flattened."""
+    if not pre:
+        return []
+    if pre.get("type") == "Sequence":
+        return [p for child in pre.get("pretokenizers", []) for p in _pre_tokenizer_parts(child)]
+    return [pre]
+
+
+def _splits_digits(part: dict) -> bool:
+    return part.get("type") == "Digits" and bool(part.get("individual_digits"))
+
+
+def _family(part: dict) -> str | None:
+    """The llama.cpp pre-tokenizer whose regex this step applies, or None for a step that applies none."""
+    if part.get("type") == "ByteLevel" and part.get("use_regex", True):
+        return BYTE_LEVEL_PRE_TOKENIZER
+    if part.get("type") == "Split":
+        return SPLIT_PRE_TOKENIZERS.get((part.get("pattern") or {}).get("Regex"))
+    return None

@@ -24,6 +24,7 @@ import torch
 
 from tunesmith.errors import ConfigError, ModelError
 from tunesmith.model.load import load_model, load_tokenizer, resize_embeddings, resolve_dtype
+from tunesmith.model.sources import resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ def resolve_source(path: str, base: str | None = None) -> ModelSource:
     Raises:
         ConfigError when `path` is none of these, or is a training checkpoint.
     """
-    p = Path(path)
+    p = Path(resolve_model_path(path))  # a GGUF file or packaged model: its converted directory
     if not p.exists():
         if looks_local(path):
             raise ConfigError(f"{path}: no such model, run or adapter directory")

@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tunesmith.errors import ConfigError, ModelError
+from tunesmith.model.sources import resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ def cached_features(model, tokenizer, texts: Sequence[str], spec: FeatureSpec, c
 
 def model_key(name_or_path: str, revision: str | None = None) -> str:
     """What identifies a model's weights for the cache: its local files (name, size, mtime) or hub id + revision."""
-    path = Path(name_or_path)
+    path = Path(resolve_model_path(name_or_path))
     if not path.is_dir():
         return f"{name_or_path}@{revision}"
     files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir()
@@ -139,6 +140,7 @@ def load_feature_model(name_or_path: str, dtype: torch.dtype = torch.float32, re
 
     from tunesmith.model.load import _first_line, check_weight_files
 
+    name_or_path = resolve_model_path(name_or_path)
     check_weight_files(name_or_path, allow_pickle)
     try:
         model = AutoModel.from_pretrained(name_or_path, dtype=dtype, revision=revision,

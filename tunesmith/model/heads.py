@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from tunesmith.errors import ConfigError, DataError
+from tunesmith.model.sources import resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ def load_classification_model(
 
     from tunesmith.model.load import _first_line, _quantized_device_map, check_weight_files
 
+    name_or_path = resolve_model_path(name_or_path)
     check_weight_files(name_or_path, allow_pickle)
     if regression:
         kwargs = {"num_labels": 1, "problem_type": "regression"}

@@ -1,7 +1,8 @@
 """Load a causal LM and its tokenizer through `transformers`, safely.
 
 Safe by default: weights only from safetensors unless the caller opts in to pickle files, and
-`trust_remote_code` off unless asked.
+`trust_remote_code` off unless asked. A GGUF file or a packaged model's short name loads from its converted
+Hugging Face directory (model/sources.py), so every command accepts them.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from pathlib import Path
 import torch
 
 from tunesmith.errors import ModelError
+from tunesmith.model.sources import first_line as _first_line
+from tunesmith.model.sources import resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +33,10 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 
 def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False):
+    """The tokenizer of a directory, hub id, GGUF file or packaged model (its chat template included)."""
     from transformers import AutoTokenizer
 
+    name_or_path = resolve_model_path(name_or_path)
     try:
         return AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
@@ -51,11 +56,13 @@ def load_model(
     """`from_pretrained` with safetensors enforced unless `allow_pickle`.
 
     Args:
+        name_or_path: a model directory, hub id, GGUF file or packaged model's short name.
         head: "causal" (the language-model head) or "score" (one scalar per sequence, read at its last
             token: a reward model; the head is new unless the checkpoint is already one).
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    name_or_path = resolve_model_path(name_or_path)
     check_weight_files(name_or_path, allow_pickle)
     kwargs = {}
     if quantization_config is not None:
@@ -126,8 +133,3 @@ def resize_embeddings(model, tokenizer) -> None:
 
 def _quantized_device_map():
     return {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
