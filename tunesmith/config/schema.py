@@ -363,6 +363,11 @@ class EvalConfig:
     best_mode: Literal["auto", "min", "max"] = "auto"  # auto: min for losses and perplexity, else max
     early_stopping_patience: Optional[int] = None  # stop after this many validation passes without improvement
     load_best_at_end: bool = False  # final/ holds the best checkpoint's weights instead of the last ones
+    # Forgetting, during training: the general sets (`general`) are scored before step 1 and at every validation
+    # pass; a drop of more than this many points (percentage points of a 0-1 score, BLEU/chrF points, percent
+    # more perplexity) warns, or with on_forgetting=stop ends the run keeping the last pass within the limit.
+    forgetting_max_drop: float = 10.0
+    on_forgetting: Literal["warn", "stop"] = "warn"
 
 
 @dataclass

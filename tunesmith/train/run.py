@@ -24,14 +24,15 @@ from safetensors.torch import load_file
 from tunesmith.config import Config, check_paths, save_config, to_dict
 from tunesmith.data.build import prepare_from_config, write_data_report
 from tunesmith.data.pipeline import ExampleTable
-from tunesmith.data.templates import end_of_turn_marker, install_template
+from tunesmith.data.templates import end_of_turn_marker
 from tunesmith.errors import ConfigError
 from tunesmith.model.attention import VARLEN, supports_varlen
-from tunesmith.model.load import ensure_pad_token, load_model, load_tokenizer, resize_embeddings, resolve_dtype
+from tunesmith.model.build import architecture, build_tokenizer
+from tunesmith.model.load import load_model, resize_embeddings, resolve_dtype
 from tunesmith.model.heads import load_classification_model, prepare_classification
 from tunesmith.model.prompt_tuning import PROMPT_STRATEGIES, PromptSpec
 from tunesmith.model.reft import ReftSpec, intervening_on_prompts
-from tunesmith.model.scratch import architecture_config, init_model
+from tunesmith.model.scratch import init_model
 from tunesmith.model.strategies import ADAPTER_STRATEGIES, apply_strategy, parameter_counts, quantization_config
 from tunesmith.objectives import (PREFERENCE_OBJECTIVES, REFERENCE_OBJECTIVES, RL_OBJECTIVES, UNPAIRED_OBJECTIVES,
                                   build_objective)
@@ -125,7 +126,7 @@ def train(cfg: Config) -> dict:
         summary = fit(model, objective, optimizer, scheduler, accelerator, train_set,
                       validation_set, tokenizer.pad_token_id, settings, run_dir, start_step, data_state,
                       tracker=tracker, sample_eval=build_sample_eval(cfg, tokenizer, validation_set),
-                      nonfinite_steps=nonfinite_steps)
+                      nonfinite_steps=nonfinite_steps, forgetting=build_forgetting(cfg, tokenizer, accelerator))
         # Stopped by SIGTERM/SIGINT: its checkpoint is written; final/ and the report wait for --resume.
         preempted = summary.get("preempted")
         if cfg.eval.load_best_at_end and summary.get("best") and not preempted:
@@ -137,6 +138,10 @@ def train(cfg: Config) -> dict:
             log.info("final/ holds the best checkpoint (step %d, %s %.4f)", summary["best"]["step"],
                      summary["best"]["metric"], summary["best"]["value"])
 
+        last_good = (summary.get("forgetting") or {}).get("last_good")
+        if last_good and summary["forgetting"]["stopped"] and not preempted:
+            load_trainable_state(accelerator.unwrap_model(model), load_file(Path(last_good) / "trainable.safetensors"))
+            log.warning("final/ holds %s, the last validation pass before the general sets fell", last_good)
         report = {"preempted": preempted, "steps": summary["steps"]} if preempted else {}
         # Weights split across processes (FSDP, ZeRO-3) are gathered onto the main process, by all of them.
         weights = None if preempted else gathered_weights(accelerator, model)
@@ -149,6 +154,7 @@ def train(cfg: Config) -> dict:
                 "eval_loss": summary["eval_loss"],
                 **({"eval_metrics": summary["eval_metrics"]} if summary.get("eval_metrics") else {}),
                 **({"best": summary["best"]} if summary.get("best") else {}),
+                **({"forgetting": summary["forgetting"]} if summary.get("forgetting") else {}),
                 "nonfinite_steps": summary["nonfinite_steps"],  # skipped (train.on_nonfinite=skip)
                 "trainable_parameters": trainable,
                 "total_parameters": total,
@@ -185,18 +191,6 @@ def shard(cfg: Config, model, accelerator: Accelerator):
         log.warning("train.distributed.strategy=fsdp with one process: nothing to shard, training unsharded")
         return model
     return shard_model(model, d.wrap, d.reshard_after_forward, cfg.train.mixed_precision, accelerator.device)
-
-
-def build_tokenizer(cfg: Config):
-    """The tokenizer with its chat template and a pad token; returns it and the template tokens it gained."""
-    m = cfg.model
-    tokenizer = load_tokenizer(m.tokenizer or m.name_or_path, m.revision, m.trust_remote_code)
-    # Plain text (clm) and text + label rows (classify) are never rendered as chat.
-    added = install_template(tokenizer, cfg.data.template) if cfg.train.objective not in ("clm", "classify") else []
-    if added:
-        log.info("added template tokens to the vocabulary: %s", ", ".join(added))
-    ensure_pad_token(tokenizer)
-    return tokenizer, added
 
 
 def build_model(cfg: Config, tokenizer, added_tokens: list[str], labels: list[str] | None = None):
@@ -248,32 +242,6 @@ def build_model(cfg: Config, tokenizer, added_tokens: list[str], labels: list[st
     if cfg.train.compile:
         model.compile()  # in place: parameter names, saving and unwrapping stay as they are
     return model
-
-
-def architecture(cfg: Config, tokenizer):
-    """The `transformers` config of the run's model: built from model.init for `tokenizer`, else the checkpoint's.
-
-    Raises:
-        ConfigError when model.init.vocab_size is smaller than the tokenizer.
-    """
-    m = cfg.model
-    if m.init is None:
-        from transformers import AutoConfig
-
-        return AutoConfig.from_pretrained(m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code)
-    i = m.init
-    if i.vocab_size is not None and i.vocab_size < len(tokenizer):
-        raise ConfigError(f"model.init.vocab_size: {i.vocab_size} is smaller than the tokenizer ({len(tokenizer)} "
-                          "tokens); raise it or leave it null (the tokenizer's length)")
-    # The pad id becomes the embedding's padding_idx (a zero row that never trains): only a dedicated pad token
-    # may have it, never an EOS or BOS that a tokenizer also uses for padding.
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id not in (tokenizer.eos_token_id, tokenizer.bos_token_id) \
-        else None
-    return architecture_config(
-        i.family, i.vocab_size or len(tokenizer), i.hidden_size, i.num_layers, i.num_heads, i.num_kv_heads,
-        i.intermediate_size, i.max_position_embeddings, i.tie_embeddings, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=pad,
-    )
 
 
 # Strategies whose model can switch its trained parts off (`disable_adapter`): the base is the reference.
@@ -343,6 +311,27 @@ def _loop_settings(cfg: Config, num_examples: int, num_processes: int) -> LoopSe
         early_stopping_patience=cfg.eval.early_stopping_patience,
         on_nonfinite=t.on_nonfinite,
     )
+
+
+def build_forgetting(cfg: Config, tokenizer, accelerator: Accelerator):
+    """The forgetting guard over the config's general eval sets (`eval.general`), or None when it has none."""
+    if not any(s.general or s.name in cfg.eval.general for s in cfg.eval.sets) or cfg.train.objective in (
+            "classify", "reward"):
+        return None
+    from tunesmith.eval.command import eval_sets, settings_from_config
+    from tunesmith.eval.harness import run_set
+    from tunesmith.train.forgetting import ForgettingGuard
+
+    general, settings = [s for s in eval_sets(cfg) if s.general], settings_from_config(cfg)
+
+    def score(model) -> dict[str, dict]:
+        import torch
+
+        model = accelerator.unwrap_model(model).eval()
+        with torch.no_grad():
+            return {spec.name: run_set(model, tokenizer, spec, settings) for spec in general}
+
+    return ForgettingGuard(score, cfg.eval.forgetting_max_drop, cfg.eval.on_forgetting == "stop")
 
 
 def build_sample_eval(cfg: Config, tokenizer, validation):
@@ -418,10 +407,12 @@ def save_final(model, tokenizer, path: Path, weights: dict | None = None) -> Non
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     value_head = model._modules.pop("v_head", None)  # PPO's value head is training state, not the policy
+    options = adapter_save_options(model)
     if weights is not None:
-        model.save_pretrained(tmp, state_dict={k: v for k, v in weights.items() if not k.startswith("v_head.")})
+        model.save_pretrained(tmp, state_dict={k: v for k, v in weights.items() if not k.startswith("v_head.")},
+                              **options)
     else:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, **options)
     if value_head is not None:
         model.add_module("v_head", value_head)
     tokenizer.save_pretrained(tmp)
@@ -431,6 +422,14 @@ def save_final(model, tokenizer, path: Path, weights: dict | None = None) -> Non
     if path.exists():
         shutil.rmtree(path)
     os.rename(tmp, path)
+
+
+def adapter_save_options(model) -> dict:
+    """PEFT saves the whole (resized) embedding matrix next to an adapter when template tokens were added: 1.36 GB
+    for Gemma's 262k x 640 embeddings and tied head, for 3.8M trained parameters. The new tokens' rows are already
+    in the adapter (`trainable_token_indices`), so only those are saved; the base is resized before loading."""
+    config = getattr(model, "peft_config", {}).get("default")
+    return {"save_embedding_layers": False} if getattr(config, "trainable_token_indices", None) else {}
 
 
 def write_report(run_dir: Path, report: dict) -> None:
@@ -444,6 +443,12 @@ def write_report(run_dir: Path, report: dict) -> None:
     if "best" in report:
         b = report["best"]
         lines += ["", f"Best checkpoint: step {b['step']} ({b['metric']} {b['value']:.4f}), {b['checkpoint']}."]
+    for name, f in (report.get("forgetting") or {}).get("sets", {}).items():
+        drop = f["largest_drop"]
+        lines += ["", f"Forgetting, general set {name}: {f['metric']} {f['before']:.4f} before training, largest "
+                  f"drop {drop:.1f} points" + (" (beyond eval.forgetting_max_drop)" if f["exceeded"] else "") + "."
+                  if drop is not None else f"Forgetting, general set {name}: {f['metric']} {f['before']:.4f} before "
+                  "training, not measured again."]
     if report.get("nonfinite_steps"):
         steps = report["nonfinite_steps"]
         lines += ["", f"Skipped {len(steps)} step(s) with a non-finite loss or gradient (train.on_nonfinite=skip): "
