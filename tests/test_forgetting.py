@@ -95,6 +95,13 @@ def test_a_run_that_forgets_warns_and_reports_it(model_dirs, tmp_path, capfd):
     assert records[0]["step"] == 0 and "general_general_perplexity" in records[0]
     assert [r["step"] for r in records if "eval_general_general_drop" in r] == [2, 4, 6, 8]
     assert "Forgetting, general set general: perplexity" in (tmp_path / "run" / "report.md").read_text()
+    # a checkpoint keeps the scores before training, so a resumed run compares with them, not with its own start
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step-8" / "state.json").read_text())
+    assert state["forgetting_baseline"] == {"general": ["perplexity", records[0]["general_general_perplexity"],
+                                                        False]}
+    guard = ForgettingGuard(lambda model: {}, 10.0)
+    guard.restore_baseline(state["forgetting_baseline"])
+    assert guard.baseline == {"general": Headline("perplexity", records[0]["general_general_perplexity"], False)}
 
 
 def test_stop_keeps_the_last_pass_within_the_limit(model_dirs, tmp_path):

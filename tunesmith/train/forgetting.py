@@ -88,6 +88,14 @@ class ForgettingGuard:
                             self.max_drop, "; stopping (eval.on_forgetting=stop)" if self.stop else "")
         return metrics, tripped
 
+    def baseline_state(self) -> dict:
+        """The scores before training, for a checkpoint's state.json (`restore_baseline` reads them back)."""
+        return {name: [h.metric, h.value, h.higher_is_better] for name, h in self.baseline.items()}
+
+    def restore_baseline(self, state: dict | None) -> None:
+        """On --resume: the scores the run started from, not those of the checkpoint's weights."""
+        self.baseline = {name: Headline(*values) for name, values in (state or {}).items()}
+
     def summary(self) -> dict:
         """For the run's report: each set's score before training and its largest drop."""
         return {name: {"metric": h.metric, "before": h.value, "largest_drop": self.worst.get(name),

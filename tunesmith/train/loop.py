@@ -192,12 +192,14 @@ def fit(
                 if accelerator.is_main_process:
                     tracker.log(record)
                 if best is not None and validation:
-                    improved = best.update(done, record)
+                    improved = best.update(done, record) or improved
                     stop = best.exhausted() and done < s.total_steps
                     if accelerator.is_main_process:
                         best.write(checkpoints)
             keep = ((best.best[0],) if best is not None and best.best else ()) + ((last_good,) if last_good else ())
             state = {**(checkpoint_state or {}), "nonfinite_steps": nonfinite}
+            if forgetting is not None:  # a resumed run compares with the scores before its first step
+                state["forgetting_baseline"] = forgetting.baseline_state()
             saved = (s.save_every and done % s.save_every == 0) or done == s.total_steps or improved or stop
             if saved:
                 _save(model, optimizer, scheduler, accelerator, run_dir, done, s.keep_last, state, keep)

@@ -106,12 +106,13 @@ def train(cfg: Config) -> dict:
                      "train.mixed_precision=bf16, or use strategy qlora")
 
     data_state = {"train_fingerprint": data.fingerprint, "total_steps": settings.total_steps}
-    start_step, nonfinite_steps = 0, []
+    start_step, nonfinite_steps, forgetting_baseline = 0, [], None
     if resume_from is not None:
         saved = load_sharded_checkpoint(resume_from, model, optimizer, scheduler) if is_sharded(model) else \
             load_checkpoint(resume_from, accelerator.unwrap_model(model), optimizer, scheduler)
         _check_resumable(saved, data_state, resume_from)
         start_step, nonfinite_steps = saved["step"], saved.get("nonfinite_steps", [])
+        forgetting_baseline = saved.get("forgetting_baseline")
         log.info("resumed from %s (step %d of %d)", resume_from, start_step, settings.total_steps)
     tracker = create_tracker(run_dir, cfg.tracking, accelerator.is_main_process, resume_step=start_step or None)
     if accelerator.is_main_process:  # only now that everything checked out, so a refused resume changes nothing
@@ -126,7 +127,8 @@ def train(cfg: Config) -> dict:
         summary = fit(model, objective, optimizer, scheduler, accelerator, train_set,
                       validation_set, tokenizer.pad_token_id, settings, run_dir, start_step, data_state,
                       tracker=tracker, sample_eval=build_sample_eval(cfg, tokenizer, validation_set),
-                      nonfinite_steps=nonfinite_steps, forgetting=build_forgetting(cfg, tokenizer, accelerator))
+                      nonfinite_steps=nonfinite_steps,
+                      forgetting=build_forgetting(cfg, tokenizer, accelerator, forgetting_baseline))
         # Stopped by SIGTERM/SIGINT: its checkpoint is written; final/ and the report wait for --resume.
         preempted = summary.get("preempted")
         if cfg.eval.load_best_at_end and summary.get("best") and not preempted:
@@ -313,8 +315,9 @@ def _loop_settings(cfg: Config, num_examples: int, num_processes: int) -> LoopSe
     )
 
 
-def build_forgetting(cfg: Config, tokenizer, accelerator: Accelerator):
-    """The forgetting guard over the config's general eval sets (`eval.general`), or None when it has none."""
+def build_forgetting(cfg: Config, tokenizer, accelerator: Accelerator, baseline: dict | None = None):
+    """The forgetting guard over the config's general eval sets (`eval.general`), or None when it has none;
+    `baseline`: the scores a resumed run started from (its checkpoint's state)."""
     if not any(s.general or s.name in cfg.eval.general for s in cfg.eval.sets) or cfg.train.objective in (
             "classify", "reward"):
         return None
@@ -331,7 +334,9 @@ def build_forgetting(cfg: Config, tokenizer, accelerator: Accelerator):
         with torch.no_grad():
             return {spec.name: run_set(model, tokenizer, spec, settings) for spec in general}
 
-    return ForgettingGuard(score, cfg.eval.forgetting_max_drop, cfg.eval.on_forgetting == "stop")
+    guard = ForgettingGuard(score, cfg.eval.forgetting_max_drop, cfg.eval.on_forgetting == "stop")
+    guard.restore_baseline(baseline)
+    return guard
 
 
 def build_sample_eval(cfg: Config, tokenizer, validation):
