@@ -145,8 +145,12 @@ def chat_mask(token_ids: list[list[int]], turns: list[int]) -> tuple[list[int], 
 
 
 def encode_text(tokenizer, text: str) -> tuple[list[int], list[int]]:
-    """A raw document: BOS (if the tokenizer adds one) + text + EOS, loss on every token."""
+    """A raw document: BOS (if the tokenizer adds one) + text + EOS, loss on every token. BOS and EOS appear once
+    each, also when the document already spells them (`<bos>Paris ...`)."""
     ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    bos = tokenizer.bos_token_id
+    if bos is not None and ids[:2] == [bos, bos]:  # the tokenizer's BOS, then the one the text spells
+        ids = ids[1:]
     if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
         ids = ids + [tokenizer.eos_token_id]
     return ids, list(ids)
