@@ -27,7 +27,8 @@ from tunesmith.demo.tiny import build_model, train_tokenizer
 from tunesmith.demo.world import QA, QUESTIONS, make_world, read_questions
 from tunesmith.errors import TunesmithError
 from tunesmith.eval.generate import generate_greedy, greedy_token_ids, prompt_ids
-from tunesmith.eval.metrics import exact_match, exact_match_rate, normalize_answer
+from tunesmith.data.answers import exact_match, normalize_answer
+from tunesmith.eval.metrics import exact_match_rate
 
 
 # ---------------------------------------------------------------------------------------------------

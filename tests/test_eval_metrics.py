@@ -8,18 +8,8 @@ import pytest
 import sacrebleu
 
 from tunesmith.errors import ConfigError
-from tunesmith.eval.metrics import (
-    MeanScore,
-    ScorerMeans,
-    exact_match,
-    extract_answer,
-    extract_number,
-    load_scorer,
-    make_accumulator,
-    normalize_answer,
-    numeric_match,
-    rouge_l,
-)
+from tunesmith.data.answers import exact_match, extract_answer, extract_number, normalize_answer, numeric_match
+from tunesmith.eval.metrics import MeanScore, ScorerMeans, load_scorer, make_accumulator, rouge_l
 
 
 def stream(name: str, predictions: list[str], references: list[str], batch: int = 1) -> float:

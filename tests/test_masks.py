@@ -15,7 +15,6 @@ import copy
 import json
 
 import pytest
-import torch
 from conftest import CORPUS
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast

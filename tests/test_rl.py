@@ -21,7 +21,8 @@ from tunesmith.objectives import build_objective
 from tunesmith.objectives.rewards import answer_format, exact_answer
 from tunesmith.objectives.rl import GRPO, Rollout, mean_reward, sample_completions, split_prompts
 from tunesmith.track.metrics import read_metrics
-from tunesmith.train.run import set_generation_eos, train
+from tunesmith.model.stops import set_stop_tokens
+from tunesmith.train.run import train
 
 
 def arithmetic_rows() -> list[dict]:
@@ -76,7 +77,7 @@ def test_completions_keep_the_stop_token_they_stopped_at(tokenizer, model_dirs):
     install_template(tok, "chatml")
     model = AutoModelForCausalLM.from_pretrained(model_dirs["llama"])
     model.resize_token_embeddings(len(tok))
-    set_generation_eos(model, tok)
+    set_stop_tokens(model, tok)
     stop = tok.convert_tokens_to_ids("<|im_end|>")
     with torch.no_grad():  # make the end-of-turn token by far the likeliest after the first sampled token
         model.lm_head.weight[stop] = 0

@@ -22,8 +22,8 @@ from tunesmith.model.prompt_tuning import PromptSpec, strip_virtual_tokens
 from tunesmith.model.strategies import apply_strategy, parameter_counts
 from tunesmith.objectives import build_objective
 from tunesmith.objectives.base import LossOutput
-from tunesmith.objectives.classify import (LabelledText, accuracy, classify_logits, classify_loss,
-                                           classify_objective, collate_labelled, encode_labelled, predict)
+from tunesmith.data.labelled import LabelledText, collate_labelled, encode_labelled
+from tunesmith.objectives.classify import accuracy, classify_logits, classify_loss, classify_objective, predict
 from tunesmith.train.loop import train_step
 from tunesmith.train.optim import build_optimizer, build_scheduler
 

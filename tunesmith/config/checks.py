@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from tunesmith.config.schema import Config, SourceConfig
-from tunesmith.errors import ConfigError
+from tunesmith.errors import ConfigError, DataError
+from tunesmith.paths import resolve_paths
 
 # ---------------------------------------------------------------------------------------------------
 # Cross-field checks that need no I/O beyond existence of files.
@@ -192,9 +193,6 @@ def check_paths(cfg: Config) -> None:
         _check_model_path("model.tokenizer", cfg.model.tokenizer)
     if not cfg.data.train:
         raise ConfigError("data.train: required (one or more data files)")
-    from tunesmith.data.sources import resolve_paths  # imported here: config stays free of data code at import
-    from tunesmith.errors import DataError
-
     for key in ("train", "validation", "test"):
         for i, source in enumerate(getattr(cfg.data, key)):
             path = source.path if isinstance(source, SourceConfig) else source

@@ -68,3 +68,18 @@ def epoch_batches(num_examples: int, batch_size: int, seed: int, epoch: int) -> 
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(num_examples, generator=generator).tolist()
     return [order[i : i + batch_size] for i in range(0, num_examples, batch_size)]
+
+
+def left_pad(sequences: Sequence[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token id lists into a batch.
+
+    Returns:
+        input_ids (B, T) and attention_mask (B, T), 0 on the padding.
+    """
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        input_ids[i, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+        attention_mask[i, width - len(seq):] = 1
+    return input_ids, attention_mask

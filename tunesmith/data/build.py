@@ -78,7 +78,7 @@ def write_data_report(prepared: Prepared, out_dir: Path) -> None:
     report = prepared.report
     (out_dir / "data_report.json").write_text(json.dumps(report, indent=2))
     (out_dir / "data_report.md").write_text(_markdown(report))
-    _histogram(prepared, out_dir / "token_lengths.png")
+    _plot_lengths(prepared, out_dir / "token_lengths.png")
 
 
 def _markdown(report: dict) -> str:
@@ -128,7 +128,7 @@ def _clean_markdown(clean: dict) -> list[str]:
     return lines
 
 
-def _histogram(prepared: Prepared, path: Path) -> None:
+def _plot_lengths(prepared: Prepared, path: Path) -> None:
     """Token lengths of the examples of each split, before packing."""
     import matplotlib
 

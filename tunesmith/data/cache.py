@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from tunesmith import __version__
-from tunesmith.data.sources import resolve_paths
 from tunesmith.data.tokenize import Example
+from tunesmith.paths import resolve_paths
 
 if TYPE_CHECKING:
     from tunesmith.data.clean import CleanSteps

@@ -29,6 +29,7 @@ from tunesmith.data.instruct_library import (  # noqa: F401 (builtin_tasks, load
     get_task,
     load_tasks,
 )
+from tunesmith.data.answers import extract_answer
 from tunesmith.errors import ConfigError, DataError
 
 FEWSHOT_FORMATS = ("chat", "inline")
@@ -273,7 +274,6 @@ def _turns(shots: list[tuple[str, str]], query: tuple[str, str], fmt: str, separ
 
 def final_answer(text: str) -> str | None:
     """The answer a chain-of-thought response ends on (see `tunesmith.eval.metrics.extract_answer`)."""
-    from tunesmith.eval.metrics import extract_answer
 
     return extract_answer(text)
 

@@ -246,7 +246,7 @@ def tokenize(store: RowStore, tokenizer, options: Options, directory: Path) -> t
         "tokens": int(lengths.sum()),
         "loss_tokens": sum(p.loss_tokens for p in parts),
         "length": length_stats(lengths.tolist()),
-        "length_histogram": _histogram(lengths),
+        "length_histogram": length_histogram(lengths),
     }
     files = [p.path for p in parts if p.path is not None]
     if not files:
@@ -299,7 +299,7 @@ def _select_columns(path: Path, columns: list[str]) -> Path:
     return target
 
 
-def _histogram(lengths: np.ndarray, bins: int = 40) -> dict[str, list]:
+def length_histogram(lengths: np.ndarray, bins: int = 40) -> dict[str, list]:
     if not len(lengths):
         return {"edges": [], "counts": []}
     counts, edges = np.histogram(lengths, bins=bins)

@@ -22,7 +22,7 @@ import torch
 from tunesmith.demo.texts import quiz_lines
 from tunesmith.demo.world import QA
 from tunesmith.eval.generate import complete_greedy, generate_greedy
-from tunesmith.eval.metrics import exact_match, normalize_answer
+from tunesmith.data.answers import exact_match, normalize_answer
 
 
 @dataclass(frozen=True)

@@ -37,8 +37,9 @@ from tunesmith.demo.tasks import SEEN_TASKS
 from tunesmith.demo.tiny import build_model, save_tiny, train_tokenizer
 from tunesmith.demo.world import World, fact_completions, make_world, questions, read_questions
 from tunesmith.errors import TunesmithError
+from tunesmith.model.stops import set_stop_tokens
 from tunesmith.track.logs import setup_logging
-from tunesmith.train.run import set_generation_eos, train
+from tunesmith.train.run import train
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +251,7 @@ def evaluate_clusters(world: World, paths: dict[str, Path], models: dict[str, tu
     for name, (checkpoint, adapter) in models.items():
         model = load_stage_model(checkpoint, adapter)
         # The base model (pretrained on raw text) has no end-of-turn stop token; use the chat template's.
-        set_generation_eos(model, tokenizer)
+        set_stop_tokens(model, tokenizer)
         log.info("evaluating the %s model: %d clusters zero-shot", name, len(prompts))
         results[name] = {task: ev.score_chats(model, tokenizer, p, size.max_new_tokens,
                                               ev.ends_with if task == "completion" else ev.exact_match)

@@ -57,7 +57,8 @@ class HeadClassifier:
         return self._labels
 
     def predict(self, texts: Sequence[str]) -> list[str]:
-        from tunesmith.objectives.classify import LabelledText, predict
+        from tunesmith.data.labelled import LabelledText
+        from tunesmith.objectives.classify import predict
 
         ids = self.tokenizer(list(texts), add_special_tokens=True)["input_ids"]
         examples = [LabelledText(row[: self.max_seq_len], 0) for row in ids]  # the target is not used

@@ -193,7 +193,7 @@ def _check_generate(key: str, s: EvalSetConfig) -> None:
 
 
 def _check_file(key: str, path: str) -> None:
-    from tunesmith.data.sources import resolve_paths
+    from tunesmith.paths import resolve_paths
 
     if not path:
         raise ConfigError(f"{key}: required (a data file)")

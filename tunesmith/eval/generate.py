@@ -16,8 +16,10 @@ from typing import Sequence
 
 import torch
 
+from tunesmith.data.batching import left_pad
 from tunesmith.data.templates import render_marked
 from tunesmith.data.tokenize import encode_rendered
+from tunesmith.model.stops import stop_token_ids
 
 Conversation = Sequence[dict[str, str]]
 
@@ -27,29 +29,6 @@ def prompt_ids(tokenizer, messages: Conversation) -> list[int]:
     text in the messages that spells a control token stays ordinary text (see `tokenize.encode_rendered`), so a
     user cannot forge a turn; otherwise the ids equal `apply_chat_template(..., add_generation_prompt=True)`."""
     return encode_rendered(tokenizer, render_marked(tokenizer, messages, add_generation_prompt=True))
-
-
-def stop_token_ids(model) -> list[int]:
-    """The ids generation stops at: the model's `generation_config.eos_token_id` (an int or a list)."""
-    eos = model.generation_config.eos_token_id
-    if eos is None:
-        raise ValueError("the model's generation_config has no eos_token_id, so generation would never stop")
-    return [eos] if isinstance(eos, int) else list(eos)
-
-
-def left_pad(sequences: Sequence[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token id lists into a batch.
-
-    Returns:
-        input_ids (B, T) and attention_mask (B, T), 0 on the padding.
-    """
-    width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, seq in enumerate(sequences):
-        input_ids[i, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
-        attention_mask[i, width - len(seq):] = 1
-    return input_ids, attention_mask
 
 
 def generate_greedy(

@@ -26,11 +26,13 @@ from tunesmith.data.formats import Row
 from tunesmith.data.tokenize import Example, check_template, encode_rows, fit_example
 from tunesmith.errors import DataError
 from tunesmith.eval.classifiers import TextClassifier, require_lm
-from tunesmith.eval.generate import generate_token_ids, stop_token_ids
+from tunesmith.eval.generate import generate_token_ids
 from tunesmith.eval.items import item_from_row, label_item, read_items, read_labelled, read_rows, set_labels
 from tunesmith.eval.loglik import best_option, continuation_logps, option_scores
-from tunesmith.eval.metrics import LabelCounts, ScorerMeans, extract_answer, load_scorer, make_accumulator
+from tunesmith.data.answers import extract_answer
+from tunesmith.eval.metrics import LabelCounts, ScorerMeans, load_scorer, make_accumulator
 from tunesmith.model.reft import positions_as_trained
+from tunesmith.model.stops import stop_token_ids
 from tunesmith.eval.prompting import FewShotPool, Item, Prompter
 from tunesmith.eval.sets import DEFAULT_COT_INSTRUCTION, EvalSet, Settings
 from tunesmith.objectives.tokens import model_inputs, shift_labels, summed_nll, target_mask

@@ -32,10 +32,10 @@ import torch
 from tunesmith.data.templates import install_template
 from tunesmith.errors import ConfigError, ModelError
 from tunesmith.eval.classifiers import HeadClassifier, TextClassifier
-from tunesmith.eval.prompting import has_chat_template
 from tunesmith.eval.sets import EvalSet
 from tunesmith.export.loading import context_length
 from tunesmith.model.load import ensure_pad_token, load_model, load_tokenizer, resize_embeddings, resolve_dtype
+from tunesmith.model.stops import set_stop_tokens
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ def load_for_eval(path: str, options: LoadOptions = LoadOptions()) -> Loaded:
 
             model = PeftModel.from_pretrained(model, path)
         baseline = base if kind == "adapter" else _run_base(Path(path))
-    _stop_at_end_of_turn(model, tokenizer)
+    set_stop_tokens(model, tokenizer)
     log.info("loaded %s (%s)%s", path, kind, f", fine-tuned from {baseline}" if baseline else "")
     return Loaded(_to_device(model).eval(), tokenizer, kind, baseline)
 
@@ -164,7 +164,7 @@ def load_baseline(path: str, tokenizer, options: LoadOptions = LoadOptions()) ->
     """The baseline's weights, with embeddings grown to `tokenizer` (the evaluated model's, so both models get
     the same prompts), as training grew them."""
     model = _weights(path, tokenizer, options)
-    _stop_at_end_of_turn(model, tokenizer)
+    set_stop_tokens(model, tokenizer)
     return _to_device(model).eval()
 
 
@@ -208,7 +208,6 @@ def _checkpoint(path: Path):
 
 def _reft(path: Path, options: LoadOptions):
     """A ReFT run's interventions on its base (the run config's model, else the one reft_config.json names)."""
-    from tunesmith.export.loading import set_stop_tokens
     from tunesmith.model.reft import CONFIG_FILE, load_reft
 
     run_config = path.parent / RUN_CONFIG
@@ -301,9 +300,7 @@ def load_trained(cfg, final: Path, tokenizer):
         if tokenizer.pad_token_id is not None:
             model.generation_config.pad_token_id = tokenizer.pad_token_id
         if cfg.train.objective != "clm" and not cfg.data.train_on_prompt:
-            from tunesmith.train.run import set_generation_eos
-
-            set_generation_eos(model, tokenizer)
+            set_stop_tokens(model, tokenizer)
     if adapter:
         from peft import PeftModel
 
@@ -373,13 +370,6 @@ def _run_base(path: Path) -> str | None:
 
 def _has_tokenizer(path: str) -> bool:
     return (Path(path) / "tokenizer_config.json").is_file()
-
-
-def _stop_at_end_of_turn(model, tokenizer) -> None:
-    if has_chat_template(tokenizer):
-        from tunesmith.train.run import set_generation_eos
-
-        set_generation_eos(model, tokenizer)
 
 
 def _to_device(model):

@@ -26,7 +26,7 @@ import logging
 from dataclasses import dataclass
 
 from tunesmith.errors import ModelError
-from tunesmith.export.loading import end_of_turn_id
+from tunesmith.model.stops import end_of_turn_id
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from tunesmith.errors import ConfigError
-from tunesmith.export.loading import set_stop_tokens
+from tunesmith.model.stops import set_stop_tokens
 
 log = logging.getLogger(__name__)
 

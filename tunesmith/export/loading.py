@@ -25,6 +25,7 @@ import torch
 from tunesmith.errors import ConfigError, ModelError
 from tunesmith.model.load import load_model, load_tokenizer, resize_embeddings, resolve_dtype
 from tunesmith.model.sources import resolve_model_path
+from tunesmith.model.stops import set_stop_tokens
 
 log = logging.getLogger(__name__)
 
@@ -196,53 +197,6 @@ def dequantize_into(quantized, model) -> dict[str, float]:
     if not errors:
         raise ModelError("the QLoRA base has no 4-bit layers to dequantise")
     return errors
-
-
-def set_stop_tokens(model, tokenizer, generation_dir: Path | None = None) -> list[int]:
-    """Generation stops at EOS and at the chat template's end-of-turn token.
-
-    The generation_config.json that training saved with the adapter (its stop tokens) is used when present.
-    Returns:
-        The stop token ids, also set as `model.generation_config.eos_token_id`.
-    """
-    from transformers import GenerationConfig
-
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if generation_dir is not None:
-        inner.generation_config = GenerationConfig.from_pretrained(str(generation_dir))
-    eos = inner.generation_config.eos_token_id
-    ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    for extra in (tokenizer.eos_token_id, end_of_turn_id(tokenizer)):
-        if extra is not None and extra not in ids:
-            ids.append(extra)
-    if not ids:
-        raise ModelError("the model has no EOS token and the tokenizer no end-of-turn token: generation "
-                         "would never stop")
-    inner.generation_config.eos_token_id = ids[0] if len(ids) == 1 else ids
-    if inner.generation_config.pad_token_id is None:
-        inner.generation_config.pad_token_id = tokenizer.pad_token_id
-    return ids
-
-
-def end_of_turn_id(tokenizer) -> int | None:
-    """The single token that ends an assistant turn in the tokenizer's chat template, or None (no template, or
-    a marker of several tokens)."""
-    from tunesmith.data.templates import end_of_turn_marker
-    from tunesmith.errors import DataError
-
-    if not getattr(tokenizer, "chat_template", None):
-        return None
-    try:
-        marker = end_of_turn_marker(tokenizer)
-    except DataError:
-        return None
-    ids = tokenizer(marker, add_special_tokens=False)["input_ids"]
-    return ids[0] if len(ids) == 1 else None
-
-
-def stop_token_ids(model) -> list[int]:
-    eos = model.generation_config.eos_token_id
-    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
 
 def context_length(model) -> int:

@@ -23,10 +23,10 @@ import torch
 
 from tunesmith.errors import ConfigError, ModelError
 from tunesmith.export.hf import check_output_dir, check_shard_size, save_hf
-from tunesmith.export.loading import (ModelSource, attach_adapter, check_adapter, dequantize_into, resolve_source,
-                                      set_stop_tokens)
+from tunesmith.export.loading import ModelSource, attach_adapter, check_adapter, dequantize_into, resolve_source
 from tunesmith.model.load import DTYPES, load_model, load_tokenizer, resize_embeddings, resolve_dtype
 from tunesmith.model.sources import resolve_model_path
+from tunesmith.model.stops import set_stop_tokens
 
 log = logging.getLogger(__name__)
 

@@ -154,7 +154,7 @@ def prepare_classification(cfg, tokenizer):
     """The classification splits as a `Prepared` (the shape `prepare_from_config` returns), ready for the loop
     with the `classify` objective."""
     from tunesmith.data.pipeline import Prepared
-    from tunesmith.objectives.classify import encode_labelled
+    from tunesmith.data.labelled import encode_labelled
 
     rows, sources_report = classification_rows(cfg)
     head = cfg.strategy.head

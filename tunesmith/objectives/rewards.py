@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from tunesmith.data.answers import exact_match, extract_answer, numeric_match
 from tunesmith.errors import ConfigError
 from tunesmith.model.load import resize_embeddings
 
@@ -26,7 +27,6 @@ RewardFn = Callable[[str, str], float]
 
 
 def exact_answer(completion: str, reference: str) -> float:
-    from tunesmith.eval.metrics import exact_match, extract_answer, numeric_match
 
     if numeric_match(completion, reference):
         return 1.0
@@ -35,7 +35,6 @@ def exact_answer(completion: str, reference: str) -> float:
 
 
 def numeric(completion: str, reference: str) -> float:
-    from tunesmith.eval.metrics import numeric_match
 
     return float(numeric_match(completion, reference))
 

@@ -26,9 +26,9 @@ from typing import Sequence
 
 import torch
 
-from tunesmith.data.batching import collate
+from tunesmith.data.batching import collate, left_pad
 from tunesmith.data.tokenize import IGNORE_INDEX, Example
-from tunesmith.eval.generate import left_pad, stop_token_ids
+from tunesmith.model.stops import stop_token_ids
 from tunesmith.objectives.align import adapters_disabled
 from tunesmith.objectives.base import LossOutput
 from tunesmith.objectives.grpo import group_advantages, grpo_losses

@@ -18,7 +18,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from tunesmith.eval.generate import left_pad
+from tunesmith.data.batching import left_pad
 
 
 @dataclass(frozen=True)

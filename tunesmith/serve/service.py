@@ -19,8 +19,9 @@ from pathlib import Path
 
 from tunesmith.errors import ConfigError
 from tunesmith.export.loading import (attach_adapter, best_device, context_length, load_model_and_tokenizer,
-                                      resolve_source, stop_token_ids)
+                                      resolve_source)
 from tunesmith.model.load import load_tokenizer
+from tunesmith.model.stops import stop_token_ids
 from tunesmith.serve.adapters import configured_adapters
 from tunesmith.serve.engine import Engine, EngineStopped, Job, QueueFull
 from tunesmith.serve.generation import Sampling, TextStream

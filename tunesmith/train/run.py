@@ -24,7 +24,6 @@ from safetensors.torch import load_file
 from tunesmith.config import Config, check_paths, save_config, to_dict
 from tunesmith.data.build import prepare_from_config, write_data_report
 from tunesmith.data.pipeline import ExampleTable
-from tunesmith.data.templates import end_of_turn_marker
 from tunesmith.errors import ConfigError
 from tunesmith.model.attention import VARLEN, supports_varlen
 from tunesmith.model.build import architecture, build_tokenizer
@@ -33,6 +32,7 @@ from tunesmith.model.heads import load_classification_model, prepare_classificat
 from tunesmith.model.prompt_tuning import PROMPT_STRATEGIES, PromptSpec
 from tunesmith.model.reft import ReftSpec, intervening_on_prompts
 from tunesmith.model.scratch import init_model
+from tunesmith.model.stops import set_stop_tokens
 from tunesmith.model.strategies import ADAPTER_STRATEGIES, apply_strategy, parameter_counts, quantization_config
 from tunesmith.objectives import (PREFERENCE_OBJECTIVES, REFERENCE_OBJECTIVES, RL_OBJECTIVES, UNPAIRED_OBJECTIVES,
                                   build_objective)
@@ -225,7 +225,7 @@ def build_model(cfg: Config, tokenizer, added_tokens: list[str], labels: list[st
     if reward:  # the score is read at each row's last non-pad token
         model.config.pad_token_id = tokenizer.pad_token_id
     elif cfg.train.objective not in ("clm", "classify") and not cfg.data.train_on_prompt:
-        set_generation_eos(model, tokenizer)
+        set_stop_tokens(model, tokenizer)
     new_ids = tokenizer.convert_tokens_to_ids(added_tokens) if strategy.name in ADAPTER_STRATEGIES else []
     model = apply_strategy(
         model, strategy.name,
@@ -283,14 +283,6 @@ def check_objective_data(objective: str, examples) -> None:
                           f"training data ({first.source}) has none; set data.format=unpaired")
     if objective in ("sft", "clm") and first.rejected_ids is not None:
         log.warning("train.objective=%s on preference pairs: only the chosen answers are trained on", objective)
-
-
-def set_generation_eos(model, tokenizer) -> None:
-    """Generation stops at the template's end-of-turn token as well as at EOS."""
-    marker_ids = tokenizer(end_of_turn_marker(tokenizer), add_special_tokens=False)["input_ids"]
-    ids = [i for i in (tokenizer.eos_token_id, marker_ids[0]) if i is not None]
-    model.generation_config.eos_token_id = sorted(set(ids)) if len(set(ids)) > 1 else ids[0]
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
 def _loop_settings(cfg: Config, num_examples: int, num_processes: int) -> LoopSettings:
