@@ -20,7 +20,7 @@ from test_export import make_adapter
 from test_serve import ANSWER, hf_greedy, scripted_model_dir
 from tunesmith.data.templates import install_template
 from tunesmith.errors import ConfigError
-from tunesmith.export.loading import load_model_and_tokenizer
+from tunesmith.model.loading import load_model_and_tokenizer
 from tunesmith.serve.chat import ChatSession, repl
 
 

@@ -30,7 +30,7 @@ from tunesmith.eval.items import item_from_row
 from tunesmith.eval.loglik import continuation_logps
 from tunesmith.eval.prompting import FewShotPool, Item, Prompter, item_key
 from tunesmith.eval.sets import EvalSet, Settings
-from tunesmith.objectives import OBJECTIVES
+from tunesmith.objectives import build_objective
 
 CONFIG = Path(__file__).parent.parent / "configs" / "eval.yaml"
 
@@ -133,9 +133,9 @@ def test_eval_loss_equals_the_training_loss(chat_tokenizer, tmp_path):
     model = build_model("llama", vocab_size=len(chat_tokenizer)).eval()
     for max_seq_len in (256, 50):  # 50 truncates every conversation and drops three (no answer token left)
         examples, report = tokenize_rows(chat_tokenizer, load_rows(path), max_seq_len)
-        batch = OBJECTIVES["sft"].collate(examples, chat_tokenizer.pad_token_id)
+        batch = build_objective("sft").collate(examples, chat_tokenizer.pad_token_id)
         with torch.no_grad():
-            out = OBJECTIVES["sft"].loss(model, batch)
+            out = build_objective("sft").loss(model, batch)
         for batch_size in (7, 3):
             metrics = loss_metrics(model, chat_tokenizer, load_rows(path), batch_size, max_seq_len)
             assert metrics["loss"] == pytest.approx(float(out.loss_sum) / out.num_units, rel=1e-5)
@@ -143,7 +143,7 @@ def test_eval_loss_equals_the_training_loss(chat_tokenizer, tmp_path):
             assert (metrics["n"], metrics["truncated"], metrics["dropped"]) == (
                 len(examples), report.truncated, report.dropped_no_loss_tokens)
             assert metrics["perplexity"] == pytest.approx(math.exp(metrics["loss"]))
-        loop_loss = evaluate_loss(model, OBJECTIVES["sft"], examples, 2, chat_tokenizer.pad_token_id,
+        loop_loss = evaluate_loss(model, build_objective("sft"), examples, 2, chat_tokenizer.pad_token_id,
                                   Accelerator(cpu=True))
         assert metrics["loss"] == pytest.approx(loop_loss, rel=1e-5)
 

@@ -21,7 +21,8 @@ from tunesmith.config import config_from_dict
 from tunesmith.demo.tiny import build_model, save_tiny, train_tokenizer
 from tunesmith.errors import ConfigError, ModelError
 from tunesmith.export.command import export_command
-from tunesmith.export.loading import load_model_and_tokenizer, resolve_source
+from tunesmith.model.loading import load_model_and_tokenizer
+from tunesmith.model.resolve import resolve_source
 from tunesmith.export.merge import check_merge, merge_command, merge_tolerance
 from tunesmith.model.load import ensure_pad_token, resize_embeddings
 from tunesmith.model.strategies import apply_strategy

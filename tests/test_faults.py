@@ -38,11 +38,12 @@ from tunesmith.data.templates import install_template
 from tunesmith.data.tokenize import tokenize_rows
 from tunesmith.errors import TunesmithError
 from tunesmith.model.strategies import apply_strategy
-from tunesmith.objectives import OBJECTIVES
+from tunesmith.objectives import build_objective
 from tunesmith.track.metrics import read_metrics
 import tunesmith.train.checkpoint as ckpt
 import tunesmith.train.run as run_module
-from tunesmith.train.checkpoint import CheckpointError, latest_checkpoint, save_checkpoint, verify
+from tunesmith.model.trainable import verify
+from tunesmith.train.checkpoint import CheckpointError, latest_checkpoint, save_checkpoint
 from tunesmith.train.loop import NonFiniteError, train_step
 from tunesmith.train.run import train
 
@@ -451,12 +452,12 @@ def test_an_infinite_gradient_is_never_applied(model_dirs, tokenizer, tmp_path):
     batches = [collate(examples, tok.pad_token_id)]
     before = [p.detach().clone() for p in params]
     hook = params[0].register_hook(lambda grad: grad * float("inf"))
-    stats = train_step(model, OBJECTIVES["sft"], optimizer, scheduler, Accelerator(cpu=True), batches, 1.0, 1)
+    stats = train_step(model, build_objective("sft"), optimizer, scheduler, Accelerator(cpu=True), batches, 1.0, 1)
     hook.remove()
     assert stats["nonfinite"] and math.isfinite(stats["loss_sum"]) and not math.isfinite(stats["grad_norm"])
     assert all(p.equal(b) for p, b in zip(params, before))
     assert optimizer.state_dict()["state"] == {}, "Adam never stepped"
     assert all(p.grad is None for p in params)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 / 2), "the schedule advanced"
-    stats = train_step(model, OBJECTIVES["sft"], optimizer, scheduler, Accelerator(cpu=True), batches, 1.0, 2)
+    stats = train_step(model, build_objective("sft"), optimizer, scheduler, Accelerator(cpu=True), batches, 1.0, 2)
     assert not stats["nonfinite"] and any(not p.equal(b) for p, b in zip(params, before))

@@ -14,7 +14,8 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import chat_rows, write_jsonl
-from tunesmith.train.checkpoint import complete_checkpoints, verify
+from tunesmith.model.trainable import verify
+from tunesmith.train.checkpoint import complete_checkpoints
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

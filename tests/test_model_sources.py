@@ -20,7 +20,7 @@ from tunesmith.config import check_paths, config_from_dict
 from tunesmith.data.templates import install_template
 from tunesmith.demo.tiny import build_model
 from tunesmith.errors import ConfigError, ModelError
-from tunesmith.export.loading import resolve_source
+from tunesmith.model.resolve import resolve_source
 from tunesmith.export.to_gguf import write_gguf
 from tunesmith.model import sources
 from tunesmith.model.load import load_model, load_tokenizer

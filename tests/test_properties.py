@@ -430,7 +430,8 @@ def test_a_checkpoint_with_a_pickled_payload_is_refused(tmp_path):
     code does not run."""
     import torch
 
-    from tunesmith.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, verify
+    from tunesmith.model.trainable import verify
+    from tunesmith.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -438,9 +439,9 @@ def test_a_checkpoint_with_a_pickled_payload_is_refused(tmp_path):
     path = save_checkpoint(tmp_path, 1, model, optimizer, scheduler, {}, keep_last=1)
     torch.save({"state": {}, "param_groups": [], "payload": _Payload(tmp_path / "PICKLE_RAN")}, path / "optimizer.pt")
     manifest = json.loads((path / "manifest.json").read_text())
-    from tunesmith.train.checkpoint import _sha256
+    from tunesmith.model.trainable import sha256
 
-    manifest["files"]["optimizer.pt"] = _sha256(path / "optimizer.pt")
+    manifest["files"]["optimizer.pt"] = sha256(path / "optimizer.pt")
     (path / "manifest.json").write_text(json.dumps(manifest))
     assert verify(path) is None
     with pytest.raises(CheckpointError, match="optimizer.pt.*weights_only"):

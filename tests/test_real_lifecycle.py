@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import write_jsonl
 from tunesmith.cli import main
-from tunesmith.export.loading import load_model_and_tokenizer
+from tunesmith.model.loading import load_model_and_tokenizer
 from tunesmith.serve.chat import ChatSession
 from tunesmith.serve.server import bind, make_server
 from tunesmith.serve.service import load_service

@@ -18,7 +18,7 @@ from tunesmith.data.batching import collate
 from tunesmith.data.formats import load_rows
 from tunesmith.data.templates import install_template
 from tunesmith.data.tokenize import tokenize_rows
-from tunesmith.objectives import OBJECTIVES
+from tunesmith.objectives import build_objective
 from tunesmith.objectives.tokens import summed_nll
 from tunesmith.track.metrics import read_metrics
 from tunesmith.train.loop import evaluate_loss
@@ -96,5 +96,5 @@ def test_evaluate_loss_is_token_weighted(model_dirs, tokenizer, tmp_path):
             total, count = total + nll.item(), count + n
     accelerator = Accelerator(cpu=True)
     for batch_size in (1, 3, 7):
-        got = evaluate_loss(model, OBJECTIVES["sft"], examples, batch_size, tokenizer.pad_token_id, accelerator)
+        got = evaluate_loss(model, build_objective("sft"), examples, batch_size, tokenizer.pad_token_id, accelerator)
         assert got == pytest.approx(total / count, rel=1e-6)

@@ -17,11 +17,12 @@ from tunesmith.cli import main
 from tunesmith.config import load_config
 from tunesmith.data.templates import TEMPLATES, install_template
 from tunesmith.errors import ConfigError, DataError
-from tunesmith.export.loading import load_model_and_tokenizer
+from tunesmith.model.loading import load_model_and_tokenizer
 from tunesmith.eval.models import load_for_eval
 from tunesmith.model.tokenizer import corpus_texts, tokenizer_command, train_corpus_tokenizer
 from tunesmith.track.metrics import read_metrics
-from tunesmith.train.run import build_model, build_tokenizer, save_final, train
+from tunesmith.model.build import build_model, build_tokenizer
+from tunesmith.train.run import save_final, train
 
 VOCAB = 320
 SENTENCES = [

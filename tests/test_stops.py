@@ -17,7 +17,7 @@ from tunesmith.data.templates import TEMPLATES, install_template
 from tunesmith.demo.tiny import build_model, save_tiny
 from tunesmith.eval.models import load_for_eval
 from tunesmith.export.command import export_command
-from tunesmith.export.loading import load_model_and_tokenizer
+from tunesmith.model.loading import load_model_and_tokenizer
 from tunesmith.model.load import resize_embeddings
 from tunesmith.model.stops import end_of_turn_id, set_stop_tokens, stop_token_ids
 from tunesmith.serve.chat import ChatSession

@@ -13,8 +13,10 @@ from tunesmith.config import config_from_dict
 from tunesmith.errors import ConfigError, ModelError
 from tunesmith.model.load import ensure_pad_token, load_model, resize_embeddings
 from tunesmith.model.strategies import apply_strategy, parameter_counts, quantization_config
-from tunesmith.train.checkpoint import latest_checkpoint, load_trainable_state
-from tunesmith.train.run import build_model, build_tokenizer, train
+from tunesmith.model.trainable import load_trainable_state
+from tunesmith.train.checkpoint import latest_checkpoint
+from tunesmith.model.build import build_model, build_tokenizer
+from tunesmith.train.run import train
 
 NUM_LAYERS = 2  # the tiny models of conftest
 

@@ -336,8 +336,10 @@ def test_train_reft_saves_only_interventions_that_reload_to_the_trained_logits(m
     from safetensors.torch import load_file
 
     from tunesmith.model.reft import WEIGHTS_FILE, load_reft
-    from tunesmith.train.checkpoint import latest_checkpoint, load_trainable_state
-    from tunesmith.train.run import build_model, build_tokenizer, train
+    from tunesmith.model.trainable import load_trainable_state
+    from tunesmith.train.checkpoint import latest_checkpoint
+    from tunesmith.model.build import build_model, build_tokenizer
+    from tunesmith.train.run import train
 
     data = write_jsonl(tmp_path / "chat.jsonl", chat_rows(12, seed=5))
     cfg = _config(model_dirs["llama"], tmp_path / "run", data={"train": [str(data)], "template": "chatml"},

@@ -16,7 +16,7 @@ from tunesmith.data.formats import load_rows
 from tunesmith.data.templates import install_template
 from tunesmith.data.tokenize import tokenize_rows
 from tunesmith.model.strategies import apply_strategy
-from tunesmith.objectives import OBJECTIVES
+from tunesmith.objectives import build_objective
 from tunesmith.objectives.tokens import summed_nll
 from tunesmith.track.metrics import read_metrics
 from tunesmith.train.loop import LoopSettings, steps_per_epoch, train_step, window
@@ -161,7 +161,7 @@ def test_gradient_accumulation_equals_large_batch(family, strategy, model_dirs, 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
         batches = [collate(examples[i : i + micro], tokenizer.pad_token_id) for i in range(0, 8, micro)]
         assert len(batches) == accum
-        stats = train_step(model, OBJECTIVES["sft"], optimizer, scheduler, accelerator, batches, None)
+        stats = train_step(model, build_objective("sft"), optimizer, scheduler, accelerator, batches, None)
         grads = {n: before[n] - p.detach() for n, p in model.named_parameters() if p.requires_grad}
         results.append((stats["loss_sum"] / stats["units"], grads))
     (loss_big, grads_big), (loss_acc, grads_acc) = results

@@ -32,6 +32,7 @@ from typing import Sequence
 import torch
 
 from tunesmith.config import Config
+from tunesmith.config.objectives import OBJECTIVES
 from tunesmith.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ def _run_dirs(specs: list[tuple[str, list[str]]]) -> list[str]:
 
 
 def default_strategies(objective: str) -> list[str]:
-    names = [n for n in STRATEGIES if objective == "classify" or n not in CLASSIFY_ONLY]
+    names = [n for n in STRATEGIES if _classifies(objective) or n not in CLASSIFY_ONLY]
     return names if torch.cuda.is_available() else [n for n in names if n != "qlora"]
 
 
@@ -103,7 +104,7 @@ def _check_names(names: Sequence[str], objective: str) -> None:
             close = difflib.get_close_matches(name, STRATEGIES, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else f" (choose from {', '.join(STRATEGIES)})"
             raise ConfigError(f"--strategies: unknown strategy {name!r}{hint}")
-        if name in CLASSIFY_ONLY and objective != "classify":
+        if name in CLASSIFY_ONLY and not _classifies(objective):
             raise ConfigError(f"--strategies: {name} needs text + label data and train.objective=classify")
 
 
@@ -232,7 +233,7 @@ def task_metric(cfg: Config, name: str, report: dict) -> tuple[str, float | None
         split = "test" if "test_accuracy" in report else "validation"
         return f"{split} accuracy", report.get(f"{split}_accuracy")
     final = Path(cfg.train.output_dir) / "final"
-    if cfg.train.objective == "classify":
+    if _classifies(cfg.train.objective):
         return classification_metric(cfg, final)
     if cfg.eval.sets:
         return generation_metric(cfg, final)
@@ -267,7 +268,11 @@ def generation_metric(cfg: Config, final: Path) -> tuple[str, float]:
 
 
 def _task_name(cfg: Config) -> str:
-    return "classification" if cfg.train.objective == "classify" else cfg.train.objective
+    return "classification" if _classifies(cfg.train.objective) else cfg.train.objective
+
+
+def _classifies(objective: str) -> bool:
+    return OBJECTIVES[objective].head == "classification"
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tunesmith.config.objectives import OBJECTIVES
 from tunesmith.config.schema import Config, SourceConfig
 from tunesmith.errors import ConfigError, DataError
 from tunesmith.paths import resolve_paths
@@ -80,7 +81,7 @@ def _check_distributed(cfg: Config) -> None:
     if d.strategy == "fsdp" and cfg.strategy.name == "qlora":
         raise ConfigError("strategy.name: qlora's 4-bit weights are not sharded by fsdp here; use lora, or "
                           "train.distributed.strategy ddp")
-    if t.objective in ("grpo", "ppo"):
+    if OBJECTIVES[t.objective].generates:
         raise ConfigError(f"train.distributed.strategy: {d.strategy} with objective {t.objective}: rollouts generate "
                           "a different number of tokens in each process, which sharded weights cannot follow; use ddp")
     if d.strategy == "deepspeed":
@@ -110,7 +111,7 @@ def _check_init(cfg: Config) -> None:
     if cfg.strategy.name not in INIT_STRATEGIES:
         raise ConfigError(f"strategy.name: {cfg.strategy.name!r} adapts a pretrained model; a model built from "
                           f"model.init has random weights, so train it with {' or '.join(INIT_STRATEGIES)}")
-    if cfg.train.objective in ("reward", "classify"):
+    if OBJECTIVES[cfg.train.objective].head != "causal":
         raise ConfigError(f"train.objective: {cfg.train.objective} puts a new head on a pretrained model; pretrain "
                           "one from model.init with objective clm first, then start from its final/")
     for key in ("num_layers", "hidden_size", "num_heads", "max_position_embeddings"):
@@ -153,7 +154,7 @@ def _check_eval(cfg: Config) -> None:
 
 def _check_align(cfg: Config) -> None:
     a, objective = cfg.align, cfg.train.objective
-    if objective in ("sft", "clm"):
+    if OBJECTIVES[objective].next_token_loss:
         return
     for key in ("pack", "padding_free"):
         if getattr(cfg.data, key):
@@ -178,7 +179,8 @@ def _check_align(cfg: Config) -> None:
     if not 0 < a.top_p <= 1 or a.temperature < 0:
         raise ConfigError(f"align.top_p / align.temperature: need 0 < top_p <= 1 and temperature >= 0, got "
                           f"{a.top_p} / {a.temperature}")
-    if objective == "reward" and cfg.strategy.name == "freeze" and "score" not in cfg.strategy.freeze.modules:
+    if OBJECTIVES[objective].head == "score" and cfg.strategy.name == "freeze" \
+            and "score" not in cfg.strategy.freeze.modules:
         raise ConfigError("strategy.freeze.modules: a reward model's new score head must train; add 'score'")
 
 

@@ -197,73 +197,88 @@ def build(cls: type, raw: Any, prefix: str) -> Any:
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:
+    """`value` (from YAML or an override) as the type `tp` of config key `key`; ConfigError naming the key."""
     origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
     if isinstance(value, AsWritten) and origin not in (Union, types.UnionType):  # a union decides per option
         value = value.text if _takes_words(tp) else value.value
     if dataclasses.is_dataclass(tp):
         return build(tp, value if value is not None else {}, prefix=f"{key}.")
     if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        options = [a for a in args if a is not type(None)]
-        if len(options) == 1:  # Optional[X]: X's own message (e.g. a Literal's suggestion)
-            return _coerce(options[0], value, key)
-        sections = [a for a in options if dataclasses.is_dataclass(a)]
-        if isinstance(value, dict) and sections:  # the section's own messages (unknown key, wrong type)
-            return _coerce(sections[0], value, key)
-        for arg in options:
-            try:
-                return _coerce(arg, value, key)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_describe(value)}")
+        return _coerce_union(tp, value, key)
     if origin is Literal:
-        if value in args:
-            return value
-        lowered = {str(a).lower(): a for a in args}
-        close = difflib.get_close_matches(str(value).lower(), list(lowered), n=1)
-        hint = f" (did you mean {lowered[close[0]]!r}?)" if close else ""
-        choices = ", ".join(repr(a) for a in args)
-        raise ConfigError(f"{key}: {value!r} is not one of {choices}{hint}")
+        return _coerce_literal(typing.get_args(tp), value, key)
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {_describe(value)}")
-        key_type, value_type = args
+        key_type, value_type = typing.get_args(tp)
         return {_coerce(key_type, k, f"{key}.{k}"): _coerce(value_type, v, f"{key}.{k}") for k, v in value.items()}
     if origin is list:
-        if isinstance(value, (str, dict)) and _item_accepts(args[0], value):
+        item = typing.get_args(tp)[0]
+        if isinstance(value, (str, dict)) and _item_accepts(item, value):
             value = [value]  # a single path (or source) where a list is expected
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {_describe(value)}")
-        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        number = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
-        elif isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
-            try:
-                number = float(value)
-            except ValueError:
-                pass
+        return [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    return _coerce_scalar(tp, value, key)
+
+
+def _coerce_union(tp: Any, value: Any, key: str) -> Any:
+    options = [a for a in typing.get_args(tp) if a is not type(None)]
+    if value is None and len(options) < len(typing.get_args(tp)):
+        return None
+    if len(options) == 1:  # Optional[X]: X's own message (e.g. a Literal's suggestion)
+        return _coerce(options[0], value, key)
+    sections = [a for a in options if dataclasses.is_dataclass(a)]
+    if isinstance(value, dict) and sections:  # the section's own messages (unknown key, wrong type)
+        return _coerce(sections[0], value, key)
+    for arg in options:
+        try:
+            return _coerce(arg, value, key)
+        except ConfigError:
+            continue
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_describe(value)}")
+
+
+def _coerce_literal(args: tuple, value: Any, key: str) -> Any:
+    if value in args:
+        return value
+    lowered = {str(a).lower(): a for a in args}
+    close = difflib.get_close_matches(str(value).lower(), list(lowered), n=1)
+    hint = f" (did you mean {lowered[close[0]]!r}?)" if close else ""
+    choices = ", ".join(repr(a) for a in args)
+    raise ConfigError(f"{key}: {value!r} is not one of {choices}{hint}")
+
+
+def _coerce_scalar(tp: Any, value: Any, key: str) -> Any:
+    if tp is bool and isinstance(value, bool):
+        return value
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is float:
+        number = _number(value)
         if number is not None:
             if not math.isfinite(number):
                 raise ConfigError(f"{key}: expected a finite number, got {value!r}")
             return number
-    elif tp is str:
+    if tp is str:
         if isinstance(value, str):
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
-    elif tp is Any:
+    if tp is Any:
         return value
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_describe(value)}")
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
 
 
 # What peers (HF Trainer, PEFT, Axolotl, LLaMA-Factory) call some keys -> the tunesmith key.

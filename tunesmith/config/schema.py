@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
+from tunesmith.config.objectives import OBJECTIVES
+
 Dtype = Literal["auto", "fp32", "bf16", "fp16"]
 
 
@@ -223,7 +225,7 @@ class StrategyConfig:
     reft: ReftConfig = field(default_factory=ReftConfig)
 
 
-Objective = Literal["sft", "clm", "reward", "dpo", "simpo", "orpo", "kto", "grpo", "ppo", "classify"]
+Objective = Literal[tuple(OBJECTIVES)]  # the names of config/objectives.py, the one table of what each needs
 
 
 @dataclass

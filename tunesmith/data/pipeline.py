@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from tunesmith.config.objectives import OBJECTIVES
 from tunesmith.data.cache import SPLIT_NAMES, ExampleTable, TokenFiles, fingerprint, load_cached, save_cached
 from tunesmith.data.clean import CleanSteps
 from tunesmith.data.formats import Row, iter_rows
@@ -89,7 +90,7 @@ class Options:
     truncation: str = "right"
     train_on_prompt: bool = False
     pack: bool = False
-    objective: str = "sft"  # clm packs into fixed blocks, sft into best-fit sequences
+    objective: str = "sft"  # a raw-text objective (clm) packs into fixed blocks, others into best-fit sequences
     validation: float = 0.0
     test: float = 0.0
     stratify_by: str | None = None
@@ -309,7 +310,7 @@ def length_histogram(lengths: np.ndarray, bins: int = 40) -> dict[str, list]:
 def pack(examples: list[Example], options: Options) -> tuple[list[Example], dict[str, Any]]:
     if not options.pack or not examples:
         return examples, {}
-    if options.objective == "clm":
+    if OBJECTIVES[options.objective].data == "text":  # a raw corpus: fixed blocks across documents
         packed = pack_blocks(examples, options.max_seq_len)
     else:
         packed = pack_examples(examples, options.max_seq_len)

@@ -136,11 +136,11 @@ def perplexity(model, tokenizer, texts: list[str], batch_size: int = 32) -> floa
     from accelerate import Accelerator
 
     from tunesmith.data.tokenize import Example, encode_text
-    from tunesmith.objectives import OBJECTIVES
+    from tunesmith.objectives import build_objective
     from tunesmith.train.loop import evaluate_loss
 
     examples = [Example(*encode_text(tokenizer, text)) for text in texts]
-    loss = evaluate_loss(model, OBJECTIVES["clm"], examples, batch_size, tokenizer.pad_token_id,
+    loss = evaluate_loss(model, build_objective("clm"), examples, batch_size, tokenizer.pad_token_id,
                          Accelerator(cpu=True))
     return round(math.exp(loss), 3)
 

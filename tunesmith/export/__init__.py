@@ -5,7 +5,3 @@ Hugging Face directory or a GGUF file.
     merge_command("runs/x", "merged/")                              # standalone model + merge_report.json
     export_command("merged/", "model.gguf", fmt="gguf", quant="q8_0")
 """
-
-from tunesmith.export.loading import ModelSource, load_model_and_tokenizer, resolve_source
-
-__all__ = ["ModelSource", "load_model_and_tokenizer", "resolve_source"]

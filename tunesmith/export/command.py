@@ -12,7 +12,8 @@ from pathlib import Path
 
 from tunesmith.errors import ConfigError
 from tunesmith.export.hf import check_output_dir, check_shard_size, save_hf
-from tunesmith.export.loading import load_model_and_tokenizer, resolve_source
+from tunesmith.model.loading import load_model_and_tokenizer
+from tunesmith.model.resolve import require_generative, resolve_source
 from tunesmith.export.merge import merge_source, output_dtype, summary_line
 from tunesmith.model.sources import resolve_model_path
 
@@ -42,6 +43,7 @@ def export_command(model: str, output: str, fmt: str = "hf", quant: str = "f16",
     else:
         _check_gguf_path(out)
     src = resolve_source(model, base)
+    require_generative(src)
     if fmt == "gguf":
         _check_gguf_architecture(src.weights)
     if src.adapter is not None:

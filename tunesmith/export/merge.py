@@ -23,7 +23,8 @@ import torch
 
 from tunesmith.errors import ConfigError, ModelError
 from tunesmith.export.hf import check_output_dir, check_shard_size, save_hf
-from tunesmith.export.loading import ModelSource, attach_adapter, check_adapter, dequantize_into, resolve_source
+from tunesmith.model.loading import attach_adapter, check_adapter, dequantize_into
+from tunesmith.model.resolve import ModelSource, require_generative, resolve_source
 from tunesmith.model.load import DTYPES, load_model, load_tokenizer, resize_embeddings, resolve_dtype
 from tunesmith.model.sources import resolve_model_path
 from tunesmith.model.stops import set_stop_tokens
@@ -54,6 +55,7 @@ def merge_command(source: str, output: str, dtype: str = "auto", allow_pickle: b
     check_output_dir(out)
     check_shard_size(max_shard_size)
     src = resolve_source(source, base)
+    require_generative(src)
     if src.adapter is None:
         raise ConfigError(f"{source}: a full model, with no adapter to merge; use tunesmith export to convert it")
     save_dtype = output_dtype(dtype, src.weights)  # before minutes of merging: the base must be readable

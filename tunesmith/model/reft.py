@@ -43,6 +43,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
 
 from tunesmith.errors import ConfigError, DataError
+from tunesmith.model.blocks import transformer_blocks
 
 FORMAT = "tunesmith-reft/1"
 CONFIG_FILE = "reft_config.json"
@@ -120,8 +121,6 @@ class ReftModel(nn.Module):
 
     def __init__(self, model: nn.Module, spec: ReftSpec = ReftSpec()) -> None:
         super().__init__()
-        from tunesmith.model.strategies import transformer_blocks
-
         if spec.first < 0 or spec.last < 0 or spec.first + spec.last == 0:
             raise ConfigError("strategy.reft.first / last: intervene on at least one prompt position "
                               f"(got first={spec.first}, last={spec.last})")

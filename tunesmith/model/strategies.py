@@ -25,6 +25,7 @@ from transformers.pytorch_utils import Conv1D
 from tunesmith.errors import ConfigError
 from tunesmith.model.heads import head_module_names, train_only_head
 from tunesmith.model.prompt_tuning import PROMPT_STRATEGIES, PromptSpec, prompt_learning_model
+from tunesmith.model.blocks import transformer_blocks
 from tunesmith.model.reft import ReftSpec, apply_reft
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,13 @@ def apply_strategy(
                           "tunesmith.model.features.train_features")
     if name not in ADAPTER_STRATEGIES:
         raise ConfigError(f"strategy.name: unknown strategy {name!r}")
+    return _lora_model(model, name, lora_r, lora_alpha, lora_dropout, target_modules, rslora, new_token_ids,
+                       task_type)
+
+
+def _lora_model(model: nn.Module, name: str, lora_r: int, lora_alpha: float, lora_dropout: float,
+                target_modules: str | list[str], rslora: bool, new_token_ids, task_type: str) -> nn.Module:
+    """LoRA, DoRA or QLoRA adapters on `model` (see apply_strategy)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if name == "qlora":
@@ -145,14 +153,6 @@ def _freeze(model: nn.Module, last_n_layers: int, names: list[str]) -> nn.Module
         for m in matches:
             m.requires_grad_(True)
     return model
-
-
-def transformer_blocks(model: nn.Module) -> nn.ModuleList:
-    """The stack of decoder blocks: the ModuleList holding the most parameters."""
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
-    if not lists:
-        raise ConfigError("strategy.freeze.last_n_layers: cannot find the model's stack of transformer blocks")
-    return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
 
 
 def default_target_modules(model: nn.Module) -> str | list[str]:

@@ -2,93 +2,109 @@
 
 The training loop divides the summed loss by the global count of loss units (tokens for SFT and CLM, pairs for
 preference objectives, examples for KTO) over a whole accumulation window, so gradient accumulation and
-multi-process training give the same update as one large batch. Add an objective by writing its loss function
-and returning it from `build_objective`.
+multi-process training give the same update as one large batch.
+
+What each objective needs (its data, head, reference model, rollouts) is declared once in
+`tunesmith.config.objectives`; here each name maps to the builder of its `Objective`. Adding an objective: its
+loss in a module of this package, its builder in BUILDERS, its row in config/objectives.py, its tests.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
 from tunesmith.data.batching import collate, collate_flat
-from tunesmith.objectives.base import LossOutput
+from tunesmith.objectives.base import LossOutput, Objective
 from tunesmith.objectives.sft import sft_loss
 from tunesmith.objectives.tokens import count_loss_tokens
 
-PREFERENCE_OBJECTIVES = ("reward", "dpo", "simpo", "orpo")  # trained on pairs (prompt, chosen, rejected)
-UNPAIRED_OBJECTIVES = ("kto",)  # trained on (prompt, completion, desirable)
-REFERENCE_OBJECTIVES = ("dpo", "kto", "grpo", "ppo")  # need the reference's log-probs (grpo: when align.kl_beta > 0)
-RL_OBJECTIVES = ("grpo", "ppo")  # trained on prompts (+ reference answers) with sampled completions
-
 
 @dataclass(frozen=True)
-class Objective:
-    loss: Callable[[torch.nn.Module, dict[str, torch.Tensor]], LossOutput]
-    count_units: Callable[[dict[str, torch.Tensor]], int]  # known before the forward pass
-    collate: Callable[..., dict[str, torch.Tensor]] = collate  # (examples, pad_token_id) -> batch
-    # Called with (model, the window's micro-batches, accelerator, step or None when evaluating) before their
-    # forward passes: what a loss needs from the whole window (KTO's reference point, GRPO's rollouts) goes into
-    # the batches here.
-    prepare: Callable[..., None] | None = None
+class BuildContext:
+    """What a builder may take: the align coefficients (an AlignConfig), the reference model (None: precomputed
+    log-probs in the batches, or the policy with its adapters off), and for RL the tokenizer (to read answers),
+    the run directory (sample generations go there), the device and the policy (PPO puts its value head on it,
+    before the optimizer is built)."""
+
+    align: Any = None
+    ref_model: torch.nn.Module | None = None
+    pad_token_id: int = 0
+    batch_size: int = 8
+    tokenizer: Any = None
+    run_dir: Any = None
+    device: Any = "cpu"
+    model: torch.nn.Module | None = None
+    fused_loss: bool = True  # train.fused_loss (sft, clm)
+    padding_free: bool = False  # data.padding_free (sft, clm)
+
+
+def build_objective(name: str, align=None, ref_model=None, pad_token_id: int = 0, batch_size: int = 8, *,
+                    tokenizer=None, run_dir=None, device="cpu", model=None, fused_loss: bool = True,
+                    padding_free: bool = False) -> Objective:
+    """The objective `name`, built from what its builder takes (see BuildContext)."""
+    if name not in BUILDERS:
+        raise ValueError(f"unknown objective {name!r} (known: {', '.join(BUILDERS)})")
+    return BUILDERS[name](BuildContext(align, ref_model, pad_token_id, batch_size, tokenizer, run_dir, device,
+                                       model, fused_loss, padding_free))
 
 
 def _token_units(batch: dict[str, torch.Tensor]) -> int:
     return count_loss_tokens(batch["labels"])
 
 
-# Continued pretraining (clm) and SFT share the loss: next-token NLL where labels are not masked. They
-# differ only in the data (raw text: every token supervised; chat: assistant turns).
-OBJECTIVES: dict[str, Objective] = {
-    "sft": Objective(sft_loss, _token_units),
-    "clm": Objective(sft_loss, _token_units),
-}
+def _next_token(c: BuildContext) -> Objective:
+    """Continued pretraining (clm) and SFT share the loss: next-token NLL where labels are not masked. They
+    differ only in the data (raw text: every token supervised; chat: assistant turns)."""
+    return Objective(functools.partial(sft_loss, fused=c.fused_loss), _token_units,
+                     collate_flat if c.padding_free else collate)
 
 
-def build_objective(name: str, align=None, ref_model=None, pad_token_id: int = 0, batch_size: int = 8, *,
-                    tokenizer=None, run_dir=None, device="cpu", model=None, fused_loss: bool = True,
-                    padding_free: bool = False) -> Objective:
-    """The objective `name` with its coefficients from `align` (an AlignConfig) and its reference model
-    (None: precomputed log-probs in the batches, or the policy with its adapters off). RL objectives also need
-    the tokenizer (to read answers), the run directory (sample generations go there) and the device; PPO puts
-    its value head on `model` (before the optimizer is built). SFT and CLM take `fused_loss` (train.fused_loss)
-    and `padding_free` (data.padding_free)."""
-    if name in OBJECTIVES:
-        return dataclasses.replace(OBJECTIVES[name], loss=functools.partial(sft_loss, fused=fused_loss),
-                                   collate=collate_flat if padding_free else collate)
+def _reward(c: BuildContext) -> Objective:
     from tunesmith.objectives import align as a
 
-    if name == "reward":
-        return Objective(functools.partial(a.reward_loss, margin=align.reward_margin), a.pair_count, a.collate_pairs)
-    if name == "dpo":
-        loss = functools.partial(a.dpo_loss, beta=align.beta, loss_type=align.loss_type,
-                                 label_smoothing=align.label_smoothing, ref_model=ref_model)
-        return Objective(loss, a.pair_count, a.collate_pairs)
-    if name == "simpo":
-        loss = functools.partial(a.simpo_loss, beta=align.beta, gamma=align.simpo_gamma,
-                                 label_smoothing=align.label_smoothing)
-        return Objective(loss, a.pair_count, a.collate_pairs)
-    if name == "orpo":
-        return Objective(functools.partial(a.orpo_loss, lam=align.orpo_lambda), a.pair_count, a.collate_pairs)
-    if name == "classify":
-        from tunesmith.objectives.classify import classify_objective
+    return Objective(functools.partial(a.reward_loss, margin=c.align.reward_margin), a.pair_count, a.collate_pairs)
 
-        return classify_objective()
-    if name == "kto":
-        loss = functools.partial(a.kto_loss, beta=align.beta, desirable_weight=align.kto_desirable_weight,
-                                 undesirable_weight=align.kto_undesirable_weight, ref_model=ref_model)
-        prepare = functools.partial(a.kto_prepare, ref_model=ref_model, pad_token_id=pad_token_id,
-                                    batch_size=batch_size)
-        return Objective(loss, a.row_count, a.collate_unpaired, prepare)
-    if name == "grpo":
-        return _grpo(align, tokenizer, ref_model, run_dir, device)
-    if name == "ppo":
-        return _ppo(align, tokenizer, ref_model, run_dir, device, model)
-    raise ValueError(f"unknown objective {name!r}")
+
+def _dpo(c: BuildContext) -> Objective:
+    from tunesmith.objectives import align as a
+
+    loss = functools.partial(a.dpo_loss, beta=c.align.beta, loss_type=c.align.loss_type,
+                             label_smoothing=c.align.label_smoothing, ref_model=c.ref_model)
+    return Objective(loss, a.pair_count, a.collate_pairs)
+
+
+def _simpo(c: BuildContext) -> Objective:
+    from tunesmith.objectives import align as a
+
+    loss = functools.partial(a.simpo_loss, beta=c.align.beta, gamma=c.align.simpo_gamma,
+                             label_smoothing=c.align.label_smoothing)
+    return Objective(loss, a.pair_count, a.collate_pairs)
+
+
+def _orpo(c: BuildContext) -> Objective:
+    from tunesmith.objectives import align as a
+
+    return Objective(functools.partial(a.orpo_loss, lam=c.align.orpo_lambda), a.pair_count, a.collate_pairs)
+
+
+def _kto(c: BuildContext) -> Objective:
+    from tunesmith.objectives import align as a
+
+    loss = functools.partial(a.kto_loss, beta=c.align.beta, desirable_weight=c.align.kto_desirable_weight,
+                             undesirable_weight=c.align.kto_undesirable_weight, ref_model=c.ref_model)
+    prepare = functools.partial(a.kto_prepare, ref_model=c.ref_model, pad_token_id=c.pad_token_id,
+                                batch_size=c.batch_size)
+    return Objective(loss, a.row_count, a.collate_unpaired, prepare)
+
+
+def _classify(c: BuildContext) -> Objective:
+    from tunesmith.objectives.classify import classify_objective
+
+    return classify_objective()
 
 
 def _rl_parts(align, tokenizer, run_dir, device):
@@ -104,28 +120,34 @@ def _rl_parts(align, tokenizer, run_dir, device):
     return rollout, reward_functions(align.rewards), reward_model, samples
 
 
-def _grpo(align, tokenizer, ref_model, run_dir, device) -> Objective:
+def _grpo(c: BuildContext) -> Objective:
     from tunesmith.objectives.rl import GRPO
 
-    rollout, rewards, reward_model, samples = _rl_parts(align, tokenizer, run_dir, device)
-    grpo = GRPO(tokenizer, rollout, rewards, reward_model, align.kl_beta, align.clip_eps, align.normalisation,
-                ref_model, samples)
+    align = c.align
+    rollout, rewards, reward_model, samples = _rl_parts(align, c.tokenizer, c.run_dir, c.device)
+    grpo = GRPO(c.tokenizer, rollout, rewards, reward_model, align.kl_beta, align.clip_eps, align.normalisation,
+                c.ref_model, samples)
     return Objective(grpo.loss, grpo.count_units, collate, grpo.prepare)
 
 
-def _ppo(align, tokenizer, ref_model, run_dir, device, model) -> Objective:
+def _ppo(c: BuildContext) -> Objective:
     from tunesmith.objectives.ppo import AdaptiveKLController, FixedKLController
     from tunesmith.objectives.rl import PPO, PPOSettings, attach_value_head
 
-    rollout, rewards, reward_model, samples = _rl_parts(align, tokenizer, run_dir, device)
+    align = c.align
+    rollout, rewards, reward_model, samples = _rl_parts(align, c.tokenizer, c.run_dir, c.device)
     kl = AdaptiveKLController(align.kl_coef, align.kl_target, align.kl_horizon) if align.kl_target \
         else FixedKLController(align.kl_coef)
     settings = PPOSettings(align.ppo_epochs, align.clip_eps, align.value_clip, align.vf_coef, align.ent_coef,
                            align.gamma, align.lam)
-    attach_value_head(model)
-    ppo = PPO(tokenizer, rollout, rewards, settings, kl, reward_model, ref_model, samples)
+    attach_value_head(c.model)
+    ppo = PPO(c.tokenizer, rollout, rewards, settings, kl, reward_model, c.ref_model, samples)
     return Objective(ppo.loss, ppo.count_units, collate, ppo.prepare)
 
 
-__all__ = ["LossOutput", "Objective", "OBJECTIVES", "PREFERENCE_OBJECTIVES", "UNPAIRED_OBJECTIVES",
-           "REFERENCE_OBJECTIVES", "build_objective"]
+BUILDERS: dict[str, Callable[[BuildContext], Objective]] = {
+    "sft": _next_token, "clm": _next_token, "reward": _reward, "dpo": _dpo, "simpo": _simpo, "orpo": _orpo,
+    "kto": _kto, "grpo": _grpo, "ppo": _ppo, "classify": _classify,
+}
+
+__all__ = ["BUILDERS", "BuildContext", "LossOutput", "Objective", "build_objective"]

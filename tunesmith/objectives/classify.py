@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from tunesmith.data.labelled import LabelledText, collate_labelled
-from tunesmith.objectives.base import LossOutput
+from tunesmith.objectives.base import LossOutput, Objective
 
 
 def row_count(batch: dict[str, torch.Tensor]) -> int:
@@ -70,6 +70,5 @@ def accuracy(model, examples: Sequence[LabelledText], pad_token_id: int, batch_s
 
 def classify_objective():
     """The `classify` objective for the loop: loss per row, rows as the unit, left-padded batches."""
-    from tunesmith.objectives import Objective
 
     return Objective(classify_loss, row_count, collate_labelled)

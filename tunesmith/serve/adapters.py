@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 
 from tunesmith.errors import ConfigError
-from tunesmith.export.loading import ADAPTER_CONFIG
+from tunesmith.model.resolve import ADAPTER_CONFIG
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 

@@ -12,7 +12,7 @@ from typing import Callable, Iterator, TextIO
 
 from tunesmith.errors import ConfigError
 from tunesmith.eval.generate import prompt_ids
-from tunesmith.export.loading import best_device, context_length, load_model_and_tokenizer
+from tunesmith.model.loading import best_device, context_length, load_model_and_tokenizer
 from tunesmith.model.stops import stop_token_ids
 from tunesmith.serve.generation import Row, Sampling, TextStream, decode
 

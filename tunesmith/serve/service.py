@@ -18,8 +18,8 @@ from functools import partial
 from pathlib import Path
 
 from tunesmith.errors import ConfigError
-from tunesmith.export.loading import (attach_adapter, best_device, context_length, load_model_and_tokenizer,
-                                      resolve_source)
+from tunesmith.model.loading import attach_adapter, best_device, context_length, load_model_and_tokenizer
+from tunesmith.model.resolve import require_generative, resolve_source
 from tunesmith.model.load import load_tokenizer
 from tunesmith.model.stops import stop_token_ids
 from tunesmith.serve.adapters import configured_adapters
@@ -211,12 +211,14 @@ def load_service(model: str, adapters: list[str] = (), max_batch_size: int = 8, 
     """
     extra = configured_adapters(list(adapters), adapter_dir)  # names and paths checked before anything loads
     src = resolve_source(model, base)
+    require_generative(src)
     names: dict[str, str | None] = {src.name: "a0" if src.adapter else None}  # PEFT names may not contain "."
     loaded, tokenizer = load_model_and_tokenizer(src, dtype=dtype, adapter_name="a0")
     for i, (name, path) in enumerate(extra, start=1):
         if name in names:
             raise ConfigError(f"--adapter: the model name {name!r} is the served model's own")
         other = resolve_source(str(path))
+        require_generative(other)
         _check_compatible(name, other, src, tokenizer)
         loaded = attach_adapter(loaded, other.adapter, f"a{i}")
         names[name] = f"a{i}"

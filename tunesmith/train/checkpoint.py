@@ -25,7 +25,6 @@ what `latest_checkpoint` returns, are untouched (pruning happens only after a ch
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -43,13 +42,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tunesmith.errors import TunesmithError
+from tunesmith.model.trainable import MANIFEST, WEIGHTS, load_trainable_state, sha256, trainable_state, verify
 
 log = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
-MANIFEST = "manifest.json"
-FILES = ("trainable.safetensors", "optimizer.pt", "scheduler.json", "rng.pt", "state.json")  # all in the manifest
-SHARDED_FILES = (".metadata", "scheduler.json", "rng.pt", "state.json")  # and a .distcp file per process
 
 
 class CheckpointError(TunesmithError):
@@ -71,7 +68,7 @@ def save_checkpoint(
     tmp = root / f".tmp-step-{step}"
     shutil.rmtree(tmp, ignore_errors=True)
     files = {
-        "trainable.safetensors": lambda path: save_file(trainable_state(model), path),
+        WEIGHTS: lambda path: save_file(trainable_state(model), path),
         "optimizer.pt": lambda path: _torch_save(optimizer.state_dict(), path),
         **_loop_files(scheduler, state, step),
     }
@@ -100,7 +97,7 @@ def _complete(root: Path, step: int, files: dict[str, Any], keep_last: int, keep
             writing = tmp / name
             write(writing)
         writing = tmp / MANIFEST
-        manifest = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+        manifest = {p.name: sha256(p) for p in sorted(tmp.iterdir())}
         _write_synced(writing, json.dumps({"step": step, "files": manifest}, indent=1))
         for writing in tmp.iterdir():
             _fsync(writing)
@@ -163,33 +160,12 @@ def latest_checkpoint(root: Path, skipped: list[tuple[Path, str]] | None = None)
     return None
 
 
-def verify(path: Path) -> str | None:
-    """None if every file listed in the manifest exists with the recorded checksum, else the problem."""
-    try:
-        files = json.loads((path / MANIFEST).read_text())["files"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        return f"unreadable manifest ({type(exc).__name__}: {exc})"
-    if not (isinstance(files, dict) and files and all(isinstance(n, str) and isinstance(d, str) and n == Path(n).name
-                                                        and n not in ("", ".", "..") for n, d in files.items())):
-        return "unreadable manifest (expected a mapping of file names in the checkpoint to checksums)"
-    required = SHARDED_FILES if ".metadata" in files else FILES
-    unlisted = [name for name in required if name not in files]
-    if unlisted:
-        return f"the manifest does not list {', '.join(unlisted)}"
-    for name, digest in files.items():
-        if not (path / name).is_file():
-            return f"{name} is missing"
-        if _sha256(path / name) != digest:
-            return f"{name} does not match its checksum"
-    return None
-
-
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
     """Restore trainable weights, optimizer, scheduler and RNG states; return the saved loop state."""
     if is_sharded_checkpoint(path):
         raise CheckpointError(f"{path} is sharded (written with train.distributed.strategy=fsdp); resume it with "
                               "that strategy, or gather its shards with torch.distributed.checkpoint.format_utils")
-    load_trainable_state(model, load_file(path / "trainable.safetensors"))
+    load_trainable_state(model, load_file(path / WEIGHTS))
     optimizer.load_state_dict(_torch_load(path / "optimizer.pt"))
     scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
     set_rng_state(_torch_load(path / "rng.pt"))
@@ -282,22 +258,6 @@ def prune(root: Path, keep_last: int, keep: tuple[int, ...] = ()) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The parameters that train, by name (a tied parameter appears once)."""
-    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def load_trainable_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if set(params) != set(tensors):
-        missing = sorted(set(params) - set(tensors))[:3]
-        extra = sorted(set(tensors) - set(params))[:3]
-        raise ValueError(f"checkpoint does not match the model's trainable parameters (missing {missing}, extra {extra})")
-    with torch.no_grad():
-        for name, param in params.items():
-            param.copy_(tensors[name])
-
-
 def rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
     state = {
@@ -324,14 +284,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def _to_lists(value: Any) -> Any:
     return [_to_lists(v) for v in value] if isinstance(value, tuple) else value
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _write_synced(path: Path, text: str) -> None:

@@ -9,7 +9,7 @@ the epoch), so resuming from a checkpoint at step N replays exactly the batches 
 
 Faults the loop survives:
 - SIGTERM / SIGINT (preemption, Ctrl-C): the step in progress finishes, a checkpoint is written at that step
-  boundary and `fit` returns with `summary["preempted"]`; `--resume` continues bitwise as if never stopped. A
+  boundary and `fit` returns with `summary.preempted`; `--resume` continues bitwise as if never stopped. A
   second signal stops at once (the default action).
 - A non-finite loss or gradient norm: the update is never applied. `on_nonfinite="skip"` drops the step: the
   gradients are zeroed, the optimizer does not step (its moments and step count stay), the learning-rate
@@ -24,10 +24,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import signal
-import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -39,12 +37,13 @@ from tqdm.auto import tqdm
 from tunesmith.data.batching import epoch_batches
 from tunesmith.data.tokenize import Example
 from tunesmith.errors import TunesmithError
-from tunesmith.objectives import Objective
+from tunesmith.objectives.base import Objective
 from tunesmith.track.sinks import Tracker
 from tunesmith.train.best import BestTracker
-from tunesmith.train.forgetting import ForgettingGuard
 from tunesmith.train.checkpoint import latest_checkpoint, save_checkpoint, save_sharded_checkpoint
 from tunesmith.train.distributed import is_sharded
+from tunesmith.train.forgetting import ForgettingGuard
+from tunesmith.train.preemption import Preemption
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +98,22 @@ def padded_window(examples: Sequence[Example], step: int, s: LoopSettings, rank:
     return real + [filler] * (len(batches) - len(real)), len(real)  # the first process has one per batch
 
 
+@dataclass
+class FitSummary:
+    """What `fit` did: the last logged train and eval losses and eval metrics, the steps run, the steps skipped for
+    a non-finite loss or gradient (the list a resumed checkpoint held, continued), the best checkpoint, the
+    forgetting guard's scores, and `preempted` = {"signal", "step"} when SIGTERM or SIGINT stopped the run."""
+
+    steps: int
+    train_loss: float | None = None
+    eval_loss: float | None = None
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    nonfinite_steps: list[int] = field(default_factory=list)
+    best: dict | None = None
+    forgetting: dict | None = None
+    preempted: dict | None = None
+
+
 def fit(
     model: torch.nn.Module,
     objective: Objective,
@@ -117,15 +132,12 @@ def fit(
     sample_eval: Callable[[torch.nn.Module], dict[str, float]] | None = None,
     nonfinite_steps: Sequence[int] = (),
     forgetting: ForgettingGuard | None = None,
-) -> dict:
-    """Train from `start_step` to `settings.total_steps` (or an early stop, or a preemption signal); returns the
-    last logged train and eval losses, the steps run, the best checkpoint, the steps skipped for a non-finite
-    loss or gradient (`nonfinite_steps`: the list a resumed checkpoint held, continued) and, when SIGTERM or
-    SIGINT stopped the run, `preempted` = {"signal", "step"} (a checkpoint of that step was written).
+) -> FitSummary:
+    """Train from `start_step` to `settings.total_steps` (or an early stop, or a preemption signal).
 
     `sample_eval(model)` adds metrics to every validation pass (e.g. generation metrics on a sample).
     `forgetting` scores the general eval sets before the first step and at every validation pass (also without
-    validation data); with its `stop`, a drop beyond its limit ends the run, and `summary["forgetting"]["last_good"]`
+    validation data); with its `stop`, a drop beyond its limit ends the run, and `summary.forgetting["last_good"]`
     names the checkpoint of the last pass within the limit (kept from rotation), for final/.
 
     Logs train and eval records through `tracker` (metrics.jsonl and any other sinks; a no-op on processes
@@ -133,101 +145,174 @@ def fit(
     in each checkpoint's state.json (e.g. a fingerprint of the data, checked on resume).
     """
     s = settings
-    per_epoch = steps_per_epoch(len(train), s.micro_batch_size, s.grad_accum, accelerator.num_processes)
-    bar = tqdm(total=s.total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
-               disable=not (s.progress_bar and accelerator.is_main_process))
-    model.train()
-    interval = _Interval()
-    summary: dict = {"train_loss": None, "eval_loss": None, "steps": s.total_steps}
-    checkpoints = run_dir / "checkpoints"
-    best = BestTracker.create(s.best_metric, s.best_mode, s.early_stopping_patience, checkpoints, start_step) \
-        if s.best_metric else None
-    nonfinite = list(nonfinite_steps)
-    last_good, forgot = None, False  # with forgetting.stop: the last validation pass within the limit
-    if forgetting is not None and not forgetting.baseline:
-        baseline = forgetting.start(model)
-        if accelerator.is_main_process:
-            tracker.log({"step": start_step, **baseline})
-        model.train()
-    with _Preemption() as preemption:  # SIGTERM/SIGINT: finish the step, save, return; handlers restored after
+    run = _Fit(model, objective, optimizer, scheduler, accelerator, train, validation, pad_token_id, s, run_dir,
+               tracker, sample_eval, forgetting, checkpoint_state or {},
+               FitSummary(s.total_steps, nonfinite_steps=list(nonfinite_steps)))
+    run.begin(start_step)
+    with Preemption() as preemption:  # SIGTERM/SIGINT: finish the step, save, return; handlers restored after
         for step in range(start_step, s.total_steps):
-            own, real = padded_window(train, step, s, accelerator.process_index, accelerator.num_processes)
-            micro = [objective.collate(b, pad_token_id) for b in own]
-            stats = train_step(model, objective, optimizer, scheduler, accelerator, micro, s.max_grad_norm,
-                               step + 1, real)
-            done = step + 1
-            if stats["nonfinite"]:
-                _on_nonfinite(done, stats, s.on_nonfinite, checkpoints, len(nonfinite) + 1)
-                nonfinite.append(done)
-            interval.add(stats)
-            if done % s.log_every == 0 or done == s.total_steps:
-                record = {"step": done, "epoch": round(done / per_epoch, 4), **interval.flush(), "lr": stats["lr"]}
-                if not stats["nonfinite"]:
-                    record["grad_norm"] = stats["grad_norm"]
-                if "loss" in record:  # absent when every step of the interval was skipped
-                    summary["train_loss"] = record["loss"]
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
-                                    refresh=False)
-                if accelerator.is_main_process:
-                    tracker.log(record)
-                log.debug("step %d: %s", done, record)
-            bar.update(1)
-            improved = stop = forgot = False
-            if (validation or forgetting) and ((s.eval_every and done % s.eval_every == 0) or done == s.total_steps):
-                result = {}
-                if validation:
-                    result = evaluate(model, objective, validation, s.eval_batch_size, pad_token_id, accelerator)
-                    if sample_eval is not None:
-                        result.update(sample_eval(model))
-                    summary["eval_loss"] = result["loss"]
-                    log.info("step %d: validation loss %.4f", done, result["loss"])
-                if forgetting is not None:
-                    general, forgot = forgetting.check(model, done)
-                    result.update(general)
-                    model.train()
-                    if forgetting.stop and not forgot:
-                        last_good, improved = done, True  # saved below, and kept
-                summary["eval_metrics"] = {k: v for k, v in result.items() if k != "loss"}
-                record = {"step": done, **{f"eval_{k}": v for k, v in result.items()}}
-                if accelerator.is_main_process:
-                    tracker.log(record)
-                if best is not None and validation:
-                    improved = best.update(done, record) or improved
-                    stop = best.exhausted() and done < s.total_steps
-                    if accelerator.is_main_process:
-                        best.write(checkpoints)
-            keep = ((best.best[0],) if best is not None and best.best else ()) + ((last_good,) if last_good else ())
-            state = {**(checkpoint_state or {}), "nonfinite_steps": nonfinite}
-            if forgetting is not None:  # a resumed run compares with the scores before its first step
-                state["forgetting_baseline"] = forgetting.baseline_state()
-            saved = (s.save_every and done % s.save_every == 0) or done == s.total_steps or improved or stop
-            if saved:
-                _save(model, optimizer, scheduler, accelerator, run_dir, done, s.keep_last, state, keep)
-            if forgot and forgetting.stop:
-                summary["steps"] = done
+            done = run.train_step(step)
+            improved, stop = run.validate(done) if run.validates_at(done) else (False, False)
+            saved = run.save_if_due(done, improved or stop)
+            if run.forgot and forgetting.stop:
+                run.summary.steps = done
                 break
             if stop:
-                log.info("early stopping at step %d: %s has not improved for %d validation passes (best %.4f at "
-                         "step %d)", done, best.metric, best.patience, best.best[1], best.best[0])
-                summary["steps"] = done
+                run.early_stop(done)
                 break
             if done < s.total_steps and preemption.requested(accelerator):  # at a step boundary: save and return
-                if not saved:
-                    _save(model, optimizer, scheduler, accelerator, run_dir, done, s.keep_last, state, keep)
-                log.warning("stopped by %s after step %d of %d: checkpoint %s written; continue with --resume",
-                            preemption.name, done, s.total_steps, checkpoints / f"step-{done}")
-                summary["steps"] = done
-                summary["preempted"] = {"signal": preemption.name, "step": done}
+                run.preempt(done, preemption.name, saved)
                 break
-    bar.close()
-    summary["nonfinite_steps"] = nonfinite
-    if forgetting is not None:
-        summary["forgetting"] = {"sets": forgetting.summary(), "stopped": bool(forgetting.stop and forgot),
-                                 "last_good": str(checkpoints / f"step-{last_good}") if last_good else None}
-    if best is not None and best.best:
-        summary["best"] = {"metric": best.metric, "step": best.best[0], "value": best.best[1],
-                           "checkpoint": str(checkpoints / f"step-{best.best[0]}")}
-    return summary
+    return run.finish()
+
+
+@dataclass
+class _Fit:
+    """One call of `fit`: what it was given, and what it has done so far."""
+
+    model: torch.nn.Module
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    accelerator: Accelerator
+    train: Sequence[Example]
+    validation: Sequence[Example]
+    pad_token_id: int
+    settings: LoopSettings
+    run_dir: Path
+    tracker: Tracker
+    sample_eval: Callable[[torch.nn.Module], dict[str, float]] | None
+    forgetting: ForgettingGuard | None
+    checkpoint_state: dict
+    summary: FitSummary
+    best: BestTracker | None = None
+    last_good: int | None = None  # with forgetting.stop: the last validation pass within the limit
+    forgot: bool = False  # the last validation pass found forgetting beyond the limit
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def begin(self, start_step: int) -> None:
+        """The progress bar, the best-checkpoint tracker, and the forgetting guard's baseline before any step."""
+        s, a = self.settings, self.accelerator
+        self.per_epoch = steps_per_epoch(len(self.train), s.micro_batch_size, s.grad_accum, a.num_processes)
+        self.bar = tqdm(total=s.total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+                        disable=not (s.progress_bar and a.is_main_process))
+        self.interval = _Interval()
+        self.model.train()
+        if s.best_metric:
+            self.best = BestTracker.create(s.best_metric, s.best_mode, s.early_stopping_patience, self.checkpoints,
+                                           start_step)
+        if self.forgetting is not None and not self.forgetting.baseline:
+            baseline = self.forgetting.start(self.model)
+            if a.is_main_process:
+                self.tracker.log({"step": start_step, **baseline})
+            self.model.train()
+
+    def train_step(self, step: int) -> int:
+        """Optimizer step `step` (0-based), skipped or stopped on a non-finite value, logged; returns its number."""
+        s, a = self.settings, self.accelerator
+        own, real = padded_window(self.train, step, s, a.process_index, a.num_processes)
+        micro = [self.objective.collate(b, self.pad_token_id) for b in own]
+        stats = train_step(self.model, self.objective, self.optimizer, self.scheduler, a, micro, s.max_grad_norm,
+                           step + 1, real)
+        done, self.forgot = step + 1, False
+        if stats["nonfinite"]:
+            _on_nonfinite(done, stats, s.on_nonfinite, self.checkpoints, len(self.summary.nonfinite_steps) + 1)
+            self.summary.nonfinite_steps.append(done)
+        self.interval.add(stats)
+        if done % s.log_every == 0 or done == s.total_steps:
+            self._log_train(done, stats)
+        self.bar.update(1)
+        return done
+
+    def _log_train(self, done: int, stats: dict) -> None:
+        record = {"step": done, "epoch": round(done / self.per_epoch, 4), **self.interval.flush(), "lr": stats["lr"]}
+        if not stats["nonfinite"]:
+            record["grad_norm"] = stats["grad_norm"]
+        if "loss" in record:  # absent when every step of the interval was skipped
+            self.summary.train_loss = record["loss"]
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+        if self.accelerator.is_main_process:
+            self.tracker.log(record)
+        log.debug("step %d: %s", done, record)
+
+    def validates_at(self, done: int) -> bool:
+        s = self.settings
+        return bool(self.validation or self.forgetting) and (
+            bool(s.eval_every and done % s.eval_every == 0) or done == s.total_steps)
+
+    def validate(self, done: int) -> tuple[bool, bool]:
+        """A validation pass (loss, sample metrics, the forgetting guard); returns (a checkpoint to keep, stop
+        early)."""
+        result, improved, stop = {}, False, False
+        if self.validation:
+            result = evaluate(self.model, self.objective, self.validation, self.settings.eval_batch_size,
+                              self.pad_token_id, self.accelerator)
+            if self.sample_eval is not None:
+                result.update(self.sample_eval(self.model))
+            self.summary.eval_loss = result["loss"]
+            log.info("step %d: validation loss %.4f", done, result["loss"])
+        if self.forgetting is not None:
+            general, self.forgot = self.forgetting.check(self.model, done)
+            result.update(general)
+            self.model.train()
+            if self.forgetting.stop and not self.forgot:
+                self.last_good, improved = done, True  # saved, and kept
+        self.summary.eval_metrics = {k: v for k, v in result.items() if k != "loss"}
+        record = {"step": done, **{f"eval_{k}": v for k, v in result.items()}}
+        if self.accelerator.is_main_process:
+            self.tracker.log(record)
+        if self.best is not None and self.validation:
+            improved = self.best.update(done, record) or improved
+            stop = self.best.exhausted() and done < self.settings.total_steps
+            if self.accelerator.is_main_process:
+                self.best.write(self.checkpoints)
+        return improved, stop
+
+    def save_if_due(self, done: int, wanted: bool) -> bool:
+        """A checkpoint at the save interval, at the last step, or when `wanted`; returns whether one was written."""
+        s = self.settings
+        due = (s.save_every and done % s.save_every == 0) or done == s.total_steps or wanted
+        if due:
+            self.save(done)
+        return bool(due)
+
+    def save(self, done: int) -> None:
+        keep = ((self.best.best[0],) if self.best is not None and self.best.best else ()) + \
+            ((self.last_good,) if self.last_good else ())
+        state = {**self.checkpoint_state, "nonfinite_steps": self.summary.nonfinite_steps}
+        if self.forgetting is not None:  # a resumed run compares with the scores before its first step
+            state["forgetting_baseline"] = self.forgetting.baseline_state()
+        _save(self.model, self.optimizer, self.scheduler, self.accelerator, self.run_dir, done,
+              self.settings.keep_last, state, keep)
+
+    def early_stop(self, done: int) -> None:
+        b = self.best
+        log.info("early stopping at step %d: %s has not improved for %d validation passes (best %.4f at step %d)",
+                 done, b.metric, b.patience, b.best[1], b.best[0])
+        self.summary.steps = done
+
+    def preempt(self, done: int, signal_name: str, saved: bool) -> None:
+        if not saved:
+            self.save(done)
+        log.warning("stopped by %s after step %d of %d: checkpoint %s written; continue with --resume",
+                    signal_name, done, self.settings.total_steps, self.checkpoints / f"step-{done}")
+        self.summary.steps = done
+        self.summary.preempted = {"signal": signal_name, "step": done}
+
+    def finish(self) -> FitSummary:
+        self.bar.close()
+        if self.forgetting is not None:
+            self.summary.forgetting = {
+                "sets": self.forgetting.summary(), "stopped": bool(self.forgetting.stop and self.forgot),
+                "last_good": str(self.checkpoints / f"step-{self.last_good}") if self.last_good else None}
+        if self.best is not None and self.best.best:
+            step, value = self.best.best
+            self.summary.best = {"metric": self.best.metric, "step": step, "value": value,
+                                 "checkpoint": str(self.checkpoints / f"step-{step}")}
+        return self.summary
 
 
 def _on_nonfinite(step: int, stats: dict, policy: str, checkpoints: Path, count: int) -> None:
@@ -241,50 +326,6 @@ def _on_nonfinite(step: int, stats: dict, policy: str, checkpoints: Path, count:
             "or set train.on_nonfinite=skip to drop such steps"
         )
     log.warning("%s: the update was skipped (train.on_nonfinite=skip); %d step(s) skipped so far", what, count)
-
-
-class _Preemption:
-    """SIGTERM/SIGINT handlers for the duration of `fit`: the first signal sets a flag that the loop reads at
-    the next step boundary; a second one restores the previous handlers and re-raises, stopping at once.
-
-    Installed only in the main thread (Python delivers signals there) and not over a signal that was
-    ignored (a launcher that ignores SIGINT keeps ignoring it)."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self) -> None:
-        self.name: str | None = None
-        self._previous: dict[int, object] = {}
-
-    def __enter__(self) -> "_Preemption":
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                if signal.getsignal(sig) is not signal.SIG_IGN:
-                    self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        while self._previous:
-            sig, handler = self._previous.popitem()
-            signal.signal(sig, handler)
-
-    def _handle(self, signum: int, frame) -> None:
-        if self.name is not None:
-            self.__exit__()
-            signal.raise_signal(signum)
-            return
-        self.name = signal.Signals(signum).name
-        log.warning("received %s: finishing this step, then saving a checkpoint (send it again to stop at once)",
-                    self.name)
-
-    def requested(self, accelerator: Accelerator) -> bool:
-        """Whether any process got a signal (all processes must agree, or their checkpoint barriers would hang)."""
-        if accelerator.num_processes == 1:
-            return self.name is not None
-        flag = torch.tensor(int(self.name is not None), device=accelerator.device)
-        if int(accelerator.reduce(flag, "sum")) and self.name is None:
-            self.name = "a signal to another process"
-        return self.name is not None
 
 
 def train_step(model, objective: Objective, optimizer, scheduler, accelerator: Accelerator,

@@ -8,45 +8,50 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import logging
 import os
 import shutil
 import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from safetensors.torch import load_file
 
 from tunesmith.config import Config, check_paths, save_config, to_dict
+from tunesmith.config.objectives import OBJECTIVES
 from tunesmith.data.build import prepare_from_config, write_data_report
 from tunesmith.data.pipeline import ExampleTable
 from tunesmith.errors import ConfigError
-from tunesmith.model.attention import VARLEN, supports_varlen
-from tunesmith.model.build import architecture, build_tokenizer
-from tunesmith.model.load import load_model, resize_embeddings, resolve_dtype
-from tunesmith.model.heads import load_classification_model, prepare_classification
-from tunesmith.model.prompt_tuning import PROMPT_STRATEGIES, PromptSpec
-from tunesmith.model.reft import ReftSpec, intervening_on_prompts
-from tunesmith.model.scratch import init_model
-from tunesmith.model.stops import set_stop_tokens
-from tunesmith.model.strategies import ADAPTER_STRATEGIES, apply_strategy, parameter_counts, quantization_config
-from tunesmith.objectives import (PREFERENCE_OBJECTIVES, REFERENCE_OBJECTIVES, RL_OBJECTIVES, UNPAIRED_OBJECTIVES,
-                                  build_objective)
-from tunesmith.train.probe import probe_memory
+from tunesmith.model.build import build_model, build_tokenizer
+from tunesmith.model.heads import prepare_classification
+from tunesmith.model.prompt_tuning import PROMPT_STRATEGIES
+from tunesmith.model.reft import intervening_on_prompts
+from tunesmith.model.strategies import ADAPTER_STRATEGIES, parameter_counts
+from tunesmith.model.trainable import WEIGHTS, load_trainable_state
+from tunesmith.objectives import build_objective
+from tunesmith.objectives.base import Objective
 from tunesmith.objectives.align import precompute_reference
 from tunesmith.track.logs import close_logging, setup_logging
 from tunesmith.track.plots import plot_training_curves
 from tunesmith.track.sinks import create_tracker, require_sink_packages
-from tunesmith.train.checkpoint import (latest_checkpoint, load_checkpoint, load_sharded_checkpoint,
-                                        load_trainable_state)
-from tunesmith.train.distributed import (build_accelerator, fill_deepspeed_auto, gathered_weights, is_sharded, prepare,
-                                         read_deepspeed_config, shard_model)
-from tunesmith.train.loop import LoopSettings, fit, steps_per_epoch
+from tunesmith.train.checkpoint import latest_checkpoint, load_checkpoint, load_sharded_checkpoint
+from tunesmith.train.distributed import (
+    build_accelerator,
+    fill_deepspeed_auto,
+    gathered_weights,
+    is_sharded,
+    prepare,
+    read_deepspeed_config,
+    shard_model,
+)
+from tunesmith.train.loop import FitSummary, LoopSettings, fit, steps_per_epoch
 from tunesmith.train.optim import build_optimizer, build_scheduler
+from tunesmith.train.probe import probe_memory
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +63,67 @@ def train(cfg: Config) -> dict:
         from tunesmith.model.features import train_features
 
         return train_features(cfg)
+    session = start_session(cfg)
+    run = assemble(cfg, session)
+    resume = resume_from_checkpoint(session, run)
+    tracker = create_tracker(session.run_dir, cfg.tracking, session.accelerator.is_main_process,
+                             resume_step=resume.start_step or None)
+    if session.accelerator.is_main_process:  # only now that everything checked out: a refused resume changes nothing
+        save_config(cfg, session.run_dir / "config.yaml")
+        write_data_report(run.data, session.run_dir)
+    _log_plan(run, session.accelerator)
+    with tracker:  # closed also when training fails, which marks the sinks' runs as failed
+        tracker.log_params(to_dict(cfg))
+        summary = fit(run.model, run.objective, run.optimizer, run.scheduler, session.accelerator, run.train_set,
+                      run.validation_set, run.tokenizer.pad_token_id, run.settings, session.run_dir,
+                      resume.start_step, run.data_state, tracker=tracker,
+                      sample_eval=build_sample_eval(cfg, run.tokenizer, run.validation_set),
+                      nonfinite_steps=resume.nonfinite_steps,
+                      forgetting=build_forgetting(cfg, run.tokenizer, session.accelerator,
+                                                  resume.forgetting_baseline))
+        # Stopped by SIGTERM/SIGINT: its checkpoint is written; final/ and the report wait for --resume.
+        report = {"preempted": summary.preempted, "steps": summary.steps} if summary.preempted else \
+            finish(cfg, session, run, summary, tracker)
+    session.accelerator.end_training()
+    close_logging()
+    return report
+
+
+@dataclass
+class Session:
+    """Where a run writes, the checkpoint it resumes from, and the accelerator it runs on."""
+
+    run_dir: Path
+    resume_from: Path | None
+    accelerator: Accelerator
+    started: float
+
+
+@dataclass
+class Run:
+    """What training is made of before its first step."""
+
+    tokenizer: object
+    data: object  # data.pipeline.Prepared, or the classification splits
+    train_set: object
+    validation_set: object
+    model: torch.nn.Module
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    settings: LoopSettings
+    data_state: dict  # stored in every checkpoint, checked on resume
+
+
+@dataclass
+class ResumePoint:
+    start_step: int = 0
+    nonfinite_steps: list[int] = field(default_factory=list)
+    forgetting_baseline: dict | None = None
+
+
+def start_session(cfg: Config) -> Session:
+    """The run directory's resume point, the accelerator, logging into the run directory, and the seed."""
     run_dir = Path(cfg.train.output_dir)
     damaged: list[tuple[Path, str]] = []  # checkpoints that fail their checksums, reported once logging is set up
     resume_from = _resume_point(run_dir, cfg.train.resume, damaged)
@@ -68,20 +134,24 @@ def train(cfg: Config) -> dict:
     for path, problem in damaged:
         log.warning("skipping damaged checkpoint %s: %s; resuming from the one before it", path, problem)
     set_seed(cfg.train.seed)
-    started = time.perf_counter()
+    return Session(run_dir, resume_from, accelerator, time.perf_counter())
 
+
+def assemble(cfg: Config, session: Session) -> Run:
+    """Tokenizer, data (before the model: a bad row is reported without waiting for the weights), model,
+    objective, optimizer and schedule, prepared by accelerate; reference log-probs and the memory probe."""
+    accelerator, spec = session.accelerator, OBJECTIVES[cfg.train.objective]
     tokenizer, added_tokens = build_tokenizer(cfg)
-    # The data before the model: a bad row is reported without waiting for the weights.
     with accelerator.main_process_first():  # tokenised once, by the main process; the others read its cache
-        classify = cfg.train.objective == "classify"
-        data = prepare_classification(cfg, tokenizer) if classify else prepare_from_config(cfg, tokenizer)
+        labelled = spec.data == "labelled"
+        data = prepare_classification(cfg, tokenizer) if labelled else prepare_from_config(cfg, tokenizer)
     train_set, validation_set = data.splits["train"], data.splits["validation"]
     _log_data(data.report)
     check_objective_data(cfg.train.objective, train_set)
     model = build_model(cfg, tokenizer, added_tokens, data.report.get("labels"))
     ref_model = build_reference(cfg, model)
     objective = build_objective(cfg.train.objective, cfg.align, ref_model, tokenizer.pad_token_id,
-                                cfg.eval.batch_size, tokenizer=tokenizer, run_dir=run_dir,
+                                cfg.eval.batch_size, tokenizer=tokenizer, run_dir=session.run_dir,
                                 device=accelerator.device, model=model, fused_loss=cfg.train.fused_loss,
                                 padding_free=cfg.data.padding_free)
     if cfg.strategy.name == "reft":  # interventions at the prompt positions each batch's labels give
@@ -94,84 +164,87 @@ def train(cfg: Config) -> dict:
     model, optimizer = prepare(accelerator, model, optimizer)
     if ref_model is not None:
         ref_model.to(accelerator.device)
-    if cfg.align.precompute_ref and cfg.train.objective in ("dpo", "kto"):
+    if cfg.align.precompute_ref and spec.precomputable_reference:
         # Before a checkpoint is loaded: the model is still the reference.
         train_set, validation_set = (with_reference(model, s, tokenizer.pad_token_id, cfg.eval.batch_size,
                                                     accelerator.device) for s in (train_set, validation_set))
-    if cfg.train.probe_memory and cfg.train.objective not in RL_OBJECTIVES:
+    if cfg.train.probe_memory and not spec.generates:
         # Before a checkpoint is loaded, whose RNG state then replaces whatever the probe drew.
         probe_memory(model, objective, train_set, cfg.train.micro_batch_size, tokenizer.pad_token_id, accelerator,
                      f"lower train.micro_batch_size (now {cfg.train.micro_batch_size}) or data.max_seq_len (now "
                      f"{cfg.data.max_seq_len}), set train.gradient_checkpointing=true or "
                      "train.mixed_precision=bf16, or use strategy qlora")
-
     data_state = {"train_fingerprint": data.fingerprint, "total_steps": settings.total_steps}
-    start_step, nonfinite_steps, forgetting_baseline = 0, [], None
-    if resume_from is not None:
-        saved = load_sharded_checkpoint(resume_from, model, optimizer, scheduler) if is_sharded(model) else \
-            load_checkpoint(resume_from, accelerator.unwrap_model(model), optimizer, scheduler)
-        _check_resumable(saved, data_state, resume_from)
-        start_step, nonfinite_steps = saved["step"], saved.get("nonfinite_steps", [])
-        forgetting_baseline = saved.get("forgetting_baseline")
-        log.info("resumed from %s (step %d of %d)", resume_from, start_step, settings.total_steps)
-    tracker = create_tracker(run_dir, cfg.tracking, accelerator.is_main_process, resume_step=start_step or None)
-    if accelerator.is_main_process:  # only now that everything checked out, so a refused resume changes nothing
-        save_config(cfg, run_dir / "config.yaml")
-        write_data_report(data, run_dir)
-    log.info("training %d optimizer steps (%d per epoch), %d micro-batches of %d per step",
-             settings.total_steps, steps_per_epoch(len(train_set), settings.micro_batch_size, settings.grad_accum,
-                                                   accelerator.num_processes),
-             settings.grad_accum, settings.micro_batch_size)
-    with tracker:  # closed also when training fails, which marks the sinks' runs as failed
-        tracker.log_params(to_dict(cfg))
-        summary = fit(model, objective, optimizer, scheduler, accelerator, train_set,
-                      validation_set, tokenizer.pad_token_id, settings, run_dir, start_step, data_state,
-                      tracker=tracker, sample_eval=build_sample_eval(cfg, tokenizer, validation_set),
-                      nonfinite_steps=nonfinite_steps,
-                      forgetting=build_forgetting(cfg, tokenizer, accelerator, forgetting_baseline))
-        # Stopped by SIGTERM/SIGINT: its checkpoint is written; final/ and the report wait for --resume.
-        preempted = summary.get("preempted")
-        if cfg.eval.load_best_at_end and summary.get("best") and not preempted:
-            best = Path(summary["best"]["checkpoint"])
-            if is_sharded(model):
-                load_sharded_checkpoint(best, model)
-            else:
-                load_trainable_state(accelerator.unwrap_model(model), load_file(best / "trainable.safetensors"))
-            log.info("final/ holds the best checkpoint (step %d, %s %.4f)", summary["best"]["step"],
-                     summary["best"]["metric"], summary["best"]["value"])
+    return Run(tokenizer, data, train_set, validation_set, model, objective, optimizer, scheduler, settings,
+               data_state)
 
-        last_good = (summary.get("forgetting") or {}).get("last_good")
-        if last_good and summary["forgetting"]["stopped"] and not preempted:
-            load_trainable_state(accelerator.unwrap_model(model), load_file(Path(last_good) / "trainable.safetensors"))
-            log.warning("final/ holds %s, the last validation pass before the general sets fell", last_good)
-        report = {"preempted": preempted, "steps": summary["steps"]} if preempted else {}
-        # Weights split across processes (FSDP, ZeRO-3) are gathered onto the main process, by all of them.
-        weights = None if preempted else gathered_weights(accelerator, model)
-        if accelerator.is_main_process and not preempted:
-            save_final(accelerator.unwrap_model(model), tokenizer, run_dir / "final", weights)
-            trainable, total = parameter_counts(accelerator.unwrap_model(model))
-            report = {
-                "steps": summary["steps"],
-                "train_loss": summary["train_loss"],
-                "eval_loss": summary["eval_loss"],
-                **({"eval_metrics": summary["eval_metrics"]} if summary.get("eval_metrics") else {}),
-                **({"best": summary["best"]} if summary.get("best") else {}),
-                **({"forgetting": summary["forgetting"]} if summary.get("forgetting") else {}),
-                "nonfinite_steps": summary["nonfinite_steps"],  # skipped (train.on_nonfinite=skip)
-                "trainable_parameters": trainable,
-                "total_parameters": total,
-                "seconds": round(time.perf_counter() - started, 2),
-                "data": data.report["splits"],
-                "config": to_dict(cfg),
-            }
-            write_report(run_dir, report)
-            plot_training_curves(run_dir / "metrics.jsonl", run_dir / "loss.png", title=run_dir.name)
-            for path in _artifacts(run_dir):
-                tracker.log_artifact(path)
-            log.info("done: final model in %s", run_dir / "final")
-    accelerator.end_training()
-    close_logging()
+
+def resume_from_checkpoint(session: Session, run: Run) -> ResumePoint:
+    """Weights, optimizer, schedule and RNG of the checkpoint to resume from (none: a fresh start)."""
+    path, accelerator = session.resume_from, session.accelerator
+    if path is None:
+        return ResumePoint()
+    saved = load_sharded_checkpoint(path, run.model, run.optimizer, run.scheduler) if is_sharded(run.model) else \
+        load_checkpoint(path, accelerator.unwrap_model(run.model), run.optimizer, run.scheduler)
+    _check_resumable(saved, run.data_state, path)
+    log.info("resumed from %s (step %d of %d)", path, saved["step"], run.settings.total_steps)
+    return ResumePoint(saved["step"], saved.get("nonfinite_steps", []), saved.get("forgetting_baseline"))
+
+
+def finish(cfg: Config, session: Session, run: Run, summary: FitSummary, tracker) -> dict:
+    """The weights final/ holds (the best or last good checkpoint, when asked), final/, the report, the plots."""
+    accelerator, run_dir = session.accelerator, session.run_dir
+    _restore_chosen_weights(cfg, summary, run.model, accelerator)
+    # Weights split across processes (FSDP, ZeRO-3) are gathered onto the main process, by all of them.
+    weights = gathered_weights(accelerator, run.model)
+    if not accelerator.is_main_process:
+        return {}
+    model = accelerator.unwrap_model(run.model)
+    save_final(model, run.tokenizer, run_dir / "final", weights)
+    trainable, total = parameter_counts(model)
+    report = {
+        "steps": summary.steps,
+        "train_loss": summary.train_loss,
+        "eval_loss": summary.eval_loss,
+        **({"eval_metrics": summary.eval_metrics} if summary.eval_metrics else {}),
+        **({"best": summary.best} if summary.best else {}),
+        **({"forgetting": summary.forgetting} if summary.forgetting else {}),
+        "nonfinite_steps": summary.nonfinite_steps,  # skipped (train.on_nonfinite=skip)
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "seconds": round(time.perf_counter() - session.started, 2),
+        "data": run.data.report["splits"],
+        "config": to_dict(cfg),
+    }
+    write_report(run_dir, report)
+    plot_training_curves(run_dir / "metrics.jsonl", run_dir / "loss.png", title=run_dir.name)
+    for path in _artifacts(run_dir):
+        tracker.log_artifact(path)
+    log.info("done: final model in %s", run_dir / "final")
     return report
+
+
+def _restore_chosen_weights(cfg: Config, summary: FitSummary, model, accelerator: Accelerator) -> None:
+    """With eval.load_best_at_end, the best checkpoint's weights; after a forgetting stop, the last good ones."""
+    if cfg.eval.load_best_at_end and summary.best:
+        best = Path(summary.best["checkpoint"])
+        if is_sharded(model):
+            load_sharded_checkpoint(best, model)
+        else:
+            load_trainable_state(accelerator.unwrap_model(model), load_file(best / WEIGHTS))
+        log.info("final/ holds the best checkpoint (step %d, %s %.4f)", summary.best["step"],
+                 summary.best["metric"], summary.best["value"])
+    last_good = (summary.forgetting or {}).get("last_good")
+    if last_good and summary.forgetting["stopped"]:
+        load_trainable_state(accelerator.unwrap_model(model), load_file(Path(last_good) / WEIGHTS))
+        log.warning("final/ holds %s, the last validation pass before the general sets fell", last_good)
+
+
+def _log_plan(run: Run, accelerator: Accelerator) -> None:
+    s = run.settings
+    log.info("training %d optimizer steps (%d per epoch), %d micro-batches of %d per step", s.total_steps,
+             steps_per_epoch(len(run.train_set), s.micro_batch_size, s.grad_accum, accelerator.num_processes),
+             s.grad_accum, s.micro_batch_size)
 
 
 def deepspeed_config(cfg: Config) -> dict | None:
@@ -195,57 +268,6 @@ def shard(cfg: Config, model, accelerator: Accelerator):
     return shard_model(model, d.wrap, d.reshard_after_forward, cfg.train.mixed_precision, accelerator.device)
 
 
-def build_model(cfg: Config, tokenizer, added_tokens: list[str], labels: list[str] | None = None):
-    """The model, its embeddings grown to the tokenizer, wrapped for the chosen strategy.
-
-    Args:
-        labels: class names for train.objective=classify (None: regression, or another objective).
-    """
-    m, strategy = cfg.model, cfg.strategy
-    quant = None
-    if strategy.name == "qlora":
-        compute = resolve_dtype(strategy.quant.compute_dtype)
-        quant = quantization_config(strategy.quant.quant_type, strategy.quant.double_quant, compute)
-    reward, classify = cfg.train.objective == "reward", cfg.train.objective == "classify"
-    if classify:
-        model = load_classification_model(m.name_or_path, labels or [], strategy.head.regression,
-                                          tokenizer.pad_token_id, resolve_dtype(m.dtype), m.attn_implementation,
-                                          m.revision, m.trust_remote_code, m.allow_pickle, quant)
-    elif m.init is not None:  # pretraining from scratch (checks refused reward, classify and adapters)
-        seed = cfg.train.seed if m.init.seed is None else m.init.seed
-        model = init_model(architecture(cfg, tokenizer), seed, resolve_dtype(m.dtype), m.attn_implementation)
-        log.info("built a new %s model from model.init (seed %d)", m.init.family, seed)
-    else:
-        model = load_model(m.name_or_path, resolve_dtype(m.dtype), m.attn_implementation, m.revision,
-                           m.trust_remote_code, m.allow_pickle, quant, head="score" if reward else "causal")
-    if (cfg.data.pack or cfg.data.padding_free) and m.attn_implementation == "sdpa" \
-            and supports_varlen(model.config):
-        model.set_attn_implementation(VARLEN)  # several examples per row: attention per example, no L x L mask
-    resize_embeddings(model, tokenizer)
-    if reward:  # the score is read at each row's last non-pad token
-        model.config.pad_token_id = tokenizer.pad_token_id
-    elif cfg.train.objective not in ("clm", "classify") and not cfg.data.train_on_prompt:
-        set_stop_tokens(model, tokenizer)
-    new_ids = tokenizer.convert_tokens_to_ids(added_tokens) if strategy.name in ADAPTER_STRATEGIES else []
-    model = apply_strategy(
-        model, strategy.name,
-        lora_r=strategy.lora.r, lora_alpha=strategy.lora.alpha, lora_dropout=strategy.lora.dropout,
-        target_modules=strategy.lora.target_modules, rslora=strategy.lora.rslora,
-        freeze_last_n_layers=strategy.freeze.last_n_layers, freeze_modules=strategy.freeze.modules,
-        new_token_ids=new_ids, task_type="SEQ_CLS" if reward or classify else "CAUSAL_LM",
-        prompt=PromptSpec(**dataclasses.asdict(strategy.prompt)), reft=ReftSpec(**dataclasses.asdict(strategy.reft)),
-    )
-    trainable, total = parameter_counts(model)
-    log.info("strategy %s: %s trainable of %s parameters (%.4f%%)", strategy.name, f"{trainable:,}",
-             f"{total:,}", 100 * trainable / total)
-    if cfg.train.gradient_checkpointing:
-        # Non-reentrant checkpointing needs no input gradients, so it also works under frozen embeddings.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.train.compile:
-        model.compile()  # in place: parameter names, saving and unwrapping stay as they are
-    return model
-
-
 # Strategies whose model can switch its trained parts off (`disable_adapter`): the base is the reference.
 WITH_BASE_SWITCH = ADAPTER_STRATEGIES + PROMPT_STRATEGIES + ("reft",)
 
@@ -253,8 +275,8 @@ WITH_BASE_SWITCH = ADAPTER_STRATEGIES + PROMPT_STRATEGIES + ("reft",)
 def build_reference(cfg: Config, model):
     """A frozen copy of the model as the reference, where one is needed and nothing cheaper serves: with
     adapters the policy with its adapters off is the reference; `align.precompute_ref` needs none at all."""
-    if (cfg.train.objective not in REFERENCE_OBJECTIVES or cfg.align.precompute_ref
-            or cfg.strategy.name in WITH_BASE_SWITCH or (cfg.train.objective == "grpo" and not cfg.align.kl_beta)):
+    if (not OBJECTIVES[cfg.train.objective].needs_reference(cfg.align.kl_beta) or cfg.align.precompute_ref
+            or cfg.strategy.name in WITH_BASE_SWITCH):
         return None
     log.info("reference model: a frozen copy of the model (align.precompute_ref=true avoids the second copy)")
     return copy.deepcopy(model).eval().requires_grad_(False)
@@ -267,21 +289,21 @@ def with_reference(model, examples, pad_token_id: int, batch_size: int, device):
     logps = precompute_reference(model, examples, pad_token_id, batch_size, device)
     if isinstance(examples, ExampleTable):
         return ExampleTable(examples.table.add_column("ref_logps", logps))
-    return [dataclasses.replace(e, ref_logps=v) for e, v in zip(examples, logps)]
+    return [replace(e, ref_logps=v) for e, v in zip(examples, logps)]
 
 
 def check_objective_data(objective: str, examples) -> None:
     """The objective's data kind: pairs for preference objectives, desirable flags for KTO."""
     if not len(examples):
         return
-    first = examples[0]
-    if objective in PREFERENCE_OBJECTIVES and first.rejected_ids is None:
+    first, data = examples[0], OBJECTIVES[objective].data
+    if data == "preference" and first.rejected_ids is None:
         raise ConfigError(f"train.objective: {objective} trains on preference pairs (prompt, chosen, rejected), "
                           f"but the training data ({first.source}) has none; set data.format=preference")
-    if objective in UNPAIRED_OBJECTIVES and first.desirable is None:
+    if data == "unpaired" and first.desirable is None:
         raise ConfigError(f"train.objective: {objective} trains on (prompt, completion, desirable) rows, but the "
                           f"training data ({first.source}) has none; set data.format=unpaired")
-    if objective in ("sft", "clm") and first.rejected_ids is not None:
+    if OBJECTIVES[objective].next_token_loss and first.rejected_ids is not None:
         log.warning("train.objective=%s on preference pairs: only the chosen answers are trained on", objective)
 
 
@@ -310,8 +332,8 @@ def _loop_settings(cfg: Config, num_examples: int, num_processes: int) -> LoopSe
 def build_forgetting(cfg: Config, tokenizer, accelerator: Accelerator, baseline: dict | None = None):
     """The forgetting guard over the config's general eval sets (`eval.general`), or None when it has none;
     `baseline`: the scores a resumed run started from (its checkpoint's state)."""
-    if not any(s.general or s.name in cfg.eval.general for s in cfg.eval.sets) or cfg.train.objective in (
-            "classify", "reward"):
+    if not any(s.general or s.name in cfg.eval.general for s in cfg.eval.sets) \
+            or not OBJECTIVES[cfg.train.objective].compared_with_base:
         return None
     from tunesmith.eval.command import eval_sets, settings_from_config
     from tunesmith.eval.harness import run_set
@@ -320,8 +342,6 @@ def build_forgetting(cfg: Config, tokenizer, accelerator: Accelerator, baseline:
     general, settings = [s for s in eval_sets(cfg) if s.general], settings_from_config(cfg)
 
     def score(model) -> dict[str, dict]:
-        import torch
-
         model = accelerator.unwrap_model(model).eval()
         with torch.no_grad():
             return {spec.name: run_set(model, tokenizer, spec, settings) for spec in general}
@@ -334,7 +354,7 @@ def build_forgetting(cfg: Config, tokenizer, accelerator: Accelerator, baseline:
 def build_sample_eval(cfg: Config, tokenizer, validation):
     """Generation metrics on the first `eval.generate_samples` validation examples, or None."""
     n = min(cfg.eval.generate_samples, len(validation))
-    if not n or cfg.train.objective in ("clm", "reward") + PREFERENCE_OBJECTIVES + UNPAIRED_OBJECTIVES:
+    if not n or not OBJECTIVES[cfg.train.objective].samples_generations:
         return None
     from tunesmith.eval.during import sample_generation_metrics
 
