@@ -205,7 +205,7 @@ def test_full_fine_tuning_has_no_adapters_to_disable(tokenizer, model_dirs, data
 
 
 # ---------------------------------------------------------------------------------------------------
-# Gradient accumulation (DESIGN.md item 1) for every preference loss
+# Gradient accumulation equals the large batch, for every preference loss
 
 
 def _model_for(objective, model_dirs, tok):

@@ -11,7 +11,8 @@ import pytest
 from tunesmith import envinfo
 from tunesmith.cli import main
 from tunesmith.envinfo import (EXTRAS, LIBRARIES, compare_versions, extras_status, find_llama_cpp, format_summary,
-                               lock_path, parse_cpuinfo, read_lock)
+                               lock_path, read_lock)
+from tunesmith.hardware import parse_cpuinfo
 
 INTEL = """\
 processor\t: 0

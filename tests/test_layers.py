@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "tunesmith"
 # Lowest first. Packages on one rung import nothing from each other.
 LADDER = [
     ("errors",),
-    ("paths", "compat"),
+    ("paths", "compat", "hardware"),
     ("config",),
     ("track",),
     ("data",),

@@ -1,4 +1,4 @@
-"""Packing isolation (DESIGN.md item 4): packed loss equals per-document losses, documents do not see each other."""
+"""Packing isolation: packed loss equals per-document losses, documents do not see each other."""
 
 from __future__ import annotations
 

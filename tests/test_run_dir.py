@@ -1,4 +1,4 @@
-"""What a run leaves behind (DESIGN.md run directory) and the validation loss it reports."""
+"""What a run leaves behind (the run directory of the README) and the validation loss it reports."""
 
 from __future__ import annotations
 

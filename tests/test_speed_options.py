@@ -15,6 +15,7 @@ from tunesmith.data.tokenize import Example
 from tunesmith.errors import ConfigError
 from tunesmith.objectives import build_objective
 from tunesmith.track.metrics import read_metrics
+from tunesmith.train import distributed
 from tunesmith.train.probe import longest_examples, probe_memory
 from tunesmith.train.run import train
 
@@ -48,13 +49,26 @@ def test_gradient_checkpointing_gives_the_same_losses_and_weights(model_dirs, da
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
 
 
-def test_bf16_autocast_on_cpu_keeps_fp32_weights_and_close_losses(model_dirs, data, tmp_path):
+def test_bf16_autocast_on_cpu_keeps_fp32_weights_and_close_losses(model_dirs, data, tmp_path, monkeypatch):
+    """On a CPU with bf16 instructions (patched in: the test machines have none)."""
+    monkeypatch.setattr(distributed, "cpu_info", lambda: {"bf16": True})
     for name, precision in (("fp32", "no"), ("bf16", "bf16")):
         train(config_from_dict(run_config(model_dirs["llama"], data, tmp_path / name, mixed_precision=precision)))
     assert _losses(tmp_path / "bf16") == pytest.approx(_losses(tmp_path / "fp32"), rel=2e-2)
     assert _losses(tmp_path / "bf16") != _losses(tmp_path / "fp32")  # bf16 really was used
     saved = load_file(tmp_path / "bf16" / "final" / "adapter_model.safetensors")
     assert all(t.dtype == torch.float32 for t in saved.values())  # master weights stay fp32
+
+
+@pytest.mark.parametrize(("flags", "expected"), [({"bf16": False}, "no"), ({"bf16": True}, "bf16"),
+                                                 ({"bf16": None}, "bf16")])
+def test_bf16_falls_back_to_fp32_on_a_cpu_without_bf16_instructions(flags, expected, monkeypatch, caplog):
+    monkeypatch.setattr(distributed, "cpu_info", lambda: flags)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert distributed.cpu_mixed_precision("bf16") == expected
+    assert distributed.cpu_mixed_precision("no") == "no"
+    said = [r.getMessage() for r in caplog.records if "AVX512-BF16" in r.getMessage()]
+    assert len(said) == (1 if expected == "no" else 0)
 
 
 @pytest.mark.slow

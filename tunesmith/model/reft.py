@@ -42,13 +42,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
 
+from tunesmith.data.tokenize import IGNORE_INDEX
 from tunesmith.errors import ConfigError, DataError
 from tunesmith.model.blocks import transformer_blocks
 
 FORMAT = "tunesmith-reft/1"
 CONFIG_FILE = "reft_config.json"
 WEIGHTS_FILE = "reft_interventions.safetensors"
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)

@@ -25,13 +25,13 @@ from pathlib import Path
 from tunesmith.config import load_config
 from tunesmith.config.objectives import OBJECTIVES
 from tunesmith.errors import ConfigError, ModelError
+from tunesmith.model.features import CONFIG_FILE as FEATURES_CONFIG
+from tunesmith.model.reft import CONFIG_FILE as REFT_CONFIG
 from tunesmith.model.sources import resolve_model_path
 from tunesmith.model.trainable import WEIGHTS
 
 ADAPTER_CONFIG = "adapter_config.json"
 RUN_CONFIG = "config.yaml"
-REFT_CONFIG = "reft_config.json"  # written by model/reft.py
-FEATURES_CONFIG = "features_config.json"  # written by model/features.py
 KINDS = ("hub", "model", "adapter", "reft", "features", "checkpoint")
 
 

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
+from tunesmith.data.tokenize import IGNORE_INDEX
+
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 

@@ -29,6 +29,7 @@ from accelerate.utils import DistributedType
 from torch import nn
 
 from tunesmith.errors import ConfigError
+from tunesmith.hardware import cpu_info
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,19 @@ def build_accelerator(strategy: str, mixed_precision: str, ds_config: dict | Non
     """The run's Accelerator: on CPU with several processes it is told to use gloo (`cpu=True`); DeepSpeed gets
     its plugin (`ds_config`: the filled JSON config)."""
     plugin = deepspeed_plugin(ds_config) if strategy == "deepspeed" else None
-    return Accelerator(cpu=_multi_cpu(), mixed_precision=mixed_precision, deepspeed_plugin=plugin)
+    return Accelerator(cpu=_multi_cpu(), mixed_precision=cpu_mixed_precision(mixed_precision),
+                       deepspeed_plugin=plugin)
+
+
+def cpu_mixed_precision(mixed_precision: str) -> str:
+    """`mixed_precision`, except bf16 on a CPU without bf16 instructions (AVX512-BF16, AMX-BF16): there torch
+    emulates bf16 matrix multiplies, ~40x slower than fp32 ones on this project's 2-core AVX2 machines, so
+    training falls back to fp32 and says so in one line. Unknown flags (not Linux) keep bf16."""
+    if mixed_precision != "bf16" or torch.cuda.is_available() or cpu_info()["bf16"] is not False:
+        return mixed_precision
+    log.warning("train.mixed_precision=bf16: this CPU has neither AVX512-BF16 nor AMX-BF16 (emulated bf16 is "
+                "slower than fp32); training in fp32")
+    return "no"
 
 
 def _multi_cpu() -> bool:
