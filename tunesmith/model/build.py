@@ -15,7 +15,6 @@ from tunesmith.config import Config
 from tunesmith.config.objectives import OBJECTIVES
 from tunesmith.data.templates import install_template
 from tunesmith.errors import ConfigError
-from tunesmith.model.attention import VARLEN, supports_varlen
 from tunesmith.model.heads import load_classification_model
 from tunesmith.model.load import ensure_pad_token, load_model, load_tokenizer, resize_embeddings, resolve_dtype
 from tunesmith.model.prompt_tuning import PromptSpec
@@ -73,6 +72,8 @@ def build_model(cfg: Config, tokenizer, added_tokens: list[str], labels: list[st
     Args:
         labels: class names for train.objective=classify (None: regression, or another objective).
     """
+    from tunesmith.model.attention import VARLEN, supports_varlen  # transformers' attention stack: seconds to import
+
     m, strategy = cfg.model, cfg.strategy
     quant = None
     if strategy.name == "qlora":
