@@ -13,11 +13,13 @@ from transformers import AutoConfig
 
 from conftest import chat_rows, write_jsonl
 from tunesmith.cli import main
+from tunesmith.config import Config
 from tunesmith.demo.tiny import build_model, model_config, save_tiny
 from tunesmith.model.strategies import apply_strategy, parameter_counts
 from tunesmith.objectives import build_objective
-from tunesmith.train.estimate import (Plan, activation_bytes, estimate_memory, flops_per_token, layer_activation_bytes,
-                                      logits_bytes, mask_bytes, model_shape, trainable_params, weight_bytes)
+from tunesmith.train.estimate import (Plan, activation_bytes, advice, estimate_memory, flops_per_token,
+                                      layer_activation_bytes, logits_bytes, mask_bytes, model_shape, trainable_params,
+                                      weight_bytes)
 from tunesmith.train.optim import build_optimizer
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -57,14 +59,15 @@ def test_activation_bytes_per_token_of_one_block_by_hand():
     linear inputs: norm outputs 2*64*4 = 512 (shared by q/k/v and gate/up), down_proj's 128*4 = 512
     (o_proj reads the SDPA output already kept). Total 4,376.
     With a padding mask k and v are repeated to 4 heads (+2*32*4), and each layer keeps the mask in fp32 (R*T*T*4).
-    LoRA: no normalised inputs (-512), norm input of block 0 not kept (-256), + r=8 per adapted module 7*8*4."""
+    LoRA: no normalised inputs (-512), + r=8 per adapted module 7*8*4; block 0's input needs no gradient, so its
+    first norm keeps neither its fp32 input nor 1/rms (-256 - 4)."""
     shape = model_shape(tiny_config())
     assert layer_activation_bytes(shape, plan(), 1) == 4_376
     assert layer_activation_bytes(shape, plan(mask=True), 1) == 4_376 + 256
     assert mask_bytes(plan(mask=True)) == 2 * 8 * 8 * 4
     lora = plan(strategy="lora", lora_r=8, lora_targets=LORA_TARGETS)
     assert layer_activation_bytes(shape, lora, 1) == 4_376 - 512 + 224
-    assert layer_activation_bytes(shape, lora, 0) == 4_376 - 512 - 256 + 224
+    assert layer_activation_bytes(shape, lora, 0) == 4_376 - 512 - 256 - 4 + 224
 
 
 def test_logits_and_chunked_loss_bytes_by_hand():
@@ -107,18 +110,33 @@ def _saved_bytes(model, batch, fused: bool = False) -> int:
     return sum(seen.values())
 
 
+# LoRA dropout over several target-module sets: peft applies one dropout per adapted module, so modules reading one
+# input each keep their own dropped copy (and mask); what keeps which depends on which inputs need gradients.
+DROPOUT_CASES = [dict(strategy="lora", lora_dropout=0.1, lora_targets=targets, **more) for targets, more in [
+    (LORA_TARGETS, {}), (("q_proj",), {}), (("q_proj", "k_proj"), {}), (("q_proj", "v_proj"), dict(mask=True)),
+    (("o_proj",), {}), (("down_proj",), {}), (("gate_proj", "up_proj"), dict(weight_bytes=2)),
+    (LORA_TARGETS, dict(weight_bytes=2, mask=True)), (LORA_TARGETS, dict(fused_loss=True))]]
+
+
 @pytest.mark.parametrize("case", [dict(), dict(mask=True), dict(strategy="lora"), dict(weight_bytes=2),
                                   dict(strategy="lora", weight_bytes=2, mask=True), dict(fused_loss=True),
-                                  dict(fused_loss=True, strategy="lora", mask=True)])
+                                  dict(fused_loss=True, strategy="lora", mask=True),
+                                  dict(strategy="lora", lora_targets=("o_proj",)),
+                                  dict(strategy="lora", lora_targets=("down_proj",))] + DROPOUT_CASES)
 def test_activations_equal_what_autograd_keeps(case):
-    """The formula against the tensors autograd saves in a real forward pass (the reference implementation).
-    Besides the activations the loss keeps: the logits' loss rows, or (fused) the hidden states' gradient and,
-    when the head trains, its weight's gradient, both fp32."""
+    """The formula against the tensors autograd saves in a real forward pass (the reference implementation), to the
+    byte. Besides the activations the loss keeps: the logits' loss rows, or (fused) the hidden states' gradient and,
+    when the head trains, its weight's gradient, both fp32. The estimate leaves out what is too small to matter,
+    added here: the rotary cos and sin tables (2 x T x head_dim in the model dtype, shared by the layers), the
+    loss's bool mask of positions (R x T), the unfused loss's int64 targets (8 N) and, when the embeddings train,
+    their int64 input ids (8 R x T)."""
     p = plan(rows=2, seq_len=24, **case)
     model = build_model("llama", 400, 64, 2, 4, 2, 128).to(torch.bfloat16 if p.weight_bytes == 2 else torch.float32)
     if p.strategy == "lora":
-        model = apply_strategy(model, "lora", lora_r=8)
-        p = dataclasses.replace(p, lora_r=8, lora_targets=LORA_TARGETS)
+        targets = p.lora_targets or LORA_TARGETS
+        model = apply_strategy(model, "lora", lora_r=8, lora_dropout=p.lora_dropout, target_modules=list(targets))
+        p = dataclasses.replace(p, lora_r=8, lora_targets=targets)
+    model.train()
     ids = torch.randint(0, 400, (2, 24), generator=torch.Generator().manual_seed(0))
     mask = torch.ones(2, 24, dtype=torch.long)
     mask[1, 20:] = 0 if p.mask else 1
@@ -126,9 +144,52 @@ def test_activations_equal_what_autograd_keeps(case):
     p = dataclasses.replace(p, loss_rows=int((labels[:, 1:] != -100).sum()))
     loss = p.loss_rows * 64 * 4 + (400 * 64 * 4 if p.strategy == "full" else 0) if p.fused_loss \
         else p.loss_rows * 400 * p.weight_bytes
-    expected = activation_bytes(model_shape(tiny_config()), p) + loss
+    left_out = 2 * 24 * 16 * p.weight_bytes + 2 * 24 + (0 if p.fused_loss else 8 * p.loss_rows) \
+        + (8 * 2 * 24 if p.strategy == "full" else 0)
+    expected = activation_bytes(model_shape(tiny_config()), p) + loss + left_out
     saved = _saved_bytes(model, {"input_ids": ids, "attention_mask": mask, "labels": labels}, p.fused_loss)
-    assert saved == pytest.approx(expected, rel=0.02)  # cos/sin tables and 1/rms rounding aside
+    assert saved == expected
+
+
+def test_lora_dropout_bytes_by_hand():
+    """LoRA r=8 with dropout on all 7 linears of the tiny Llama, per token. Each adapter runs lora_A(dropout(x)) on
+    its own: it keeps its dropped input for lora_A's weight gradient and, when x requires grad, the dropout's mask.
+    Input elements of the 7 adapters: q, k, v 3*64, o 64, gate and up 2*64, down 128: 512.
+    fp32 on a CPU, block 1: dropped input (4) + fp32 noise (4): 512*8 = 4,096, while the inputs that the adapters
+    shared are no longer kept: both norm outputs 2*64*4 and down_proj's input 128*4 (-1,024): +3,072.
+    Block 0: its input needs no gradient, so neither do q, k, v's: no noise for them (-3*64*4): +2,304.
+    CUDA (native_dropout keeps a bool mask): 512*(4+1) - 1,024 = +1,536.
+    Under autocast the dropped input is kept as its bf16 cast, in place of the bf16 copy each adapter kept of x:
+    512*(2+4) - 512*2 = +2,048."""
+    shape = model_shape(tiny_config())
+    lora = plan(strategy="lora", lora_r=8, lora_targets=LORA_TARGETS)
+    dropout = dataclasses.replace(lora, lora_dropout=0.05)
+    assert layer_activation_bytes(shape, dropout, 1) - layer_activation_bytes(shape, lora, 1) == 3_072
+    assert layer_activation_bytes(shape, dropout, 0) - layer_activation_bytes(shape, lora, 0) == 2_304
+    cuda = dataclasses.replace(dropout, device="cuda")
+    assert layer_activation_bytes(shape, cuda, 1) - layer_activation_bytes(shape, lora, 1) == 1_536
+    out, _ = torch.native_dropout(torch.ones(4, requires_grad=True), 0.5, True)  # what F.dropout runs on CUDA
+    assert out.grad_fn._saved_result1.dtype == torch.bool
+    amp = dataclasses.replace(lora, amp=True)
+    assert layer_activation_bytes(shape, dataclasses.replace(amp, lora_dropout=0.05), 1) \
+        - layer_activation_bytes(shape, amp, 1) == 2_048
+
+
+def test_lora_dropout_under_autocast_adds_what_autograd_keeps():
+    """Under bf16 autocast (fp32 weights) with LoRA on all 7 linears: what dropout adds to the tensors autograd
+    saves equals what it adds to the estimate, to the byte (the dropped input is kept as its bf16 cast, the fp32
+    noise where the input requires grad, and the bf16 copies of the shared inputs go): per token 2,048 in block 1
+    and 1,280 in block 0, whose q, k, v inputs need no gradient (test_lora_dropout_bytes_by_hand), 48 tokens."""
+    shape, ids = model_shape(tiny_config()), torch.randint(0, 400, (2, 24), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    saved, estimated = [], []
+    for dropout in (0.0, 0.1):
+        model = apply_strategy(build_model("llama", 400, 64, 2, 4, 2, 128), "lora", lora_r=8, lora_dropout=dropout)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            saved.append(_saved_bytes(model.train(), batch))
+        p = plan(rows=2, seq_len=24, amp=True, strategy="lora", lora_targets=LORA_TARGETS, lora_dropout=dropout)
+        estimated.append(activation_bytes(shape, p))
+    assert saved[1] - saved[0] == estimated[1] - estimated[0] == 48 * (2_048 + 1_280)
 
 
 class LiveTensors(torch.utils._python_dispatch.TorchDispatchMode):
@@ -216,6 +277,29 @@ def test_orderings():
     assert dpo.components["reference model"] == full.components["weights"] and dpo.peak > full.peak
 
 
+def test_advice_offers_qlora_only_off_a_cpu():
+    """Weights are the biggest part of the peak of LoRA on 4 wide blocks with one short row. On CUDA the advice is
+    QLoRA (its 4-bit linears beat bf16's 2 bytes); on a CPU, where bitsandbytes' 4-bit path peaked at 1.08-1.11x
+    LoRA's memory (README), it is bf16 weights, and with bf16 weights already only the reason QLoRA is left out."""
+    shape = model_shape(AutoConfig.for_model("llama", vocab_size=400, hidden_size=256, num_hidden_layers=4,
+                                             num_attention_heads=4, intermediate_size=1024))
+    lora = plan(rows=1, seq_len=8, loss_rows=7, strategy="lora", lora_targets=LORA_TARGETS)
+
+    def said(**changes) -> str:
+        p = dataclasses.replace(lora, **changes)
+        est = estimate_memory(shape, p)
+        assert max(est.at_peak, key=est.components.get) == "weights"
+        return advice(Config(), shape, p, est)
+
+    assert "strategy.name=qlora would give" in said(device="cuda", weight_bytes=2)
+    assert "strategy.name=qlora would give" in said(device="cuda")
+    on_cpu = said(device="cpu")
+    assert "model.dtype=bf16 would give" in on_cpu and "QLoRA is not offered on a CPU" in on_cpu
+    assert said(device="cpu", weight_bytes=2) == ("weights is the biggest part of the peak (QLoRA is not offered on "
+                                                  "a CPU: bitsandbytes dequantises the 4-bit weights in every pass "
+                                                  "there, and it peaked at 1.08-1.11x LoRA's memory)")
+
+
 @pytest.fixture
 def sft_config(model_dirs, tmp_path):
     data = write_jsonl(tmp_path / "chat.jsonl", chat_rows(16))
@@ -238,6 +322,7 @@ def test_the_command_prints_the_table_and_writes_estimate_json(sft_config, tmp_p
     report = json.loads((tmp_path / "run" / "estimate.json").read_text())
     assert report["plan"]["gradient_checkpointing"] and report["plan"]["source"] == "data.max_seq_len"
     assert report["plan"]["rows"] == 4 and report["plan"]["seq_len"] == 96
+    assert report["plan"]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
     assert report["peak_bytes"] == max(report["phases_bytes"].values()) > report["components_bytes"]["weights"]
     assert not (tmp_path / "run" / "final").exists()  # nothing trained
 
