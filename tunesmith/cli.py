@@ -133,6 +133,13 @@ def _serve(args: argparse.Namespace) -> int:
                              threads=args.threads)
 
 
+def _ui(args: argparse.Namespace) -> int:
+    from tunesmith.ui.command import ui_command
+
+    return ui_command(args.runs, host=args.host, port=args.port, allow_launch=args.allow_launch, token=args.token,
+                      configs=args.configs)
+
+
 def _compare_strategies(args: argparse.Namespace) -> int:
     from tunesmith.config import load_config
 
@@ -145,10 +152,16 @@ def _compare_strategies(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    if args.real:
+        from tunesmith.demo.real import DEFAULT_OUTPUT, run_real_demo
+
+        with warnings_to_log():
+            run_real_demo(args.output_dir or DEFAULT_OUTPUT, seed=args.seed, threads=args.threads)
+        return 0
     from tunesmith.demo.run import run_demo
 
     with warnings_to_log():
-        run_demo(args.output_dir, seed=args.seed)
+        run_demo(args.output_dir or "runs/demo", seed=args.seed)
     return 0
 
 
@@ -164,7 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="also show the libraries' warnings and load reports on the terminal (always in train.log)")
     commands = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_training, _add_evaluation, _add_delivery, _add_studio):
+        add(commands)
+    return parser
 
+
+def _add_training(commands) -> None:
+    """train, estimate and prepare (the commands that read a training config), and tokenizer."""
     train = commands.add_parser("train", help="train a model from a YAML config")
     train.add_argument("config", help="YAML config file")
     train.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.lr=1e-4")
@@ -195,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="plain text files: one document per file or per line")
     tokenizer.set_defaults(func=_tokenizer)
 
+
+def _add_evaluation(commands) -> None:
+    """eval and report: measuring models and comparing runs."""
     evaluate = commands.add_parser("eval", help="evaluate a model, checkpoint or adapter on the eval sets of a config")
     evaluate.add_argument("config", help="YAML config file")
     evaluate.add_argument("overrides", nargs="*", help="key.sub=value overrides")
@@ -207,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--output", default=None, help="where to write comparison.md/.png (default: first run)")
     report.set_defaults(func=_report)
 
+
+def _add_delivery(commands) -> None:
+    """merge, export, chat, serve: using a tuned model."""
     merge = commands.add_parser("merge", help="merge a run's LoRA/DoRA/QLoRA adapter into its base model")
     merge.add_argument("source", help="a run directory (its final/) or an adapter directory")
     merge.add_argument("--output", required=True, help="directory for the merged model")
@@ -263,6 +288,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--base", default=None, help="an adapter's base model, if it has moved since training")
     serve.set_defaults(func=_serve)
 
+
+def _add_studio(commands) -> None:
+    """ui, compare-strategies, demo, env."""
+    ui = commands.add_parser("ui", help="a local web studio over the run folders: runs, live curves, launch, chat")
+    ui.add_argument("--runs", default="runs", help="the runs folder the studio reads and writes (default: runs)")
+    ui.add_argument("--configs", default="configs", help="the recipes it may launch (default: configs)")
+    ui.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only; others need --token)")
+    ui.add_argument("--port", type=int, default=8765)
+    ui.add_argument("--allow-launch", action="store_true",
+                    help="allow starting and stopping commands from the page when bound beyond loopback")
+    ui.add_argument("--token", default=None,
+                    help="access token the page and API require (default: TUNESMITH_UI_TOKEN, if set)")
+    ui.set_defaults(func=_ui)
+
     compare = commands.add_parser("compare-strategies",
                                   help="train the same task with each strategy and compare them in one table")
     compare.add_argument("config", help="YAML config file")
@@ -272,14 +311,18 @@ def build_parser() -> argparse.ArgumentParser:
     compare.set_defaults(func=_compare_strategies)
 
     demo = commands.add_parser("demo", help="the offline quickstart on the embedded synthetic world")
-    demo.add_argument("--output-dir", default="runs/demo")
+    demo.add_argument("--output-dir", default=None, help="default: runs/demo (runs/demo-real with --real)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--real", action="store_true",
+                      help="the real-model quickstart: SmolLM2-135M-Instruct taught invented countries with LoRA, "
+                           "evaluated before and after, exported to GGUF and run in llama.cpp")
+    demo.add_argument("--threads", type=int, default=1,
+                      help="--real: torch threads (default 1, the fastest on 2 cores that others share)")
     demo.set_defaults(func=_demo)
 
     env = commands.add_parser("env", help="versions, hardware, extras and llama.cpp: what a bug report needs")
     env.add_argument("--json", action="store_true", help="print one JSON object")
     env.set_defaults(func=_env)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
