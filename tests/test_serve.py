@@ -425,7 +425,7 @@ def test_text_stream_holds_back_partial_characters_and_stop_strings(tokenizer):
 def test_top_p_keeps_the_smallest_set_reaching_p():
     """p = (0.5, 0.3, 0.2), top_p = 0.6: the mass before token 1 is 0.5 < 0.6 (kept), before token 2 it is
     0.8 (dropped); so tokens 0 and 1 are drawn with probabilities 5/8 and 3/8, token 2 never."""
-    from tunesmith.serve.generation import Row, Sampling, sample
+    from tunesmith.model.decode import Row, Sampling, sample
 
     logits = torch.tensor([[0.5, 0.3, 0.2]]).log()
     row = Row([1], 1, Sampling(temperature=1.0, top_p=0.6, seed=0))

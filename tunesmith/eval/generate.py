@@ -3,8 +3,9 @@ text prompts.
 
 The prompt of a conversation is exactly what training supervised against:
 `apply_chat_template(messages, add_generation_prompt=True)` tokenised without extra special tokens (the
-template writes BOS itself when it wants one). Prompts are left-padded so that every row's next token sits in
-the last column; generation stops at the model's `generation_config.eos_token_id` (one id or several).
+template writes BOS itself when it wants one). Prompts are decoded together as the server decodes them
+(`tunesmith.model.decode`: continuous batching, a KV cache row per prompt); generation stops at the model's
+`generation_config.eos_token_id` (one id or several).
 
     answers = generate_greedy(model, tokenizer, [[{"role": "user", "content": "Hi"}]], max_new_tokens=16)
     endings = complete_greedy(model, tokenizer, ["The capital of Veloria is"], max_new_tokens=4)
@@ -19,6 +20,7 @@ import torch
 from tunesmith.data.batching import left_pad
 from tunesmith.data.templates import render_marked
 from tunesmith.data.tokenize import encode_rendered
+from tunesmith.model.decode import Row, Sampling, decode
 from tunesmith.model.stops import stop_token_ids
 
 Conversation = Sequence[dict[str, str]]
@@ -95,35 +97,65 @@ def generate_token_ids(
 ) -> list[list[int]]:
     """Continuations of token-id prompts, greedy (temperature 0) or sampled, each cut before its stop token.
 
-    Sampling draws from torch's global generator: seed it (`torch.manual_seed`) for repeatable samples.
+    Decoded as the server decodes (`tunesmith.model.decode`, continuous batching): at most `batch_size` prompts
+    at once, the next waiting prompt taking the place of one that has finished. A PEFT prompt-learning adapter
+    (prompt or prefix tuning) puts virtual tokens before the prompt, which only PEFT's own `generate` knows how to
+    do: such a model generates through it, `batch_size` prompts at a time.
+
+    Sampling is repeatable after `torch.manual_seed`: each prompt's random stream is seeded from torch's global
+    generator.
 
     Args:
-        prompts: token ids per prompt (any lengths; batched with left padding).
+        prompts: token ids per prompt (any lengths).
         pad_token_id: fills the left padding (masked out, so any id works).
         temperature: 0 for greedy decoding, else the softmax temperature of sampling.
         top_p: nucleus sampling: sample from the smallest set of tokens whose probability reaches top_p.
     Returns:
         The new token ids per prompt, in input order.
     """
+    if temperature < 0 or not 0 < top_p <= 1 or max_new_tokens < 1:
+        raise ValueError(f"need temperature >= 0, 0 < top_p <= 1 and max_new_tokens >= 1, got {temperature}, "
+                         f"{top_p}, {max_new_tokens}")
+    stops = stop_token_ids(model)
+    was_training = model.training
+    model.eval()
+    try:
+        if _is_prompt_learning(model):
+            return _peft_generate(model, prompts, pad_token_id, max_new_tokens, batch_size, temperature, top_p)
+        seeds = torch.randint(2**62, (len(prompts),)).tolist()  # from the global generator: manual_seed repeats
+        rows = [Row(list(p), max_new_tokens, Sampling(temperature, top_p, seed)) for p, seed in zip(prompts, seeds)]
+        new_ids: list[list[int]] = [[] for _ in prompts]
+        for step in decode(model, rows, stops, pad_token_id, max_rows=batch_size):
+            for index, token, reason in step:
+                if reason != "stop":
+                    new_ids[index].append(token)
+        return new_ids
+    finally:
+        model.train(was_training)
+
+
+def _is_prompt_learning(model) -> bool:
+    config = getattr(model, "active_peft_config", None)
+    return config is not None and config.is_prompt_learning
+
+
+def _peft_generate(model, prompts: Sequence[list[int]], pad_token_id: int, max_new_tokens: int, batch_size: int,
+                   temperature: float, top_p: float) -> list[list[int]]:
+    """PEFT's `generate` on left-padded batches of `batch_size` prompts (for prompt-learning adapters)."""
     from transformers import GenerationConfig
 
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
     stops = stop_token_ids(model)
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if temperature > 0 \
         else {"do_sample": False}
     config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad_token_id,
                               **sampling)
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     new_ids = []
     for start in range(0, len(prompts), batch_size):
         input_ids, attention_mask = left_pad(prompts[start:start + batch_size], pad_token_id)
         out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                              generation_config=config)  # (B, T + new)
         new_ids += [_cut_at_stop(row, stops) for row in out[:, input_ids.shape[1]:].tolist()]
-    model.train(was_training)
     return new_ids
 
 
