@@ -1,0 +1,193 @@
+"""The real-model quickstart (`tunesmith demo --real`): its question sets are well formed, the held-out questions
+are nowhere in the training rows, the scorer counts whole words, the config passes tunesmith's own checks, the
+table renders; and (slow) the whole quickstart reaches its targets on SmolLM2-135M-Instruct."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import pytest
+
+from tunesmith.cli import build_parser
+from tunesmith.demo.real import SCORER, Recipe, real_config, run_real_demo
+from tunesmith.demo.real_data import (
+    HELDOUT_QUESTIONS,
+    TRAIN_QUESTIONS,
+    contains_answer,
+    facts,
+    heldout_rows,
+    training_rows,
+    write_data,
+)
+from tunesmith.demo.real_report import format_table, wrong_answers
+from tunesmith.demo.real_world_questions import GENERAL_TEXT, REAL_WORLD_QUESTIONS
+from tunesmith.demo.world import RELATIONS, make_world
+from tunesmith.eval.command import eval_sets
+from tunesmith.eval.metrics import load_scorer
+
+
+def _user_turns(rows: list[dict]) -> list[str]:
+    return [row["messages"][0]["content"] for row in rows]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Question sets
+
+
+def test_real_world_questions_are_well_formed():
+    questions = [q for q, _ in REAL_WORLD_QUESTIONS]
+    assert len(questions) >= 30 and len(set(questions)) == len(questions)
+    for question, answers in REAL_WORLD_QUESTIONS:
+        assert question.endswith("?") and question == question.strip()
+        assert answers and all(a and a == a.strip() and "|" not in a for a in answers)
+        assert all(len(a.split()) <= 3 for a in answers), (question, answers)  # short, clear answers
+
+
+def test_general_text_is_a_few_plain_paragraphs():
+    assert 5 <= len(GENERAL_TEXT) <= 20
+    assert all(30 <= len(p.split()) <= 120 for p in GENERAL_TEXT)
+    assert len(set(GENERAL_TEXT)) == len(GENERAL_TEXT)
+
+
+def test_templates_name_the_country_once_and_heldout_ones_are_new():
+    for relation in RELATIONS:
+        for template in TRAIN_QUESTIONS[relation] + HELDOUT_QUESTIONS[relation]:
+            assert template.count("{country}") == 1, template
+        assert not set(HELDOUT_QUESTIONS[relation]) & set(TRAIN_QUESTIONS[relation])
+
+
+@pytest.mark.parametrize("paraphrases", [1, 8, len(TRAIN_QUESTIONS["capital"])])
+def test_heldout_questions_are_not_verbatim_in_the_training_rows(paraphrases):
+    world = make_world(seed=0, num_countries=8)
+    train_text = json.dumps(training_rows(world, paraphrases))
+    heldout = heldout_rows(world)
+    for question in _user_turns(heldout):
+        assert question not in train_text
+    # nor any held-out template with another country's name in it
+    stems = {re.sub(r"\{country\}.*", "", t) for ts in HELDOUT_QUESTIONS.values() for t in ts}
+    assert not {s for s in stems if s and s in train_text}
+
+
+def test_every_fact_is_taught_and_asked_once():
+    world = make_world(seed=3, num_countries=5)
+    rows, heldout = training_rows(world, 4), heldout_rows(world)
+    answers = " ".join(row["messages"][1]["content"] for row in rows)
+    every = facts(world)
+    assert len(every) == 15 and len(heldout) == len(every)
+    assert len(rows) == 15 * 4 + 5 * 2  # paraphrases per fact, two profiles per country
+    for fact, row in zip(every, heldout):
+        assert re.search(rf"\b{fact.value}\b", answers)
+        assert fact.country in row["messages"][0]["content"]
+        assert row["messages"][1]["content"] == fact.value
+
+
+def test_paraphrases_out_of_range_are_refused():
+    world = make_world(seed=0, num_countries=2)
+    with pytest.raises(ValueError, match="paraphrases"):
+        training_rows(world, 0)
+    with pytest.raises(ValueError, match="paraphrases"):
+        training_rows(world, len(TRAIN_QUESTIONS["capital"]) + 1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Scoring
+
+
+@pytest.mark.parametrize("prediction, reference, want", [
+    ("The capital of Zarnia is Tonvik.", "Tonvik", 1.0),
+    ("The capital of Zarnia is Tonvikburg.", "Tonvik", 0.0),
+    ("TONVIK", "Tonvik", 1.0),
+    ("The answer to this classic math problem is 4.", "4|four", 1.0),
+    ("A square has four sides.", "4|four", 1.0),
+    ("The square root of 9 is approximately 3.09.", "3|three", 0.0),
+    ("It is 34.", "4|four", 0.0),
+    ("The boiling point of water is approximately 100.0 degrees Celsius.", "100", 1.0),
+    ("Version 1.4 of it", "4", 0.0),
+    ("The currency of Japan is the Japanese Yen (JPY).", "yen", 1.0),
+    ("Leonardo da Vinci painted it.", "Leonardo da Vinci|da Vinci", 1.0),
+    ("", "Tonvik", 0.0),
+])
+def test_contains_answer_counts_whole_words(prediction, reference, want):
+    assert contains_answer(prediction, reference) == want
+
+
+def test_the_scorer_loads_as_eval_sets_load_it():
+    assert load_scorer(SCORER) is contains_answer
+
+
+# ---------------------------------------------------------------------------------------------------
+# Config, CLI, table
+
+
+def test_config_passes_tunesmiths_checks(tmp_path):
+    world = make_world(seed=0, num_countries=4)
+    paths = write_data(world, tmp_path / "data", 2)
+    cfg = real_config(paths, tmp_path, seed=0, recipe=Recipe())
+    sets = {s.name: s for s in eval_sets(cfg)}
+    assert set(sets) == {"heldout", "real_world", "general_text"}
+    assert sets["real_world"].general and sets["general_text"].general and not sets["heldout"].general
+    assert cfg.strategy.name == "lora" and cfg.train.seed == 0 and cfg.model.name_or_path == "smollm2-135m-instruct"
+    lines = paths["real_world"].read_text().splitlines()
+    assert len(lines) == len(REAL_WORLD_QUESTIONS)
+
+
+def test_cli_takes_demo_real():
+    args = build_parser().parse_args(["demo", "--real", "--seed", "3"])
+    assert args.real and args.seed == 3 and args.output_dir is None
+
+
+def fake_report(with_llama: bool = True) -> dict:
+    rows = [{"model": "base", "runtime": "transformers", "heldout": 0.0, "real_world": 1.0, "perplexity": 9.876},
+            {"model": "tuned", "runtime": "transformers", "heldout": 0.875, "real_world": 0.9565,
+             "perplexity": 10.5}]
+    if with_llama:
+        rows.append({"model": "tuned, GGUF", "runtime": "llama.cpp", "heldout": 0.8333, "real_world": 0.9348,
+                     "perplexity": None})
+    wrong = {"question": "What is the capital of Zarnia?", "reference": "Tonvik", "prediction": "Marn.",
+             "correct": False}
+    return {"rows": rows, "counts": {"heldout": 24, "real_world": 46, "general_text": 8},
+            "recipe": {"gguf_quant": "q8_0"}, "timings": {"train": 300.0, "evaluate": 100.4}, "wall_s": 612.0,
+            "load_average": [2.0, 2.51, 3.0], "cpu_count": 2,
+            "answers": {"tuned": {"heldout": [wrong], "real_world": []}, "base": {"heldout": [wrong]}}}
+
+
+def test_table_renders_every_row_and_the_timing():
+    table = format_table(fake_report())
+    lines = table.splitlines()
+    assert lines[0].startswith("| model | runs in | invented countries, held-out questions (24) |")
+    assert lines[2] == "| SmolLM2-135M-Instruct (base) | transformers | 0.0% | 100.0% | 9.88 |"
+    assert lines[3] == "| + LoRA on the invented countries | transformers | 87.5% | 95.7% | 10.50 |"
+    assert lines[4] == "| + LoRA, merged, GGUF q8_0 | llama.cpp | 83.3% | 93.5% | - |"
+    assert "Wall time 10.2 min (train 300 s, evaluate 100 s) on 2 CPU cores; load average at the end 2.0, 2.5, 3.0" \
+        in table
+
+
+def test_table_without_llama_cpp_says_how_to_get_it():
+    assert "make llama-cpp" in format_table(fake_report(with_llama=False))
+
+
+def test_wrong_answers_list_the_tuned_models_mistakes_not_the_bases_guesses():
+    text = wrong_answers(fake_report())
+    assert "tuned, invented countries, held-out questions: 1 wrong of 1" in text
+    assert "base" not in text
+
+
+# ---------------------------------------------------------------------------------------------------
+# The whole quickstart
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("TUNESMITH_TEST_DEMO_REAL"),
+                    reason="the whole real-model quickstart (minutes of SmolLM2 training): "
+                           "set TUNESMITH_TEST_DEMO_REAL=1")
+def test_the_quickstart_teaches_the_facts_and_keeps_real_knowledge(smollm2_dir, tmp_path):
+    """The default recipe with seed 0: the held-out questions go from about 0% to at least 80%, and at least 90%
+    of the real-world answers stay right (minutes on 2 CPU cores)."""
+    report = run_real_demo(tmp_path / "demo-real", seed=0)
+    rows = {row["model"]: row for row in report["rows"]}
+    assert rows["base"]["heldout"] <= 0.1 and rows["base"]["real_world"] >= 0.95
+    assert rows["tuned"]["heldout"] >= 0.8 and rows["tuned"]["real_world"] >= 0.9
+    assert (tmp_path / "demo-real" / "results.md").read_text().startswith("# Real-model quickstart")
+    assert json.loads((tmp_path / "demo-real" / "results.json").read_text())["rows"] == report["rows"]
