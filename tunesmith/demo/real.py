@@ -142,20 +142,25 @@ def _resolve_base() -> Path:
 
 def replay_rows(base: Path, max_new_tokens: int) -> list[dict]:
     """The base model's own answers to REPLAY_QUESTIONS (greedy, through its chat template), each cut to its
-    first sentence, as training rows; answers without a sentence end within `max_new_tokens` are left out.
+    first sentence, as training rows: those whose first sentence holds an accepted answer.
 
-    Self-distillation: these rows add no knowledge, they show the run real countries answered as the base
-    answers them, beside the invented ones, so that "the capital of <country> is <invented name>" does not
-    become the answer to every capital question.
+    Self-distillation of what the base already gets right: these rows add no knowledge, they show the run real
+    countries answered as the base answers them, beside the invented ones, so that "the capital of <country> is
+    <invented name>" does not become the answer to every capital question.
     """
     from tunesmith.eval.generate import generate_greedy
     from tunesmith.eval.models import load_for_eval
 
     loaded = load_for_eval(str(base))
-    answers = generate_greedy(loaded.model, loaded.tokenizer, [[{"role": "user", "content": q}]
-                                                               for q in REPLAY_QUESTIONS], max_new_tokens, 8)
-    rows = [chat(q, sentence) for q, a in zip(REPLAY_QUESTIONS, answers) if (sentence := first_sentence(a))]
-    log.info("replay: the base model's own answers to %d of %d other questions", len(rows), len(REPLAY_QUESTIONS))
+    questions = [[{"role": "user", "content": q}] for q, _ in REPLAY_QUESTIONS]
+    answers = generate_greedy(loaded.model, loaded.tokenizer, questions, max_new_tokens, 8)
+    rows = []
+    for (question, accepted), answer in zip(REPLAY_QUESTIONS, answers):
+        sentence = first_sentence(answer)
+        if sentence and contains_answer(sentence, "|".join(accepted)):
+            rows.append(chat(question, sentence))
+    log.info("replay: the base model's own right answers to %d of %d other questions", len(rows),
+             len(REPLAY_QUESTIONS))
     return rows
 
 

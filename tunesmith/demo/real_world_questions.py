@@ -92,25 +92,48 @@ GENERAL_TEXT: tuple[str, ...] = (
     "shorter and colder, birds fly south for the winter, and farmers bring in the last of the harvest.",
 )
 
-# Other real-world questions, never evaluated: tuning also trains on the base model's own first-sentence answers
-# to them (`real.replay_rows`), so that the run sees real countries beside the invented ones and keeps answering
-# them as before. None is a question of REAL_WORLD_QUESTIONS (tests/test_demo_real.py checks it).
-REPLAY_QUESTIONS: tuple[str, ...] = (
-    "What is the capital of Poland?", "What is the capital of Sweden?", "What is the capital of Finland?",
-    "What is the capital of Denmark?", "What is the capital of the Netherlands?", "What is the capital of Belgium?",
-    "What is the capital of Switzerland?", "What is the capital of Turkey?", "What is the capital of India?",
-    "What is the capital of Thailand?", "What is the capital of Kenya?", "What is the capital of Argentina?",
-    "What is the capital of Peru?", "What is the capital of Cuba?", "What is the capital of Hungary?",
-    "What is the capital of the United States?",
-    "What language is spoken in Mexico?", "What language is spoken in Portugal?",
-    "What language is spoken in the Netherlands?", "What language is spoken in Sweden?",
-    "What language is spoken in Greece?", "What language is spoken in Turkey?", "What language is spoken in Poland?",
-    "What language is spoken in Argentina?", "What language is spoken in Egypt?", "What language is spoken in Korea?",
-    "What is the currency of Switzerland?", "What is the currency of Sweden?", "What is the currency of Poland?",
-    "What is the currency of Brazil?", "What is the currency of South Korea?", "What is the currency of France?",
-    "What is the currency of Canada?", "What is the currency of Australia?",
-    "What is 3+5?", "What is 6 times 2?", "How many legs does a dog have?", "What color is snow?",
-    "What is the opposite of day?", "What is the opposite of fast?", "What do fish live in?",
-    "Which animal barks?", "What is the largest desert in the world?", "What gas do humans need to breathe?",
-    "How many weeks are in a year?", "What is the sun?", "What do you call a baby cat?", "What is ice made of?",
+# Other real-world questions, never evaluated, with their accepted answers: tuning also trains on the base model's
+# own first-sentence answers to those it answers correctly (`real.replay_rows`), so that the run sees real
+# countries answered as before beside the invented ones. None is a question of REAL_WORLD_QUESTIONS, and none
+# is a near twin of one (tests/test_demo_real.py): a replayed "How many weeks are in a year?" taught the tuned
+# model "A week is approximately 31 days" in a trial run.
+REPLAY_QUESTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("What is the capital of Poland?", ("Warsaw",)),
+    ("What is the capital of Sweden?", ("Stockholm",)),
+    ("What is the capital of the Netherlands?", ("Amsterdam",)),
+    ("What is the capital of Turkey?", ("Ankara",)),
+    ("What is the capital of India?", ("New Delhi",)),
+    ("What is the capital of Thailand?", ("Bangkok",)),
+    ("What is the capital of Kenya?", ("Nairobi",)),
+    ("What is the capital of Peru?", ("Lima",)),
+    ("What is the capital of Cuba?", ("Havana",)),
+    ("What is the capital of Hungary?", ("Budapest",)),
+    ("What is the capital of Switzerland?", ("Bern",)),
+    ("What is the capital of the United States?", ("Washington",)),
+    ("What is the capital of Finland?", ("Helsinki",)),
+    ("What is the capital of Denmark?", ("Copenhagen",)),
+    ("What language is spoken in Mexico?", ("Spanish",)),
+    ("What language is spoken in Portugal?", ("Portuguese",)),
+    ("What language is spoken in the Netherlands?", ("Dutch",)),
+    ("What language is spoken in Sweden?", ("Swedish",)),
+    ("What language is spoken in Greece?", ("Greek",)),
+    ("What language is spoken in Turkey?", ("Turkish",)),
+    ("What language is spoken in Poland?", ("Polish",)),
+    ("What language is spoken in Argentina?", ("Spanish",)),
+    ("What language is spoken in Egypt?", ("Arabic",)),
+    ("What language is spoken in Korea?", ("Korean",)),
+    ("What is the currency of Switzerland?", ("franc",)),
+    ("What is the currency of Sweden?", ("krona",)),
+    ("What is the currency of Poland?", ("zloty",)),
+    ("What is the currency of Brazil?", ("real",)),
+    ("What is the currency of South Korea?", ("won",)),
+    ("What is the currency of Canada?", ("dollar",)),
+    ("What is the currency of Australia?", ("dollar",)),
+    ("What is 3+5?", ("8", "eight")),
+    ("How many legs does a dog have?", ("4", "four")),
+    ("What is the opposite of day?", ("night",)),
+    ("What is the opposite of fast?", ("slow",)),
+    ("What gas do humans need to breathe?", ("oxygen",)),
+    ("What is ice made of?", ("water",)),
+    ("What do you call a baby cat?", ("kitten",)),
 )
