@@ -4,6 +4,7 @@ table renders; and (slow) the whole quickstart reaches its targets on SmolLM2-13
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -194,3 +195,13 @@ def test_the_quickstart_teaches_the_facts_and_keeps_real_knowledge(smollm2_dir, 
     assert rows["tuned"]["heldout"] >= 0.8 and rows["tuned"]["real_world"] >= 0.9
     assert (tmp_path / "demo-real" / "results.md").read_text().startswith("# Real-model quickstart")
     assert json.loads((tmp_path / "demo-real" / "results.json").read_text())["rows"] == report["rows"]
+
+
+def test_trials_script_reads_recipe_fields_as_their_types():
+    from conftest import load_benchmark
+
+    trials = load_benchmark("demo_real_trials")
+    recipe = trials.parse_recipe(["lr=1e-3", "epochs=4", r"target_modules=.*\.mlp\.down_proj"])
+    assert recipe == dataclasses.replace(Recipe(), lr=1e-3, epochs=4, target_modules=r".*\.mlp\.down_proj")
+    with pytest.raises(SystemExit, match="expected FIELD=VALUE with FIELD one of num_countries"):
+        trials.parse_recipe(["learning_rate=1"])
