@@ -17,9 +17,9 @@ from tunesmith.config import Config
 from tunesmith.demo.tiny import build_model, model_config, save_tiny
 from tunesmith.model.strategies import apply_strategy, parameter_counts
 from tunesmith.objectives import build_objective
-from tunesmith.train.estimate import (Plan, activation_bytes, advice, estimate_memory, flops_per_token,
-                                      layer_activation_bytes, logits_bytes, mask_bytes, model_shape, trainable_params,
-                                      weight_bytes)
+from tunesmith.train.estimate import (Plan, activation_bytes, advice, dora_fixed_bytes, estimate_memory,
+                                      flops_per_token, layer_activation_bytes, logits_bytes, mask_bytes, model_shape,
+                                      trainable_params, weight_bytes)
 from tunesmith.train.optim import build_optimizer
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -50,6 +50,34 @@ def test_parameters_and_weight_bytes_of_a_two_layer_llama_by_hand():
     assert parameter_counts(peft_model)[0] == 16_384
     assert weight_bytes(shape, lora) == 500_992 + 4 * 16_384  # adapters in fp32 on top of the base
     assert model_shape(tiny_config(tie=True)).params == 125_248 - 25_600
+
+
+def test_qlora_weight_bytes_by_hand():
+    """QLoRA r=8 on the tiny Llama (test above: 125,248 parameters, 2 x 36,864 in block linears, 16,384 adapter
+    parameters), 4-bit weights at 0.5 bytes: 73,728 * 0.5 = 36,864, adapters 16,384 * 4 = 65,536.
+    CUDA: the other 51,520 parameters in fp32, 206,080: 308,480.
+    CPU, checkpoint stored and loaded in fp32: the whole file stays mapped, 125,248 * 4 = 500,992: 603,392.
+    CPU, checkpoint stored in bf16: released after loading, as on CUDA."""
+    shape = model_shape(tiny_config())
+    qlora = plan(strategy="qlora", lora_r=8, lora_targets=LORA_TARGETS, quant_bytes=0.5)
+    assert weight_bytes(shape, dataclasses.replace(qlora, device="cuda")) == 308_480
+    assert weight_bytes(shape, qlora) == 603_392
+    assert weight_bytes(dataclasses.replace(shape, stored_bytes=2), qlora) == 308_480
+
+
+def test_qlora_on_a_cpu_keeps_the_checkpoint_mapped(tmp_path):
+    """Why the fp32 checkpoint counts in QLoRA's weights on a CPU: loaded in 4 bit, its unquantised weights (the
+    embeddings) are the memory-mapped file's own pages, so the file stays mapped."""
+    from tunesmith.model.load import load_model
+    from tunesmith.model.strategies import quantization_config
+
+    build_model("llama", 400, 64, 2, 4, 2, 128).save_pretrained(tmp_path)
+    model = load_model(str(tmp_path), quantization_config=quantization_config("nf4", True, torch.float32))
+    assert model_shape(model.config).stored_bytes == 4
+    spans = [[int(a, 16) for a in line.split()[0].split("-")] for line in open("/proc/self/maps")
+             if str(tmp_path / "model.safetensors") in line]
+    embedding = model.get_input_embeddings().weight.data_ptr()
+    assert any(start <= embedding < end for start, end in spans)
 
 
 def test_activation_bytes_per_token_of_one_block_by_hand():
@@ -86,28 +114,36 @@ def test_logits_and_chunked_loss_bytes_by_hand():
 
 def test_flops_per_token_by_hand():
     """Matmul parameters: 2 blocks * 36,864 + the head 400*64 = 99,328. Full: 6 per parameter; frozen weights with
-    adapters: 4 (no weight gradients); causal attention 6 * layers * 64 * T in both."""
+    adapters: 4 (no weight gradients); causal attention 6 * layers * 64 * T in both. DoRA with dropout runs each
+    adapted linear again on the dropped input, forward and backward: + 4 * 2 * 36,864."""
     shape = model_shape(tiny_config())
     assert shape.matmul_params == 99_328
     assert flops_per_token(shape, plan()) == 6 * 99_328 + 6 * 2 * 64 * 8
-    assert flops_per_token(shape, plan(strategy="lora", lora_targets=LORA_TARGETS)) == 4 * 99_328 + 6 * 2 * 64 * 8
+    lora = plan(strategy="lora", lora_targets=LORA_TARGETS)
+    assert flops_per_token(shape, lora) == 4 * 99_328 + 6 * 2 * 64 * 8
+    assert flops_per_token(shape, dataclasses.replace(lora, strategy="dora")) == flops_per_token(shape, lora)
+    dora = dataclasses.replace(lora, strategy="dora", lora_dropout=0.1)
+    assert flops_per_token(shape, dora) == flops_per_token(shape, lora) + 4 * 2 * 36_864
 
 
 def _saved_bytes(model, batch, fused: bool = False) -> int:
     """Bytes of every distinct storage autograd keeps for the backward pass of the SFT loss (parameters not counted);
-    `fused`: the fused head + loss, else the loss over the model's logits."""
+    `fused`: the fused head + loss, else the loss over the model's logits. Only what the graph still holds when
+    the forward pass ends counts: DoRA builds and drops a small graph per module (its lora_B @ lora_A, detached)."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
+    packed: list[tuple[weakref.ref, int, int]] = []
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
         if storage.data_ptr() not in params:
-            seen.setdefault(storage.data_ptr(), storage.nbytes())
+            packed.append((weakref.ref(t), storage.data_ptr(), storage.nbytes()))
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        build_objective("sft", fused_loss=fused).loss(model, batch)
-    return sum(seen.values())
+        out = build_objective("sft", fused_loss=fused).loss(model, batch)  # holds the graph
+    alive = {pointer: size for ref, pointer, size in packed if ref() is not None}
+    del out  # the graph is freed only after its saved tensors were counted
+    return sum(alive.values())
 
 
 # LoRA dropout over several target-module sets: peft applies one dropout per adapted module, so modules reading one
@@ -116,13 +152,19 @@ DROPOUT_CASES = [dict(strategy="lora", lora_dropout=0.1, lora_targets=targets, *
     (LORA_TARGETS, {}), (("q_proj",), {}), (("q_proj", "k_proj"), {}), (("q_proj", "v_proj"), dict(mask=True)),
     (("o_proj",), {}), (("down_proj",), {}), (("gate_proj", "up_proj"), dict(weight_bytes=2)),
     (LORA_TARGETS, dict(weight_bytes=2, mask=True)), (LORA_TARGETS, dict(fused_loss=True))]]
+# DoRA: each adapted module keeps its base and adapter outputs and a few out-sized vectors; with dropout the base
+# output is recomputed from the dropped input, and with 16-bit weights that keeps an fp32 copy of the weight.
+DORA_CASES = [dict(strategy="dora", lora_targets=targets, **more) for targets, more in [
+    (LORA_TARGETS, {}), (("q_proj", "v_proj"), dict(mask=True)), (("o_proj", "down_proj"), {}),
+    (LORA_TARGETS, dict(weight_bytes=2)), (LORA_TARGETS, dict(lora_dropout=0.1)),
+    (("q_proj", "gate_proj"), dict(lora_dropout=0.1, weight_bytes=2)), (LORA_TARGETS, dict(fused_loss=True))]]
 
 
 @pytest.mark.parametrize("case", [dict(), dict(mask=True), dict(strategy="lora"), dict(weight_bytes=2),
                                   dict(strategy="lora", weight_bytes=2, mask=True), dict(fused_loss=True),
                                   dict(fused_loss=True, strategy="lora", mask=True),
                                   dict(strategy="lora", lora_targets=("o_proj",)),
-                                  dict(strategy="lora", lora_targets=("down_proj",))] + DROPOUT_CASES)
+                                  dict(strategy="lora", lora_targets=("down_proj",))] + DROPOUT_CASES + DORA_CASES)
 def test_activations_equal_what_autograd_keeps(case):
     """The formula against the tensors autograd saves in a real forward pass (the reference implementation), to the
     byte. Besides the activations the loss keeps: the logits' loss rows, or (fused) the hidden states' gradient and,
@@ -132,9 +174,9 @@ def test_activations_equal_what_autograd_keeps(case):
     their int64 input ids (8 R x T)."""
     p = plan(rows=2, seq_len=24, **case)
     model = build_model("llama", 400, 64, 2, 4, 2, 128).to(torch.bfloat16 if p.weight_bytes == 2 else torch.float32)
-    if p.strategy == "lora":
+    if p.strategy in ("lora", "dora"):
         targets = p.lora_targets or LORA_TARGETS
-        model = apply_strategy(model, "lora", lora_r=8, lora_dropout=p.lora_dropout, target_modules=list(targets))
+        model = apply_strategy(model, p.strategy, lora_r=8, lora_dropout=p.lora_dropout, target_modules=list(targets))
         p = dataclasses.replace(p, lora_r=8, lora_targets=targets)
     model.train()
     ids = torch.randint(0, 400, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -149,6 +191,30 @@ def test_activations_equal_what_autograd_keeps(case):
     expected = activation_bytes(model_shape(tiny_config()), p) + loss + left_out
     saved = _saved_bytes(model, {"input_ids": ids, "attention_mask": mask, "labels": labels}, p.fused_loss)
     assert saved == expected
+
+
+@pytest.mark.parametrize("compute", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", [dict(), dict(lora_dropout=0.1, mask=True)])
+def test_qlora_activations_equal_what_autograd_keeps(tmp_path, compute, case):
+    """QLoRA on the tiny Llama loaded in 4 bit through bitsandbytes: what autograd keeps is what the estimate says,
+    to the byte, as in the test above. The 4-bit matmuls keep nothing (the weight is frozen and dequantised again
+    for the input's gradient) and return their input's dtype, the fp32 residual stream, whatever the compute
+    dtype; the logits are fp32 (peft leaves the head fp32)."""
+    from tunesmith.model.load import load_model
+    from tunesmith.model.strategies import quantization_config
+
+    build_model("llama", 400, 64, 2, 4, 2, 128).save_pretrained(tmp_path)
+    model = load_model(str(tmp_path), quantization_config=quantization_config("nf4", True, compute))
+    p = plan(rows=2, seq_len=24, strategy="qlora", lora_r=8, lora_targets=LORA_TARGETS, **case)
+    model = apply_strategy(model, "qlora", lora_r=8, lora_dropout=p.lora_dropout).train()
+    ids = torch.randint(0, 400, (2, 24), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 24, dtype=torch.long)
+    mask[1, 20:] = 0 if p.mask else 1
+    labels = ids.masked_fill(mask == 0, -100)
+    p = dataclasses.replace(p, loss_rows=int((labels[:, 1:] != -100).sum()))
+    left_out = 2 * 24 * 16 * 4 + 2 * 24 + 8 * p.loss_rows  # rotary tables, position mask, targets (see above)
+    expected = activation_bytes(model_shape(tiny_config()), p) + p.loss_rows * 400 * 4 + left_out
+    assert _saved_bytes(model, {"input_ids": ids, "attention_mask": mask, "labels": labels}) == expected
 
 
 def test_lora_dropout_bytes_by_hand():
@@ -173,6 +239,27 @@ def test_lora_dropout_bytes_by_hand():
     amp = dataclasses.replace(lora, amp=True)
     assert layer_activation_bytes(shape, dataclasses.replace(amp, lora_dropout=0.05), 1) \
         - layer_activation_bytes(shape, amp, 1) == 2_048
+
+
+def test_dora_bytes_by_hand():
+    """DoRA r=8 on all 7 linears of the tiny Llama. Output features of one block: q 64, k 32, v 32, o 64, gate 128,
+    up 128, down 64: 512. Per token each module keeps its base output and its adapter's output: fp32, 512*(4+4) =
+    4,096 over LoRA; bf16 weights: a 2-byte base output and the fp32 adapter's, 512*6 = 3,072.
+    Per block: the weight norm and m / norm, 512*4*2 = 4,096, and m / norm - 1 where the input requires grad:
+    block 1 all 512 (+2,048), block 0 not q, k, v (+(512 - 128)*4 = 1,536). With dropout and bf16 weights peft
+    recomputes the base output in fp32 from the dropped input, keeping an fp32 copy of each weight whose input
+    requires grad: block 1 all 36,864 weights (147,456 bytes), block 0 all but q, k, v (28,672: 114,688 bytes)."""
+    shape = model_shape(tiny_config())
+    lora = plan(strategy="lora", lora_r=8, lora_targets=LORA_TARGETS)
+    dora = dataclasses.replace(lora, strategy="dora")
+    assert layer_activation_bytes(shape, dora, 1) - layer_activation_bytes(shape, lora, 1) == 4_096
+    assert dora_fixed_bytes(shape, dora, 1) == 6_144 and dora_fixed_bytes(shape, dora, 0) == 5_632
+    half, half_lora = (dataclasses.replace(p, weight_bytes=2) for p in (dora, lora))
+    assert layer_activation_bytes(shape, half, 1) - layer_activation_bytes(shape, half_lora, 1) == 3_072
+    dropped = dataclasses.replace(half, lora_dropout=0.1)
+    assert dora_fixed_bytes(shape, dropped, 1) == 6_144 + 147_456
+    assert dora_fixed_bytes(shape, dropped, 0) == 5_632 + 114_688
+    assert dora_fixed_bytes(shape, dataclasses.replace(dora, lora_dropout=0.1), 1) == 6_144  # fp32: no copy
 
 
 def test_lora_dropout_under_autocast_adds_what_autograd_keeps():
@@ -269,7 +356,7 @@ def test_orderings():
     half = estimate_memory(shape, plan(rows=4, seq_len=256, loss_rows=1020, weight_bytes=2))
     assert half.components["weights"] == full.components["weights"] / 2
     qlora = estimate_memory(shape, plan(rows=4, seq_len=256, loss_rows=1020, strategy="qlora",
-                                        lora_targets=LORA_TARGETS, quant_bytes=0.5))
+                                        lora_targets=LORA_TARGETS, quant_bytes=0.5, device="cuda"))
     assert qlora.components["weights"] < lora.components["weights"]
     longer = estimate_memory(shape, plan(rows=4, seq_len=512, loss_rows=2044))
     assert longer.peak > full.peak
@@ -323,6 +410,8 @@ def test_the_command_prints_the_table_and_writes_estimate_json(sft_config, tmp_p
     assert report["plan"]["gradient_checkpointing"] and report["plan"]["source"] == "data.max_seq_len"
     assert report["plan"]["rows"] == 4 and report["plan"]["seq_len"] == 96
     assert report["plan"]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert torch.cuda.is_available() or "one block measured" in report["device"]
+    assert report["tokens_per_s"] == report["device_flops"] * report["utilisation"] / report["flops_per_token"]
     assert report["peak_bytes"] == max(report["phases_bytes"].values()) > report["components_bytes"]["weights"]
     assert not (tmp_path / "run" / "final").exists()  # nothing trained
 

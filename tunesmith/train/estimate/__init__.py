@@ -5,8 +5,10 @@ read), so it takes seconds for any hub model. Sizes follow what one training ste
 trainable, a micro-batch of R rows x T tokens whose N positions enter the loss, V the vocabulary):
 
     weights      P x dtype bytes; QLoRA: block linears in 4 bit (+ their quantisation scales), everything else
-                 fp32 as peft's prepare_model_for_kbit_training leaves it; adapters fp32; a frozen reference
-                 copy (DPO/KTO/GRPO/PPO with full or freeze and no align.precompute_ref) once more
+                 fp32 as peft's prepare_model_for_kbit_training leaves it, and on a CPU, for a checkpoint stored
+                 and loaded in fp32, the whole memory-mapped checkpoint (P x 4) in place of that fp32 rest: the
+                 unquantised weights keep the file mapped, and quantising read all of it; adapters fp32; a frozen
+                 reference copy (DPO/KTO/GRPO/PPO with full or freeze and no align.precompute_ref) once more
     gradients    P_t x their dtype
     optimizer    AdamW: 2 x P_t x their dtype. The parameters are their own master copies: mixed precision
                  autocasts fp32 weights (so no extra copy), and bf16 weights are stepped in bf16
@@ -28,8 +30,9 @@ trainable, a micro-batch of R rows x T tokens whose N positions enter the loss, 
       evaluation weights + optimizer + a validation batch's logits (no gradients), when there is validation data
 
 Activations of one Llama-style block, bytes per token (H hidden, I intermediate, query n_h.d, keys n_kv.d; r the
-residual stream's bytes = the model dtype (QLoRA: fp32), c a matmul output's bytes = 2 under autocast, else the
-model dtype (QLoRA: its compute dtype)). A term counts only where gradients flow through its tensor:
+residual stream's bytes = the model dtype (QLoRA: fp32), c a matmul output's bytes = 2 under autocast, else r
+(QLoRA too, whatever its compute dtype: bitsandbytes returns the input's dtype)). A term counts only where gradients
+flow through its tensor:
     RMSNorm x2     4H + 4: input upcast to fp32 and 1/rms (+ H.r normalised input when the norm weight trains)
     linear inputs  a norm output (H.r) is kept once when a consumer needs it for a weight gradient (a trained
                    weight or an adapter); a consumer that casts (autocast to 16 bit, peft's cast to fp32
@@ -45,6 +48,12 @@ model dtype (QLoRA: its compute dtype)). A term counts only where gradients flow
                    autocast) in place of the x that adapters reading x would share, and, when x requires grad,
                    the dropout's mask: in x 1 byte on CUDA (native_dropout's bool mask), in x 4 bytes elsewhere
                    (F.dropout is x * noise there and keeps the fp32 noise)
+    DoRA           per adapted module (out features o) the base output and the adapter's output, o x (b + a)
+                   (a = the adapter's dtype, 2 under autocast, else 4; b = c, or a with dropout, where peft
+                   recomputes the base output from the dropped input); and per block, whatever the batch, 4 o
+                   x (2 + 1 where the input requires grad) (the weight norm, the scales) and, with dropout where
+                   the input requires grad, the base weight cast to the adapter's dtype (in x o x a; not for fp32
+                   weights without autocast, whose cast is the weight itself)
     final norm     4H + 4 (+ H.r when it trains) and the LM head's input when the head trains
 Layers below every trained weight keep nothing. With adapters the block's input requires grad from the second
 block on; in the first, only what lies above its first adapter keeps anything (above q/k/v: all but the first
@@ -53,15 +62,18 @@ the backward pass. Other architectures are estimated with the same block. tests/
 against the tensors autograd saves and the tensors alive in real steps.
 
 Speed: FLOPs per token = 6 x matmul parameters (4 x with frozen weights: no weight gradients; + 2 x under gradient
-checkpointing) + causal attention 6 x L x n_h.d x T (fwd + bwd), at the device's peak (GPU: a table of dense
-16-bit peaks; CPU: a matmul measured now) times an assumed utilisation.
+checkpointing; DoRA with dropout + 4 x its adapted linears, run again on the dropped input) + causal attention
+6 x L x n_h.d x T (fwd + bwd), at the device's rate times a utilisation: a GPU's dense 16-bit peak from a table at
+40%; on a CPU the rate one of the model's own blocks reaches, trained forward and backward when the command runs
+(its matmul shapes, its other kernels, and the cores as busy as they are then), at 85% (the head, the loss and the
+optimizer besides). Not modelled: bitsandbytes dequantising every 4-bit weight in each pass (QLoRA on a CPU).
 
 The modules, lowest first: shape (the model), plan (how it trains), params, activations, logits, speed, peak
 (the phases of a step), from_config (a config's Plan), advice, measure (`--measure`), command.
 """
 
-from tunesmith.train.estimate.activations import (activation_bytes, autocast_copy_bytes, layer_activation_bytes,
-                                                  mask_bytes)
+from tunesmith.train.estimate.activations import (activation_bytes, autocast_copy_bytes, dora_bytes,
+                                                  dora_fixed_bytes, layer_activation_bytes, mask_bytes)
 from tunesmith.train.estimate.advice import MiB, advice
 from tunesmith.train.estimate.command import estimate_command, format_table
 from tunesmith.train.estimate.from_config import cached_batch, plan_from_config
@@ -74,8 +86,9 @@ from tunesmith.train.estimate.shape import LINEAR_INPUTS, ModelShape, model_shap
 from tunesmith.train.estimate.speed import GPU_PEAK_BF16, device_flops, flops_per_token, matmul_flops
 
 __all__ = ["GPU_PEAK_BF16", "LINEAR_INPUTS", "LOSS_CHUNK", "MiB", "Estimate", "ModelShape", "Plan",
-           "activation_bytes", "advice", "autocast_copy_bytes", "cached_batch", "device_flops", "estimate_command",
-           "estimate_memory", "flops_per_token", "format_table", "fused_loss_bytes", "layer_activation_bytes",
+           "activation_bytes", "advice", "autocast_copy_bytes", "cached_batch", "device_flops", "dora_bytes",
+           "dora_fixed_bytes", "estimate_command", "estimate_memory", "flops_per_token", "format_table",
+           "fused_loss_bytes", "layer_activation_bytes",
            "layer_trains", "logits_bytes", "mask_bytes", "matmul_bytes", "matmul_flops", "measure_peak",
            "model_params", "model_shape", "on_grad_path", "param_dtype_bytes", "plan_from_config",
            "residual_bytes", "trainable_params", "weight_bytes"]

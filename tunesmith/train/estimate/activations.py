@@ -37,7 +37,37 @@ def layer_activation_bytes(shape: ModelShape, plan: Plan, layer: int = 1) -> flo
     total += 3 * s.intermediate * matmul_bytes(plan) if grad["mlp"] else 0  # gate, up, silu(gate)
     total += sum(linear_input_bytes(s, plan, source, trains, grad[source]) for source in SOURCES)
     adapted = [n for n in s.block_linears if n in plan.lora_targets]
-    return total + len(adapted) * plan.lora_r * (2 if plan.amp else 4)  # lora_A's output, kept by lora_B
+    total += len(adapted) * plan.lora_r * (2 if plan.amp else 4)  # lora_A's output, kept by lora_B
+    return total + dora_bytes(s, plan)
+
+
+def dora_bytes(shape: ModelShape, plan: Plan) -> float:
+    """Bytes per token DoRA adds to one block: peft computes (m / |W + BA| - 1) * base + m / |W + BA| * lora and
+    both products keep their (tokens, out) input: the base output (the base layer's own, in the matmuls' dtype;
+    with dropout it is recomputed from the dropped input in the adapter's dtype) and the adapter's output."""
+    if plan.strategy != "dora":
+        return 0.0
+    adapter = 2 if plan.amp else 4
+    base = adapter if plan.lora_dropout else matmul_bytes(plan)
+    return sum(out * (base + adapter) for name, (_, out) in shape.block_linears.items() if name in plan.lora_targets)
+
+
+def dora_fixed_bytes(shape: ModelShape, plan: Plan, layer: int) -> float:
+    """Bytes DoRA keeps per block whatever the batch: per adapted module the detached weight norm and the scale
+    m / norm (fp32, out each), and m / norm - 1 where the base output requires grad (its input does); with
+    dropout, where the input requires grad, the copy of the base weight that peft's recomputed F.linear keeps
+    for the input's gradient: in x out in the adapter's compute dtype (bf16 under autocast; fp32 when the
+    weights are 16-bit; none for fp32 weights, where the cast returns the weight itself)."""
+    if plan.strategy != "dora" or not on_grad_path(plan, layer, shape.layers):
+        return 0.0
+    grad = grad_inputs(shape, plan, layer)
+    copy = 2 if plan.amp else (4 if plan.weight_bytes != 4 else 0)
+    total = 0.0
+    for name, (fan_in, out) in shape.block_linears.items():
+        if name in plan.lora_targets:
+            needs_grad = grad[LINEAR_INPUTS[name]]
+            total += 4 * out * (2 + needs_grad) + (fan_in * out * copy if plan.lora_dropout and needs_grad else 0)
+    return total
 
 
 def attention_bytes(shape: ModelShape, plan: Plan) -> int:
@@ -99,7 +129,8 @@ def activation_bytes(shape: ModelShape, plan: Plan) -> float:
     head_input = s.hidden * (2 if plan.amp else r) \
         if (plan.strategy == "full" or plan.head_trains) and not plan.fused_loss else 0
     final_norm = 4 * s.hidden + 4 + (s.hidden * r if plan.strategy == "full" else 0) + head_input
-    return tokens * (per_token + final_norm) + attention_layers(s, plan) * mask_bytes(plan)
+    fixed = 0 if plan.gradient_checkpointing else sum(dora_fixed_bytes(s, plan, i) for i in range(s.layers))
+    return tokens * (per_token + final_norm) + attention_layers(s, plan) * mask_bytes(plan) + fixed
 
 
 def attention_layers(shape: ModelShape, plan: Plan) -> int:

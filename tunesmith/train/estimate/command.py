@@ -47,7 +47,7 @@ def estimate_report(cfg: Config, tokenizer) -> dict:
     est = estimate_memory(shape, plan)
     est.notes += notes
     compute = torch.bfloat16 if plan.amp or plan.weight_bytes == 2 else torch.float32
-    device, rate, utilisation = device_flops(compute)
+    device, rate, utilisation = device_flops(compute, config, plan, m.trust_remote_code)
     return {
         "config": m.name_or_path or f"model.init ({m.init.family})",
         "model": dataclasses.asdict(shape) | {"params": shape.params},
@@ -79,9 +79,10 @@ def format_table(report: dict) -> str:
         m = report["measured"]
         lines.append(f"{'measured peak':<24}{m['peak_bytes'] / MiB:>12,.1f}  ({m['method']}); estimate "
                      f"{m['relative_error']:+.1%}")
+    rate = report["device_flops"]
+    rate_text = f"{rate / 1e12:,.2f} TFLOP/s" if rate >= 1e12 else f"{rate / 1e9:,.1f} GFLOP/s"
     lines += ["", f"speed: ~{report['tokens_per_s']:,.0f} tokens/s ({report['flops_per_token'] / 1e9:,.3g} GFLOP "
-              f"per token; {report['device']}: {report['device_flops'] / 1e12:,.2f} TFLOP/s x "
-              f"{report['utilisation']:.0%} utilisation)"]
+              f"per token; {report['device']}: {rate_text} x {report['utilisation']:.0%} utilisation)"]
     if "measured" in report and report["measured"].get("tokens_per_s"):
         lines[-1] += f"; measured {report['measured']['tokens_per_s']:,.0f} non-padding tokens/s"
     lines.append(f"to lower it: {report['advice']}")

@@ -35,7 +35,6 @@ def plan_from_config(cfg: Config, shape: ModelShape, batch: dict | None = None,
         strategy=st.name if st.name in ("full", "freeze", "lora", "dora", "qlora", "head") else "prompt",
         lora_r=st.lora.r, lora_targets=lora_targets(cfg, shape) if adapters else (),
         lora_dropout=st.lora.dropout if adapters else 0.0, quant_bytes=quant,
-        compute_bytes=torch.finfo(resolve_dtype(st.quant.compute_dtype)).bits // 8,
         freeze_layers=st.freeze.last_n_layers if st.name == "freeze" else 0,
         head_trains=st.name == "head" or (st.name == "freeze" and "lm_head" in st.freeze.modules),
         gradient_checkpointing=t.gradient_checkpointing, grad_accum=t.grad_accum, reference_copy=reference,
@@ -91,9 +90,6 @@ def lora_targets(cfg: Config, shape: ModelShape) -> tuple[str, ...]:
 
 def strategy_notes(name: str) -> list[str]:
     """What the estimate leaves out for this strategy."""
-    if name == "dora":
-        return ["DoRA keeps more activations than LoRA (each adapted module's base and adapter outputs); "
-                "they are not modelled: expect a higher peak"]
     if name in ("head",) + SOFT_PROMPTS:
         return [f"strategy {name}: estimated as frozen weights (its own few parameters not counted)"]
     return []

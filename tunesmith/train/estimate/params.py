@@ -27,15 +27,25 @@ def trainable_params(shape: ModelShape, plan: Plan) -> int:
 
 
 def weight_bytes(shape: ModelShape, plan: Plan) -> float:
-    """Bytes of the model's weights: P x dtype; QLoRA: the block linears in 4 bit, the rest fp32; adapters fp32."""
+    """Bytes of the model's weights: P x dtype; QLoRA: `qlora_base_bytes`; adapters fp32."""
     s = shape
-    if plan.strategy != "qlora":
-        base = model_params(s, plan) * plan.weight_bytes
-    else:
-        linear = s.layers * s.block_matmul_params
-        base = linear * plan.quant_bytes + (model_params(s, plan) - linear) * 4
+    base = qlora_base_bytes(s, plan) if plan.strategy == "qlora" else model_params(s, plan) * plan.weight_bytes
     adapters = trainable_params(s, plan) * 4 if plan.strategy in ADAPTERS else 0
     return base + adapters
+
+
+def qlora_base_bytes(shape: ModelShape, plan: Plan) -> float:
+    """QLoRA's frozen base: the block linears in 4 bit (scales included), the rest fp32 (peft's
+    prepare_model_for_kbit_training). On a CPU, when the checkpoint is stored and loaded in fp32, the whole
+    checkpoint stays resident too: the weights left unquantised are the memory-mapped file's own pages, which keeps
+    it mapped, and quantising read every page of it (P x 4 in place of the fp32 rest: measured on SmolLM2-135M,
+    docs/PERFORMANCE.md). Loaded in another dtype than stored, the file is released after loading."""
+    s = shape
+    linear = s.layers * s.block_matmul_params
+    quantised = linear * plan.quant_bytes
+    if plan.device == "cpu" and plan.weight_bytes == 4 and s.stored_bytes in (0, 4):
+        return quantised + model_params(s, plan) * 4
+    return quantised + (model_params(s, plan) - linear) * 4
 
 
 def layer_trains(plan: Plan, layer: int, layers: int) -> bool:

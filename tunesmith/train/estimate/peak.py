@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from tunesmith.train.estimate.activations import activation_bytes, autocast_copy_bytes, layer_activation_bytes, \
-    mask_bytes
+from tunesmith.train.estimate.activations import activation_bytes, autocast_copy_bytes, dora_fixed_bytes, \
+    layer_activation_bytes, mask_bytes
 from tunesmith.train.estimate.logits import logits_bytes, logits_dtype_bytes
 from tunesmith.train.estimate.params import trainable_params, weight_bytes
 from tunesmith.train.estimate.plan import Plan, param_dtype_bytes
@@ -75,7 +75,7 @@ def step_phases(shape: ModelShape, plan: Plan, components: dict[str, float]) -> 
     recompute = 0.0
     if plan.gradient_checkpointing:  # one block rebuilt, with its weights' autocast copies
         recompute = plan.rows * plan.seq_len * layer_activation_bytes(s, plan, s.layers - 1) + mask_bytes(plan) + \
-            (2 * s.block_matmul_params if plan.amp else 0)
+            dora_fixed_bytes(s, plan, s.layers - 1) + (2 * s.block_matmul_params if plan.amp else 0)
     phases["update"] = kept + c["gradients"] + recompute
     if plan.eval_rows and plan.vocab_logits:
         phases["evaluation"] = kept + c["validation logits"]

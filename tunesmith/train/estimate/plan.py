@@ -22,7 +22,6 @@ class Plan:
     lora_targets: tuple[str, ...] = ()
     lora_dropout: float = 0.0  # peft applies one dropout per adapted module when > 0
     quant_bytes: float = 0.5  # QLoRA bytes per 4-bit weight, scales included
-    compute_bytes: int = 2  # QLoRA matmul dtype
     freeze_layers: int = 0  # strategy freeze: the last N blocks train
     head_trains: bool = False  # strategy freeze/head: the LM head trains
     gradient_checkpointing: bool = False
@@ -43,10 +42,9 @@ def residual_bytes(plan: Plan) -> int:
 
 
 def matmul_bytes(plan: Plan) -> int:
-    """Bytes of a matmul output's elements: 16 bit under autocast, else the model dtype (QLoRA: its compute dtype)."""
-    if plan.amp:
-        return 2
-    return plan.compute_bytes if plan.strategy == "qlora" else plan.weight_bytes
+    """Bytes of a matmul output's elements: 16 bit under autocast, else the model dtype (QLoRA: fp32, whatever its
+    compute dtype: bitsandbytes casts each 4-bit matmul's output back to its input's, the fp32 residual stream)."""
+    return 2 if plan.amp else residual_bytes(plan)
 
 
 def param_dtype_bytes(plan: Plan) -> int:

@@ -28,6 +28,7 @@ class ModelShape:
     block_params: int  # one block
     other_params: int  # final norm and anything else outside the blocks and the embeddings
     block_linears: dict[str, tuple[int, int]]  # short name -> (in, out) of one block's linears
+    stored_bytes: int = 0  # bytes per weight in the checkpoint (the config's dtype); 0: not known
 
     @property
     def params(self) -> int:
@@ -73,8 +74,16 @@ def model_shape(config, vocab: int | None = None, trust_remote_code: bool = Fals
         head_dim=_attr(config, "head_dim", default=hidden // heads) or hidden // heads,
         vocab=max(vocab or 0, config_vocab), tied=tied, block_params=block,
         other_params=total - len(blocks) * block - config_vocab * hidden * (1 if tied else 2),
-        block_linears=linears,
+        block_linears=linears, stored_bytes=_stored_bytes(config),
     )
+
+
+def _stored_bytes(config) -> int:
+    """Bytes per weight of the checkpoint, from the dtype its config records (0 when it records none)."""
+    dtype = getattr(config, "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return torch.finfo(dtype).bits // 8 if isinstance(dtype, torch.dtype) and dtype.is_floating_point else 0
 
 
 def _in_out(module) -> tuple[int, int] | None:

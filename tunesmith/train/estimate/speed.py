@@ -2,28 +2,34 @@
 
 from __future__ import annotations
 
+import copy
+import statistics
 import time
 
 import torch
 
 from tunesmith.train.estimate.params import layer_trains, on_grad_path
 from tunesmith.train.estimate.plan import Plan
-from tunesmith.train.estimate.shape import ModelShape
+from tunesmith.train.estimate.shape import ModelShape, model_shape
 
 # Dense 16-bit tensor-core peaks (FLOP/s), by a name fragment of torch.cuda.get_device_name().
 GPU_PEAK_BF16 = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "B200": 2250e12, "A100": 312e12,
                  "L40S": 362e12, "L40": 181e12, "A10G": 70e12, "A10": 125e12, "L4": 121e12, "RTX 4090": 165e12,
                  "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
 GPU_UTILISATION = 0.4  # model FLOPs utilisation assumed for a well-fed GPU
-CPU_UTILISATION = 0.5  # share of the measured matmul rate a whole training step reaches on CPU
+CPU_UTILISATION = 0.85  # share of one block's measured rate that a whole step reaches on a CPU (docs/PERFORMANCE.md)
+BLOCK_PASS_FLOPS = 5e9  # FLOPs of one timed pass of a block on a CPU: about a second
 
 
 def flops_per_token(shape: ModelShape, plan: Plan) -> float:
     """Training FLOPs per position: forward 2 x matmul params; backward 2 x for input gradients where gradients
     flow and 2 x for weight gradients where weights train; causal attention 2 n_h.d.T forward, twice that
-    backward; one more forward of each block under gradient checkpointing."""
+    backward; one more forward of each block under gradient checkpointing. DoRA with dropout runs each adapted
+    linear a second time on the dropped input (peft's base output), forward and backward: 4 x its parameters."""
     s, q = shape, shape.heads * shape.head_dim
     per_layer, attention = 2 * s.block_matmul_params, 2 * q * plan.seq_len
+    if plan.strategy == "dora" and plan.lora_dropout:
+        per_layer += sum(2 * i * o for name, (i, o) in s.block_linears.items() if name in plan.lora_targets)
     total = 0.0
     for layer in range(s.layers):
         path, trains = on_grad_path(plan, layer, s.layers), layer_trains(plan, layer, s.layers)
@@ -35,16 +41,48 @@ def flops_per_token(shape: ModelShape, plan: Plan) -> float:
     return total + head * (1 + any_path + (plan.strategy == "full" or plan.head_trains))
 
 
-def device_flops(compute: torch.dtype) -> tuple[str, float, float]:
+def device_flops(compute: torch.dtype, config, plan: Plan, trust_remote_code: bool = False) -> tuple[str, float, float]:
     """(device name, FLOP/s, assumed utilisation): a GPU's 16-bit peak from the table, else a matmul measured now
-    (CPUs, fp32 on GPUs, GPUs not in the table)."""
+    (fp32 on GPUs, GPUs not in the table); on a CPU one of the model's own blocks trained now (`block_flops`)."""
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name()
         peak = next((v for k, v in GPU_PEAK_BF16.items() if k in name), None)
         if peak is not None and compute != torch.float32:
             return name, peak, GPU_UTILISATION
         return f"{name} (matmul measured)", matmul_flops(compute, "cuda"), GPU_UTILISATION
-    return f"CPU, {torch.get_num_threads()} threads (matmul measured)", matmul_flops(compute, "cpu"), CPU_UTILISATION
+    rate = block_flops(config, plan.seq_len, plan.rows * plan.seq_len, compute, plan.amp, trust_remote_code)
+    return f"CPU, {torch.get_num_threads()} threads (one block measured)", rate, CPU_UTILISATION
+
+
+def block_flops(config, seq_len: int, tokens: int, dtype: torch.dtype = torch.float32, amp: bool = False,
+                trust_remote_code: bool = False) -> float:
+    """FLOP/s of one of the model's own blocks (random weights), forward and backward with its weights training,
+    on up to `tokens` positions in rows of up to `seq_len` (cut to about BLOCK_PASS_FLOPS), on the CPU as it is
+    now: the median of three timed passes after a warm-up. Unlike a large matmul this sees the block's own matmul
+    shapes, its other kernels, and what the threads lose waiting for each other when other work shares the cores
+    (a 2-4x slowdown on a loaded 2-core machine: docs/PERFORMANCE.md). FLOPs counted as `flops_per_token` does."""
+    from transformers import AutoModelForCausalLM
+
+    one = copy.deepcopy(config)
+    for key, value in vars(one).items():  # per-layer settings (e.g. layer_types) keep their first layer's
+        if isinstance(value, list) and len(value) == config.num_hidden_layers:
+            setattr(one, key, value[:1])
+    one.num_hidden_layers, one.vocab_size = 1, 64  # a tiny head: the block's time
+    one.pad_token_id = one.bos_token_id = one.eos_token_id = None  # ids the tiny vocabulary may not hold
+    shape = model_shape(one, trust_remote_code=trust_remote_code)
+    q = shape.heads * shape.head_dim
+    positions = max(1, min(tokens, int(BLOCK_PASS_FLOPS / (6 * shape.block_matmul_params + 6 * q * seq_len))))
+    length = min(seq_len, positions)
+    ids = torch.randint(0, 64, (max(1, positions // length), length), generator=torch.Generator().manual_seed(0))
+    model = AutoModelForCausalLM.from_config(one, trust_remote_code=trust_remote_code).to(dtype).train()
+    times = []
+    for _ in range(4):
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            logits = model(input_ids=ids).logits
+        logits.float().sum().backward()
+        times.append(time.perf_counter() - start)
+    return (6 * shape.block_matmul_params + 6 * q * length) * ids.numel() / statistics.median(times[1:])
 
 
 def matmul_flops(dtype: torch.dtype, device: str, n: int = 1024, seconds: float = 0.3) -> float:
