@@ -30,6 +30,12 @@ Measured the same way on every side:
               is mapped and unmapped, so the resident set follows the live tensors (and steps get slower)
     setup     tunesmith only: the peak between building the model and the first step, above the memory after
               building it (the precomputing pass of tunesmith-dpo-precompute)
+    model FLOP/s  the FLOPs the measured steps need (benchmarks/flops.py: LoRA's frozen-base forward and
+              backward, causal attention per sequence, the head on the loss positions (the answer tokens), and a
+              reference forward where the step has a live reference), counted on tunesmith's batches (a TRL run
+              is credited those of the tunesmith run with the same tokens in every step) over the same time;
+              and their share of the matmul ceiling at the model's GEMM shapes, which the parent measures right
+              after each case with the same number of threads (--bf16-ceiling: also the bf16 ceiling, once)
 TRL reads the rows in the order tunesmith's sampler draws them, so both sides train on the same batches (the
 summary checks that their per-step token counts agree).
 """
@@ -52,7 +58,10 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import flops  # benchmarks/flops.py: model FLOPs and the matmul ceiling
+
 CASES = ("tunesmith-dpo", "trl-dpo", "tunesmith-dpo-precompute", "tunesmith-sft-x2", "tunesmith-sft-x1")
+LIVE_REFERENCE = ("tunesmith-dpo", "trl-dpo")  # a reference forward in every step
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CONSONANTS = "b c d f g h j k l m n p r s t v w z ch sh th st tr pl".split()
 VOWELS = "a e i o u ai ea ou io".split()
@@ -115,6 +124,7 @@ class Meter:
         self.cpu: list[tuple[float, float]] = []  # (user, system) seconds of the process, all threads
         self.tokens: list[int] = []
         self.losses: list[float] = []
+        self.work: list[dict] = []  # flops.batch_work of each step, where the batches are tunesmith's
         self.base = self.peak = self.setup_base = self.setup_peak = None
 
     def model_loaded(self) -> None:
@@ -147,7 +157,7 @@ class Meter:
         mb = 1 / 2**20
         return {"tokens_per_s": sum(measured) / seconds, "s_per_step": statistics.median(steps),
                 "tokens_per_cpu_s": sum(measured) / (user + system), "system_share": system / (user + system),
-                "step_tokens": self.tokens, "losses": self.losses,
+                "step_tokens": self.tokens, "losses": self.losses, "step_work": self.work,
                 "peak_mb": (self.peak - self.base) * mb, "base_mb": self.base * mb, "abs_peak_mb": self.peak * mb,
                 "setup_mb": None if self.setup_peak is None else (self.setup_peak - self.setup_base) * mb}
 
@@ -221,11 +231,12 @@ def metered_tunesmith(meter: Meter, count: str = "tokens"):
         meter.model_loaded()
         return model
 
-    def timed_step(*a, **kw):
+    def timed_step(model, objective, optimizer, scheduler, accelerator, micro_batches, *a, **kw):
         if meter.base is None:
             meter.start()
-        stats = train_step(*a, **kw)
+        stats = train_step(model, objective, optimizer, scheduler, accelerator, micro_batches, *a, **kw)
         meter.step_end(stats[count], stats["loss_sum"] / stats["units"])
+        meter.work.append(flops.batch_work(micro_batches))  # after the step's time: not counted in it
         return stats
 
     run.build_model, loop.train_step = build_and_mark, timed_step
@@ -368,7 +379,7 @@ def summarise(runs: list[dict], args: argparse.Namespace) -> str:
     """Markdown: the median of each case, then the within-repeat ratios."""
     by_case = {c: [r for r in runs if r["case"] == c] for c in args.cases}
     lines = ["| case | tokens/s | s/step | tokens/CPU-s | peak memory above start (MB) | baseline (MB) | "
-             "setup peak (MB) | tokens/step | loss step 1 -> last |", "|---|---|---|---|---|---|---|---|---|"]
+             f"setup peak (MB) | tokens/step | loss step 1 -> last | {flops.LIMIT_HEADER}", "|---" * 12 + "|"]
     for case, rs in by_case.items():
         if not rs:
             continue
@@ -378,7 +389,8 @@ def summarise(runs: list[dict], args: argparse.Namespace) -> str:
         lines.append(f"| {case} | {med('tokens_per_s'):.0f} | {med('s_per_step'):.2f} | "
                      f"{med('tokens_per_cpu_s'):.0f} | {med('peak_mb'):.0f} | "
                      f"{med('base_mb'):.0f} | {f'{statistics.median(setup):.0f}' if setup else '-'} | "
-                     f"{statistics.mean(rs[0]['step_tokens']):.0f} | {losses[0]:.4f} -> {losses[-1]:.4f} |")
+                     f"{statistics.mean(rs[0]['step_tokens']):.0f} | {losses[0]:.4f} -> {losses[-1]:.4f} | "
+                     + flops.limit_cells(rs))
     lines += ["", "| ratio (median over repeats, each within one repeat) | per repeat | median |", "|---|---|---|"]
     for label, num, den, key in RATIOS:
         if by_case.get(num) and by_case.get(den):
@@ -426,6 +438,8 @@ def add_common_arguments(p: argparse.ArgumentParser, cases: tuple[str, ...]) -> 
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", help="keep the data and model here (default: a temporary directory)")
     p.add_argument("--json", help="also write every run's measurements to this file")
+    p.add_argument("--bf16-ceiling", action="store_true",
+                   help="also measure the bf16 matmul ceiling once (slow on a CPU that emulates bf16)")
     p.add_argument("--one", choices=cases, help=argparse.SUPPRESS)  # internal: run one case in this process
 
 
@@ -438,16 +452,54 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def run_repeats(args: argparse.Namespace, run_case: Callable[[str], dict]) -> list[dict]:
-    """Every case `args.repeats` times, in an order that alternates between repeats; one line per run."""
+def run_repeats(args: argparse.Namespace, run_case: Callable[[str], dict],
+                limit: Callable[[dict, list[dict]], dict] | None = None) -> list[dict]:
+    """Every case `args.repeats` times, in an order that alternates between repeats; one line per run. `limit`
+    (run, runs so far) -> fields added to the run, called right after it (the model FLOP/s and the ceiling)."""
     runs = []
     for repeat in range(args.repeats):
         for case in args.cases if repeat % 2 == 0 else args.cases[::-1]:
             runs.append({**run_case(case), "repeat": repeat})
             r = runs[-1]
-            print(f"repeat {repeat} {case}: {r['tokens_per_s']:.0f} tokens/s, {r['peak_mb']:.0f} MB above start, "
-                  f"load {r['load_before']} -> {r['load_after']}", file=sys.stderr, flush=True)
+            r.update(limit(r, runs) if limit else {})
+            share = f", {r['share_of_ceiling']:.0%} of the matmul ceiling" if "share_of_ceiling" in r else ""
+            print(f"repeat {repeat} {case}: {r['tokens_per_s']:.0f} tokens/s{share}, {r['peak_mb']:.0f} MB above "
+                  f"start, load {r['load_before']} -> {r['load_after']}", file=sys.stderr, flush=True)
     return runs
+
+
+def step_work(run: dict, runs: list[dict]) -> list[dict] | None:
+    """The flops.batch_work of each step of `run`: its own (tunesmith), else that of a run with the same tokens in
+    every step (TRL trains on tunesmith's batches); None when there is none yet."""
+    same = [r["step_work"] for r in [run, *runs] if r.get("step_work") and r["step_tokens"] == run["step_tokens"]]
+    return same[0] if same else None
+
+
+def limiter(args: argparse.Namespace, shape, strategy_of: Callable[[str], str],
+            lora_targets: list[str]) -> Callable[[dict, list[dict]], dict]:
+    """run_repeats' `limit`: the run's model FLOP/s and its share of the ceiling, measured in this process now."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)  # the ceiling on as many threads as the cases
+
+    def limit(run: dict, runs: list[dict]) -> dict:
+        work = step_work(run, runs)
+        if work is None:
+            return {}
+        return flops.run_limit(run, work, args.warmup, shape, strategy_of(run["case"]), args.dtype, args.device,
+                               lora_r=args.lora_r, lora_targets=tuple(lora_targets),
+                               reference=run["case"] in LIVE_REFERENCE)
+    return limit
+
+
+def ceilings(runs: list[dict], shape, args: argparse.Namespace) -> str:
+    """flops.ceilings_line at the mean step of the first run with batches (empty without --bf16-ceiling)."""
+    work = next((r["step_work"] for r in runs if r.get("step_work")), None)
+    if not args.bf16_ceiling or work is None:
+        return ""
+    mean = lambda key: round(statistics.mean(w[key] for w in work))  # noqa: E731
+    return "\n" + flops.ceilings_line(shape, mean("positions"), mean("loss_positions"), args.device)
 
 
 def main() -> None:
@@ -459,10 +511,12 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     if not (work / "model").exists():
         prepare(work, args)
-    runs = run_repeats(args, lambda case: spawn(case, work, args))
+    shape = flops.shape_of(work / "model")
+    limit = limiter(args, shape, lambda _: "lora", LORA_TARGETS)
+    runs = run_repeats(args, lambda case: spawn(case, work, args), limit)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1))
-    print(summarise(runs, args))
+    print(summarise(runs, args) + ceilings(runs, shape, args))
     if not args.workdir:
         shutil.rmtree(work)
 

@@ -36,6 +36,10 @@ Measured the same way on every side (dpo_bench.Meter):
     tokens/CPU-s  the same tokens over the CPU time the process used over those steps
     memory    CPU: peak resident set (VmHWM, reset through /proc/self/clear_refs when training starts) minus the
               resident set at that moment; CUDA: max_memory_allocated minus memory_allocated then
+    model FLOP/s  the FLOPs the measured steps need (benchmarks/flops.py: 6N per token for full fine-tuning, 4N
+              with LoRA's frozen base plus the adapters, causal attention per conversation, the head on the
+              loss tokens), the same for every case (the same batches), over the same time; and their share of
+              the matmul ceiling at the model's GEMM shapes, measured by the parent right after each case
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 import dpo_bench as dpo  # noqa: E402  its data, model, measuring and driver code
+import flops  # noqa: E402  model FLOPs and the matmul ceiling
 
 CASES = ("tunesmith-lora", "tunesmith-lora-padded", "trl-lora-default", "trl-lora-best",
          "tunesmith-full", "tunesmith-full-padded", "trl-full-default", "trl-full-best")
@@ -249,7 +254,7 @@ def summarise(runs: list[dict], args: argparse.Namespace) -> str:
     """Markdown: the median of each case, the within-repeat ratios, and whether every side saw the same tokens."""
     by_case = {c: [r for r in runs if r["case"] == c] for c in args.cases}
     lines = ["| case | tokens/s | s/step | tokens/CPU-s | peak memory above start (MB) | baseline (MB) | "
-             "loss tokens/step | loss step 1 -> last |", "|---|---|---|---|---|---|---|---|"]
+             f"loss tokens/step | loss step 1 -> last | {flops.LIMIT_HEADER}", "|---" * 11 + "|"]
     for case, rs in by_case.items():
         if not rs:
             continue
@@ -257,7 +262,8 @@ def summarise(runs: list[dict], args: argparse.Namespace) -> str:
         losses = rs[0]["losses"]
         lines.append(f"| {case} | {med('tokens_per_s'):.0f} | {med('s_per_step'):.2f} | "
                      f"{med('tokens_per_cpu_s'):.0f} | {med('peak_mb'):.0f} | {med('base_mb'):.0f} | "
-                     f"{statistics.mean(rs[0]['step_tokens']):.0f} | {losses[0]:.4f} -> {losses[-1]:.4f} |")
+                     f"{statistics.mean(rs[0]['step_tokens']):.0f} | {losses[0]:.4f} -> {losses[-1]:.4f} | "
+                     + flops.limit_cells(rs))
     lines += ["", "| ratio (median over repeats, each within one repeat) | per repeat | median |", "|---|---|---|"]
     for label, num, den, key in RATIOS:
         if by_case.get(num) and by_case.get(den):
@@ -300,11 +306,13 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     if not (work / "model").exists():
         prepare(work, args)
-    runs = dpo.run_repeats(args, lambda case: dpo.spawn(case, work, args, script=__file__, shared=SHARED))
+    shape = flops.shape_of(work / "model")
+    limit = dpo.limiter(args, shape, lambda case: "full" if "-full" in case else "lora", dpo.LORA_TARGETS)
+    runs = dpo.run_repeats(args, lambda case: dpo.spawn(case, work, args, script=__file__, shared=SHARED), limit)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1))
     print(data_summary(work, args) + "\n")
-    print(summarise(runs, args))
+    print(summarise(runs, args) + dpo.ceilings(runs, shape, args))
     if not args.workdir:
         shutil.rmtree(work)
 

@@ -33,6 +33,8 @@ def test_dpo_bench_measures_every_step_of_a_tunesmith_run(dpo_bench, tmp_path):
     assert len(result["step_tokens"]) == 3 and all(t > 0 for t in result["step_tokens"])
     assert result["losses"][0] == pytest.approx(math.log(2), rel=1e-5)  # policy == reference at the first step
     assert result["tokens_per_s"] > 0 and result["peak_mb"] >= 0 and result["setup_mb"] is not None
+    # What the model FLOPs count: the same real tokens the meter counts, in every step.
+    assert [w["tokens"] for w in result["step_work"]] == result["step_tokens"]
     assert loop.train_step is train_step  # the timing wrapper is gone after the run
 
 
@@ -44,6 +46,11 @@ def test_scaling_bench_paths_train_the_same_steps(tmp_path):
     runs = {path: scaling.run_point(path, 300, 32, args) for path in scaling.PATHS}
     for r in runs.values():
         assert r["rows"] == 2 and r["step_tokens"] == [62, 62] and r["tokens_per_s"] > 0 and r["peak_mb"] >= 0
+        assert r["model_flops_per_s"] > 0 and r["share_of_ceiling"] > 0  # distance to the limit
     assert runs["fused"]["losses"] == pytest.approx(runs["naive"]["losses"], rel=1e-5)
     assert runs["logits"]["losses"] == pytest.approx(runs["naive"]["losses"], rel=1e-5)
     assert runs["naive"]["losses"][0] == pytest.approx(math.log(300), rel=0.05)  # a random model: near uniform
+    # Every weight trained: the same first loss (LoRA starts as the identity), more FLOPs per token (6N vs 4N).
+    full = scaling.run_point("fused", 300, 32, args, "full")
+    assert full["losses"][0] == pytest.approx(runs["fused"]["losses"][0], rel=1e-6)
+    assert full["flops_per_step"] > runs["fused"]["flops_per_step"] and full["share_of_ceiling"] > 0

@@ -55,6 +55,8 @@ def test_sft_bench_counts_the_loss_tokens_of_the_batches_trl_is_given(sft_bench,
     assert result["step_tokens"] == [s["loss_tokens"] for s in shapes]
     assert all(s["loss_tokens"] < s["tokens"] <= s["padded"] for s in shapes)
     assert result["tokens_per_s"] > 0 and result["peak_mb"] >= 0 and len(result["losses"]) == 3
+    assert [w["loss_positions"] for w in result["step_work"]] == result["step_tokens"]  # the head's FLOPs
+    assert [w["tokens"] for w in result["step_work"]] == [s["tokens"] for s in shapes]
     assert loop.train_step is recording_step  # the timing wrapper is gone after the run
 
 
