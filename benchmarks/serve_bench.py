@@ -4,6 +4,10 @@ SmolLM2-135M-Instruct, against one request at a time.
     .venv/bin/python benchmarks/serve_bench.py --threads 2 --repeats 3
     .venv/bin/python benchmarks/serve_bench.py --threads 1 --repeats 3
 
+With more threads than idle cores (a shared machine), set OMP_WAIT_POLICY=PASSIVE: by default the idle OpenMP
+thread spins after every parallel region and takes the core the working one needs (docs/PERFORMANCE.md,
+Generation: 9x slower steps at 2 threads on 2 busy cores).
+
 The model is the packaged `smollm2-135m-instruct` (converted and cached on first use; fp32 on the CPU). Requests
 are chat prompts through its template (a question each, 30-40 tokens with the template's system turn), answered
 greedily up to --max-new-tokens; an answer ends at <|im_end|> or at the limit, so requests leave the batch at
