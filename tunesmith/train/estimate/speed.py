@@ -41,7 +41,8 @@ def flops_per_token(shape: ModelShape, plan: Plan) -> float:
     return total + head * (1 + any_path + (plan.strategy == "full" or plan.head_trains))
 
 
-def device_flops(compute: torch.dtype, config, plan: Plan, trust_remote_code: bool = False) -> tuple[str, float, float]:
+def device_flops(compute: torch.dtype, config, plan: Plan,
+                 trust_remote_code: bool = False) -> tuple[str, float, float]:
     """(device name, FLOP/s, assumed utilisation): a GPU's 16-bit peak from the table, else a matmul measured now
     (fp32 on GPUs, GPUs not in the table); on a CPU one of the model's own blocks trained now (`block_flops`)."""
     if torch.cuda.is_available():
@@ -50,7 +51,8 @@ def device_flops(compute: torch.dtype, config, plan: Plan, trust_remote_code: bo
         if peak is not None and compute != torch.float32:
             return name, peak, GPU_UTILISATION
         return f"{name} (matmul measured)", matmul_flops(compute, "cuda"), GPU_UTILISATION
-    rate = block_flops(config, plan.seq_len, plan.rows * plan.seq_len, compute, plan.amp, trust_remote_code)
+    weights = torch.bfloat16 if plan.weight_bytes == 2 else torch.float32  # autocast, if any, runs on top
+    rate = block_flops(config, plan.seq_len, plan.rows * plan.seq_len, weights, plan.amp, trust_remote_code)
     return f"CPU, {torch.get_num_threads()} threads (one block measured)", rate, CPU_UTILISATION
 
 
@@ -60,7 +62,8 @@ def block_flops(config, seq_len: int, tokens: int, dtype: torch.dtype = torch.fl
     on up to `tokens` positions in rows of up to `seq_len` (cut to about BLOCK_PASS_FLOPS), on the CPU as it is
     now: the median of three timed passes after a warm-up. Unlike a large matmul this sees the block's own matmul
     shapes, its other kernels, and what the threads lose waiting for each other when other work shares the cores
-    (a 2-4x slowdown on a loaded 2-core machine: docs/PERFORMANCE.md). FLOPs counted as `flops_per_token` does."""
+    (libgomp's spinning: several times slower with 2 threads than 1 on a shared 2-core CPU, docs/PERFORMANCE.md). FLOPs
+    counted as `flops_per_token` does."""
     from transformers import AutoModelForCausalLM
 
     one = copy.deepcopy(config)
