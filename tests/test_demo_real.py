@@ -187,8 +187,9 @@ def test_wrong_answers_list_the_tuned_models_mistakes_not_the_bases_guesses():
                     reason="the whole real-model quickstart (minutes of SmolLM2 training): "
                            "set TUNESMITH_TEST_DEMO_REAL=1")
 def test_the_quickstart_teaches_the_facts_and_keeps_real_knowledge(smollm2_dir, tmp_path):
-    """The default recipe with seed 0: the held-out questions go from about 0% to at least 80%, and at least 90%
-    of the real-world answers stay right (minutes on 2 CPU cores)."""
+    """The quickstart's target, with seed 0: the held-out questions go from about 0% to at least 80%, and at least
+    90% of the real-world answers stay right (minutes on 2 CPU cores). Not met yet: the default recipe measured
+    88.9% and 87.0% (docs/PERFORMANCE.md, "The real-model quickstart"), so the test stays opt-in."""
     report = run_real_demo(tmp_path / "demo-real", seed=0)
     rows = {row["model"]: row for row in report["rows"]}
     assert rows["base"]["heldout"] <= 0.1 and rows["base"]["real_world"] >= 0.95
