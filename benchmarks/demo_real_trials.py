@@ -14,6 +14,7 @@ says: docs/PERFORMANCE.md, "The real-model quickstart".
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import time
@@ -38,32 +39,63 @@ def parse_recipe(fields: list[str]) -> Recipe:
     return dataclasses.replace(Recipe(), **changes)
 
 
-def run_trial(out: Path, recipe: Recipe, seed: int = 0) -> dict:
-    """Train the recipe and score the tuned model on the quickstart's three sets."""
-    from tunesmith.eval.command import eval_sets, settings_from_config
-    from tunesmith.eval.harness import run_set
+def run_trial(out: Path, recipe: Recipe, seed: int = 0, scales: tuple[float, ...] = (1.0,)) -> dict:
+    """Train the recipe (unless OUT/run holds its run already) and score the tuned model on the quickstart's three
+    sets, once per adapter scale."""
     from tunesmith.eval.models import load_for_eval
     from tunesmith.model.sources import resolve_model_path
 
-    base = Path(resolve_model_path(MODEL))
-    paths = write_data(make_world(seed, recipe.num_countries), out / "data", recipe.paraphrases,
-                       replay_rows(base, recipe.max_new_tokens))
-    started = time.perf_counter()
-    run = _train(real_config(paths, out, seed, recipe))
-    train_s = time.perf_counter() - started
+    paths = {name: out / "data" / f"{name}.jsonl" for name in ("train", "replay", "heldout", "real_world",
+                                                                "general_text")}
+    train_s = None
+    if not (out / "run" / "final").exists():
+        base = Path(resolve_model_path(MODEL))
+        paths = write_data(make_world(seed, recipe.num_countries), out / "data", recipe.paraphrases,
+                           replay_rows(base, recipe.max_new_tokens))
+        started = time.perf_counter()
+        _train(real_config(paths, out, seed, recipe))
+        train_s = round(time.perf_counter() - started, 1)
     cfg = real_config(paths, out, seed, recipe, EVALUATED_GENERAL)
-    loaded = load_for_eval(str(run))
-    settings = settings_from_config(cfg)
+    loaded = load_for_eval(str(out / "run"))
+    by_scale = {}
+    for scale in scales:
+        with scaled_adapter(loaded.model, scale):
+            print(f"adapter scale {scale}", flush=True)
+            by_scale[str(scale)] = score(loaded, cfg)
+    return {"recipe": dataclasses.asdict(recipe), "scorer": SCORER, "train_s": train_s, "scales": by_scale}
+
+
+def score(loaded, cfg) -> dict:
+    """Metrics and wrong answers of every eval set of the config."""
+    from tunesmith.eval.command import eval_sets, settings_from_config
+    from tunesmith.eval.harness import run_set
+
     metrics, wrong = {}, {}
     for spec in eval_sets(cfg):
-        result = run_set(loaded.model, loaded.tokenizer, spec, settings)
+        result = run_set(loaded.model, loaded.tokenizer, spec, settings_from_config(cfg))
         metrics[spec.name] = result["metrics"]
         if spec.kind == "generate":
             wrong[spec.name] = [{"reference": e["reference"], "prediction": e["prediction"]}
                                 for e in result["examples"] if not contains_answer(e["prediction"], e["reference"])]
         print(spec.name, json.dumps(result["metrics"]), flush=True)
-    return {"recipe": dataclasses.asdict(recipe), "scorer": SCORER, "train_s": round(train_s, 1),
-            "metrics": metrics, "wrong": wrong}
+    return {"metrics": metrics, "wrong": wrong}
+
+
+@contextlib.contextmanager
+def scaled_adapter(model, scale: float):
+    """The LoRA update times `scale` (peft's per-module `scaling`): the weights interpolated between the base
+    (0) and the tuned model (1), as WiSE-FT interpolates (Wortsman et al., 2022)."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    saved = [dict(m.scaling) for m in layers]
+    for m in layers:
+        m.scaling = {name: value * scale for name, value in m.scaling.items()}
+    try:
+        yield
+    finally:
+        for m, scaling in zip(layers, saved):
+            m.scaling = scaling
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -72,11 +104,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("fields", nargs="*", help="RECIPE_FIELD=VALUE (see tunesmith.demo.real.Recipe)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scales", default="1.0",
+                        help="adapter scales to score the run at, comma-separated (1.0: as trained)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     recipe = parse_recipe(args.fields)
     print(recipe, flush=True)
-    report = run_trial(args.output_dir, recipe, args.seed)
+    report = run_trial(args.output_dir, recipe, args.seed, tuple(float(x) for x in args.scales.split(",")))
     (args.output_dir / "trial.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
 
 

@@ -95,19 +95,44 @@ def preference_rows(n: int, words: Words) -> list[dict]:
 
 
 def prepare(work: Path, args: argparse.Namespace) -> None:
-    """pairs.jsonl, and a random Llama with its tokenizer in model/."""
-    from tunesmith.demo.tiny import build_model, save_tiny, train_tokenizer
-
+    """pairs.jsonl, and model/: the --model given, or a random Llama with its tokenizer."""
     words = Words(args.seed)
     rows = preference_rows(args.pairs, words)
     (work / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if args.model:
+        link_model(work, args.model)
+    else:
+        build_random_model(work, args, words)
+    print(f"{args.pairs} pairs in {work}", file=sys.stderr)
+
+
+def link_model(work: Path, name: str) -> None:
+    """model/ -> the model's Hugging Face directory (a packaged GGUF is converted once into tunesmith's cache)."""
+    from tunesmith.model.sources import resolve_model_path
+
+    (work / "model").symlink_to(Path(resolve_model_path(name)).resolve(), target_is_directory=True)
+    shape = flops.shape_of(work / "model")
+    print(f"model: {name}, {shape.params / 1e6:.1f}M parameters (vocab {shape.vocab}, hidden {shape.hidden}, "
+          f"{shape.layers} layers)", file=sys.stderr)
+
+
+def template_of(work: Path) -> str:
+    """The built-in chat template both sides render: Gemma's turns for a Gemma model, ChatML for the others (the
+    random Llama and SmolLM2 have its tokens)."""
+    return "gemma" if flops.shape_of(work / "model").model_type.startswith("gemma") else "chatml"
+
+
+def build_random_model(work: Path, args: argparse.Namespace, words: Words) -> None:
+    """model/: a random Llama of the size options, with a BPE tokenizer trained on the pseudo-words."""
+    from tunesmith.demo.tiny import build_model, save_tiny, train_tokenizer
+
     tokenizer = train_tokenizer([words.text(200, 200) for _ in range(3000)], vocab_size=args.vocab_size)
     model = build_model("llama", vocab_size=len(tokenizer), hidden_size=args.hidden_size, num_layers=args.layers,
                         num_heads=args.heads, intermediate_size=args.intermediate_size, max_positions=1024)
     save_tiny(work / "model", model, tokenizer)
     params = sum(p.numel() for p in model.parameters())
-    print(f"model: Llama, {params / 1e6:.1f}M parameters (vocab {len(tokenizer)}, hidden {args.hidden_size}, "
-          f"{args.layers} layers); {args.pairs} pairs in {work}", file=sys.stderr)
+    print(f"model: random Llama, {params / 1e6:.1f}M parameters (vocab {len(tokenizer)}, hidden "
+          f"{args.hidden_size}, {args.layers} layers)", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -199,7 +224,7 @@ def tunesmith_config(case: str, work: Path, out: Path, args: argparse.Namespace)
     sft = case.startswith("tunesmith-sft")
     return {
         "model": {"name_or_path": str(work / "model"), "dtype": args.dtype},
-        "data": {"train": [str(work / "pairs.jsonl")], "template": "chatml", "max_seq_len": 1024,
+        "data": {"train": [str(work / "pairs.jsonl")], "template": template_of(work), "max_seq_len": 1024,
                  "cache_dir": str(work / "cache")},
         "strategy": {"name": "lora", "lora": {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": 0.0,
                                               "target_modules": LORA_TARGETS}},
@@ -326,7 +351,7 @@ def run_trl(work: Path, args: argparse.Namespace) -> Meter:
     from tunesmith.model.load import DTYPES
 
     tokenizer = AutoTokenizer.from_pretrained(work / "model")
-    install_template(tokenizer, "chatml")  # the template tunesmith renders (its tokens are in the vocabulary)
+    install_template(tokenizer, template_of(work))  # the template tunesmith renders
     model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=DTYPES[args.dtype])
     lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0, target_modules=LORA_TARGETS,
                       task_type="CAUSAL_LM")
@@ -425,6 +450,9 @@ def add_common_arguments(p: argparse.ArgumentParser, cases: tuple[str, ...]) -> 
     p.add_argument("--threads", type=int, help="torch threads in each run (default: torch's choice)")
     p.add_argument("--mmap-threshold", type=int,
                    help="CPU: run the cases with MALLOC_MMAP_THRESHOLD_ set to this many bytes (see dpo_bench.py)")
+    p.add_argument("--model", help="a real model instead of the random Llama: a path or a packaged name "
+                   "(smollm2-135m-instruct, gemma3-270m), as model.name_or_path takes it; the size options are then "
+                   "ignored")
     p.add_argument("--vocab-size", type=int, default=16384)
     p.add_argument("--hidden-size", type=int, default=384)
     p.add_argument("--layers", type=int, default=6)

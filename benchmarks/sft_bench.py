@@ -72,6 +72,27 @@ TRL_CHATML = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )
+# tunesmith's gemma (tunesmith.data.templates.GEMMA), marked the same way; its system message is folded into the
+# first user turn.
+TRL_GEMMA = (
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}"
+    "{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}"
+    "{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{{- '<start_of_turn>model\\n' -}}"
+    "{%- generation -%}{{- message['content'] + '<end_of_turn>' -}}{%- endgeneration -%}"
+    "{{- '\\n' -}}"
+    "{%- else -%}"
+    "{{- '<start_of_turn>' + message['role'] + '\\n' + (first_user_prefix if loop.first else '') + message['content']"
+    " + '<end_of_turn>\\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<start_of_turn>model\\n' -}}{%- endif -%}"
+)
+TRL_TEMPLATES = {"chatml": TRL_CHATML, "gemma": TRL_GEMMA}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -98,19 +119,15 @@ def conversation(words: dpo.Words, max_words: int) -> dict:
 
 
 def prepare(work: Path, args: argparse.Namespace) -> None:
-    """chats.jsonl, and a random Llama with its tokenizer in model/."""
-    from tunesmith.demo.tiny import build_model, save_tiny, train_tokenizer
-
+    """chats.jsonl, and model/: the --model given, or a random Llama with its tokenizer."""
     words = dpo.Words(args.seed)
     rows = [conversation(words, args.max_words) for _ in range(args.conversations)]
     (work / "chats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tokenizer = train_tokenizer([words.text(200, 200) for _ in range(3000)], vocab_size=args.vocab_size)
-    model = build_model("llama", vocab_size=len(tokenizer), hidden_size=args.hidden_size, num_layers=args.layers,
-                        num_heads=args.heads, intermediate_size=args.intermediate_size, max_positions=1024)
-    save_tiny(work / "model", model, tokenizer)
-    params = sum(p.numel() for p in model.parameters())
-    print(f"model: Llama, {params / 1e6:.1f}M parameters (vocab {len(tokenizer)}, hidden {args.hidden_size}, "
-          f"{args.layers} layers); {args.conversations} conversations in {work}", file=sys.stderr)
+    if args.model:
+        dpo.link_model(work, args.model)
+    else:
+        dpo.build_random_model(work, args, words)
+    print(f"{args.conversations} conversations in {work}", file=sys.stderr)
 
 
 def trl_rows(work: Path, args: argparse.Namespace) -> list[dict]:
@@ -128,8 +145,17 @@ def trl_tokenizer(work: Path):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(work / "model")
-    tokenizer.chat_template = TRL_CHATML
+    tokenizer.chat_template = trl_template(tokenizer, dpo.template_of(work))
     return tokenizer
+
+
+def trl_template(tokenizer, name: str) -> str:
+    """tunesmith's built-in template `name` with the replies marked for TRL, beginning with the BOS where
+    tunesmith's does (`templates.install_template`)."""
+    from tunesmith.data.templates import BOS_WHEN_ENCODED, adds_bos
+
+    bos = name in BOS_WHEN_ENCODED and adds_bos(tokenizer)
+    return ("{{- bos_token -}}" if bos else "") + TRL_TEMPLATES[name]
 
 
 def trl_encodings(tokenizer, rows: list[dict]) -> list[tuple[list[int], list[int]]]:
@@ -158,7 +184,7 @@ def tunesmith_config(case: str, work: Path, out: Path, args: argparse.Namespace)
     """The `tunesmith train` config of a case: SFT with tunesmith's defaults, at the benchmark's sizes."""
     return {
         "model": {"name_or_path": str(work / "model"), "dtype": args.dtype},
-        "data": {"train": [str(work / "chats.jsonl")], "template": "chatml", "max_seq_len": 1024,
+        "data": {"train": [str(work / "chats.jsonl")], "template": dpo.template_of(work), "max_seq_len": 1024,
                  "cache_dir": str(work / "cache"), "padding_free": not case.endswith("-padded")},
         "strategy": {"name": "full" if "-full" in case else "lora",
                      "lora": {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": 0.0,

@@ -10,6 +10,7 @@ import os
 import re
 
 import pytest
+import torch
 
 from tunesmith.cli import build_parser
 from tunesmith.demo.real import EVALUATED_GENERAL, SCORER, Recipe, real_config, run_real_demo
@@ -206,3 +207,27 @@ def test_trials_script_reads_recipe_fields_as_their_types():
     assert recipe == dataclasses.replace(Recipe(), lr=1e-3, epochs=4, target_modules=r".*\.mlp\.down_proj")
     with pytest.raises(SystemExit, match="expected FIELD=VALUE with FIELD one of num_countries"):
         trials.parse_recipe(["learning_rate=1"])
+
+
+def test_trials_script_scales_the_adapter_between_base_and_tuned_and_restores_it():
+    """`--scales`: scale 0 is the base model's logits, 2 doubles the update, and the adapter is as trained after."""
+    from peft import LoraConfig, get_peft_model
+
+    from conftest import load_benchmark
+    from tunesmith.demo.tiny import build_model
+
+    trials = load_benchmark("demo_real_trials")
+    torch.manual_seed(0)
+    model = get_peft_model(build_model("llama", vocab_size=64), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                                            target_modules=["q_proj", "down_proj"]))
+    ids = torch.randint(0, 64, (1, 12))
+    with torch.no_grad():
+        tuned = model(ids).logits
+        with model.disable_adapter():
+            base = model(ids).logits
+        with trials.scaled_adapter(model, 0.0):
+            assert torch.allclose(model(ids).logits, base, atol=1e-6)
+        with trials.scaled_adapter(model, 2.0):
+            doubled = model(ids).logits
+        assert torch.equal(model(ids).logits, tuned)
+    assert not torch.allclose(base, tuned, atol=1e-3) and not torch.allclose(doubled, tuned, atol=1e-3)

@@ -24,7 +24,8 @@ from tunesmith.export.command import export_command
 from tunesmith.model.loading import load_model_and_tokenizer
 from tunesmith.model.resolve import resolve_source
 from tunesmith.export.merge import check_merge, merge_command, merge_tolerance
-from tunesmith.model.load import ensure_pad_token, resize_embeddings
+from tunesmith.model.load import resize_embeddings
+from tunesmith.model.run_tokenizer import ensure_pad_token
 from tunesmith.model.strategies import apply_strategy
 from tunesmith.data.templates import install_template
 

@@ -245,7 +245,7 @@ def test_prepare_command_writes_tables_and_reports(tmp_path, model_dirs):
 
     from tunesmith.config import config_from_dict
     from tunesmith.data.prepare import prepare_command
-    from tunesmith.model.build import build_tokenizer
+    from tunesmith.model.run_tokenizer import build_tokenizer
 
     path = write_jsonl(tmp_path / "d.jsonl", [CHAT] * 20)
     cfg = config_from_dict({"model": {"name_or_path": str(model_dirs["llama"])},

@@ -323,3 +323,25 @@ def test_fused_loss_on_gemma_vocabulary_equals_full_logits(gemma_tokenizer, monk
     assert fused_grads.keys() == full_grads.keys()
     for name, grad in full_grads.items():
         torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("name,template", [("smollm2", "chatml"), ("gemma", "gemma")])
+def test_sft_bench_gives_trl_the_ids_and_loss_tokens_tunesmith_trains_on(request, name, template):
+    """benchmarks/sft_bench.py --model: TRL's SFTTrainer (assistant_only_loss, `{% generation %}` marks) gets
+    from its template the ids tunesmith renders and a loss on exactly the tokens tunesmith labels, on the real
+    tokenizers (Gemma's BOS once)."""
+    from conftest import load_benchmark
+
+    sft_bench = load_benchmark("sft_bench")
+    base = request.getfixturevalue({"smollm2": "smollm2_tokenizer", "gemma": "gemma_base_tokenizer"}[name])
+    ours, theirs = copy.deepcopy(base), copy.deepcopy(base)
+    assert install_template(ours, template) == []
+    theirs.chat_template = sft_bench.trl_template(theirs, template)
+    for messages in (CONVERSATION, CONVERSATION[1:]):
+        ids, labels = encode_chat(ours, list(messages))
+        out = theirs.apply_chat_template(list(messages), tokenize=True, return_dict=True,
+                                         return_assistant_tokens_mask=True)
+        assert out["input_ids"] == ids
+        assert [t if m else IGNORE_INDEX for t, m in zip(ids, out["assistant_masks"])] == labels
+        if name == "gemma":
+            assert ids[0] == base.bos_token_id and ids.count(base.bos_token_id) == 1

@@ -21,7 +21,8 @@ from tunesmith.model.loading import load_model_and_tokenizer
 from tunesmith.eval.models import load_for_eval
 from tunesmith.model.tokenizer import corpus_texts, tokenizer_command, train_corpus_tokenizer
 from tunesmith.track.metrics import read_metrics
-from tunesmith.model.build import build_model, build_tokenizer
+from tunesmith.model.build import build_model
+from tunesmith.model.run_tokenizer import build_tokenizer
 from tunesmith.train.run import save_final, train
 
 VOCAB = 320

@@ -4,7 +4,9 @@ Importing torch costs ~1.5 s of CPU and the training stack (accelerate, peft, th
 all, so a command imports only what it uses:
 
     --help, config errors, report, tokenizer   neither torch nor transformers
-    prepare                                    transformers' AutoTokenizer (it imports torch), no training stack
+    prepare                                    neither, with a tokenizer `tokenizers` reads alone (the generic
+                                               class: model/light_tokenizer.py); else transformers' AutoTokenizer
+                                               (it imports torch), and never the training stack
     estimate (without --measure)               the model's transformers code, no training stack
 """
 
@@ -91,8 +93,8 @@ def test_tokenizer_command_imports_no_torch(tmp_path):
 
 
 def test_prepare_imports_no_training_stack(tmp_path, tokenizer):
-    """prepare loads the tokenizer training uses (AutoTokenizer, so torch) and nothing of training itself;
-    near-dedup's datasketch (and scipy) only when near-dedup is on."""
+    """prepare reads the tokenizer through `tokenizers` (the light tokenizer: no torch, no transformers) and
+    nothing of training; near-dedup's datasketch (and scipy) only when near-dedup is on."""
     tokenizer.save_pretrained(tmp_path / "tok")
     write_jsonl(tmp_path / "d.jsonl", chat_rows(6))
     (tmp_path / "cfg.yaml").write_text("model: {name_or_path: tok}\ndata: {train: [d.jsonl], template: chatml}\n"
@@ -100,7 +102,8 @@ def test_prepare_imports_no_training_stack(tmp_path, tokenizer):
     rc, modules, err = run_cli(["prepare", "cfg.yaml"], tmp_path)
     assert rc == 0, err
     assert (tmp_path / "run" / "data" / "data_report.json").is_file()
-    assert loaded(modules, ("tunesmith.train", "tunesmith.objectives", "peft", "accelerate", "datasketch")) == []
+    assert loaded(modules, TORCH + ("tunesmith.train", "tunesmith.objectives", "peft", "accelerate",
+                                    "datasketch")) == []
 
 
 def test_estimate_imports_no_training_stack(tmp_path, model_dirs):

@@ -11,11 +11,12 @@ from conftest import chat_rows, write_jsonl
 from test_train import run_config
 from tunesmith.config import config_from_dict
 from tunesmith.errors import ConfigError, ModelError
-from tunesmith.model.load import ensure_pad_token, load_model, resize_embeddings
+from tunesmith.model.load import load_model, resize_embeddings
 from tunesmith.model.strategies import apply_strategy, parameter_counts, quantization_config
 from tunesmith.model.trainable import load_trainable_state
 from tunesmith.train.checkpoint import latest_checkpoint
-from tunesmith.model.build import build_model, build_tokenizer
+from tunesmith.model.build import build_model
+from tunesmith.model.run_tokenizer import build_tokenizer, ensure_pad_token
 from tunesmith.train.run import train
 
 NUM_LAYERS = 2  # the tiny models of conftest

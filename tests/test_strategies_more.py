@@ -338,7 +338,8 @@ def test_train_reft_saves_only_interventions_that_reload_to_the_trained_logits(m
     from tunesmith.model.reft import WEIGHTS_FILE, load_reft
     from tunesmith.model.trainable import load_trainable_state
     from tunesmith.train.checkpoint import latest_checkpoint
-    from tunesmith.model.build import build_model, build_tokenizer
+    from tunesmith.model.build import build_model
+    from tunesmith.model.run_tokenizer import build_tokenizer
     from tunesmith.train.run import train
 
     data = write_jsonl(tmp_path / "chat.jsonl", chat_rows(12, seed=5))

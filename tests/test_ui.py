@@ -318,7 +318,7 @@ def test_the_static_page_is_small_and_self_contained():
 def test_preview_marks_loss_tokens_and_lists_skipped_rows(project):
     from tunesmith.config import load_config
     from tunesmith.data.prepare import prepare_command
-    from tunesmith.model.build import build_tokenizer
+    from tunesmith.model.run_tokenizer import build_tokenizer
 
     data = project.root / "train.jsonl"
     with open(data, "a") as fh:

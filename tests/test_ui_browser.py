@@ -57,7 +57,7 @@ def prepare_run(sandbox, name: str) -> Path:
     returns the data file."""
     from tunesmith.config import load_config
     from tunesmith.data.prepare import prepare_command
-    from tunesmith.model.build import build_tokenizer
+    from tunesmith.model.run_tokenizer import build_tokenizer
     from tunesmith.ui.jobs import JOBS_DIR, Job, write_record
 
     data = sandbox.root / "with-bad-row.jsonl"

@@ -46,12 +46,12 @@ def _prepare(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, list(args.overrides))
     check_paths(cfg)
     from tunesmith.data.prepare import prepare_command
-    from tunesmith.model.build import build_tokenizer
+    from tunesmith.model.run_tokenizer import build_tokenizer
     from tunesmith.track.logs import setup_logging
 
     setup_logging(None, cfg.tracking.log_level)
     with warnings_to_log():
-        prepare_command(cfg, build_tokenizer(cfg)[0])
+        prepare_command(cfg, build_tokenizer(cfg, light=True)[0])
     return 0
 
 

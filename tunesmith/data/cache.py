@@ -71,8 +71,15 @@ def _code_digest() -> str:
 
 
 def _tokenizer_digest(tokenizer) -> str:
-    state = json.dumps({"vocab": sorted(tokenizer.get_vocab().items()), "template": tokenizer.chat_template,
-                        "special": tokenizer.all_special_tokens, "class": type(tokenizer).__name__})
+    """What decides the ids: the Rust tokenizer's whole pipeline (normalizer, pre-tokenizer, model, added tokens,
+    post-processor) where there is one, else the class and vocabulary, plus the template and special tokens. The
+    same for transformers' tokenizer and the light one of `prepare` (model/light_tokenizer.py), so `train` finds
+    the data `prepare` wrote."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    pipeline = backend.to_str() if backend is not None else [type(tokenizer).__name__,
+                                                              sorted(tokenizer.get_vocab().items())]
+    state = json.dumps({"pipeline": pipeline, "template": tokenizer.chat_template,
+                        "special": sorted(tokenizer.all_special_tokens)})
     return hashlib.sha256(state.encode()).hexdigest()
 
 

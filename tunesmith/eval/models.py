@@ -33,7 +33,8 @@ from tunesmith.data.templates import install_template
 from tunesmith.errors import ConfigError, ModelError
 from tunesmith.eval.classifiers import HeadClassifier, TextClassifier
 from tunesmith.eval.sets import EvalSet
-from tunesmith.model.load import ensure_pad_token, load_model, load_tokenizer, resize_embeddings, resolve_dtype
+from tunesmith.model.load import load_model, load_tokenizer, resize_embeddings, resolve_dtype
+from tunesmith.model.run_tokenizer import ensure_pad_token
 from tunesmith.model.loading import context_length, load_model_and_tokenizer
 from tunesmith.model.resolve import ADAPTER_CONFIG, ModelSource, read_json, resolve_source
 from tunesmith.model.stops import set_stop_tokens
@@ -134,7 +135,8 @@ def _checkpoint(src: ModelSource):
     """Rebuild the run's model as training built it and load the checkpoint's trainable weights."""
     from safetensors.torch import load_file
 
-    from tunesmith.model.build import build_model, build_tokenizer
+    from tunesmith.model.build import build_model
+    from tunesmith.model.run_tokenizer import build_tokenizer
     from tunesmith.model.trainable import WEIGHTS, load_trainable_state, verify
 
     problem = verify(src.target)

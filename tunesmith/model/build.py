@@ -1,5 +1,5 @@
-"""Config -> the run's tokenizer, the `transformers` config of its model, and the model itself as training builds
-it (weights, embeddings grown to the tokenizer, stop tokens, the strategy's wrapping).
+"""Config -> the `transformers` config of the run's model, and the model itself as training builds it (weights,
+embeddings grown to the tokenizer, stop tokens, the strategy's wrapping); the tokenizer is model/run_tokenizer.py's.
 
 `prepare` and `estimate` ask here rather than the training module, so they start without importing the training
 stack (accelerate, the objectives): preparing data needs a tokenizer, not a trainer. Evaluating a checkpoint
@@ -13,10 +13,9 @@ import logging
 
 from tunesmith.config import Config
 from tunesmith.config.objectives import OBJECTIVES
-from tunesmith.data.templates import install_template
 from tunesmith.errors import ConfigError
 from tunesmith.model.heads import load_classification_model
-from tunesmith.model.load import ensure_pad_token, load_model, load_tokenizer, resize_embeddings, resolve_dtype
+from tunesmith.model.load import load_model, resize_embeddings, resolve_dtype
 from tunesmith.model.prompt_tuning import PromptSpec
 from tunesmith.model.reft import ReftSpec
 from tunesmith.model.scratch import architecture_config, init_model
@@ -25,18 +24,6 @@ from tunesmith.model.stops import set_stop_tokens
 from tunesmith.model.strategies import ADAPTER_STRATEGIES, apply_strategy, parameter_counts, quantization_config
 
 log = logging.getLogger(__name__)
-
-
-def build_tokenizer(cfg: Config):
-    """The tokenizer with its chat template and a pad token; returns it and the template tokens it gained."""
-    m = cfg.model
-    tokenizer = load_tokenizer(m.tokenizer or m.name_or_path, m.revision, m.trust_remote_code)
-    # Plain text (clm) and text + label rows (classify) are never rendered as chat.
-    added = install_template(tokenizer, cfg.data.template) if OBJECTIVES[cfg.train.objective].chat_template else []
-    if added:
-        log.info("added template tokens to the vocabulary: %s", ", ".join(added))
-    ensure_pad_token(tokenizer)
-    return tokenizer, added
 
 
 def architecture(cfg: Config, tokenizer):

@@ -296,7 +296,8 @@ class FeatureClassifier:
     def load(cls, path: str | Path, base: str | None = None, allow_pickle: bool = False,
              dtype: torch.dtype = torch.float32) -> "FeatureClassifier":
         """Load a saved classifier and its feature model (`base` overrides the recorded base model)."""
-        from tunesmith.model.load import ensure_pad_token, load_tokenizer, resize_embeddings
+        from tunesmith.model.load import load_tokenizer, resize_embeddings
+        from tunesmith.model.run_tokenizer import ensure_pad_token
 
         path = Path(path)
         config = json.loads((path / CONFIG_FILE).read_text())
@@ -341,7 +342,8 @@ def _train_features(cfg, run_dir: Path) -> dict:
     from tunesmith.config import save_config, to_dict
     from tunesmith.data.build import cache_dir
     from tunesmith.model.heads import classification_rows, label_names
-    from tunesmith.model.load import ensure_pad_token, load_tokenizer, resize_embeddings, resolve_dtype
+    from tunesmith.model.load import load_tokenizer, resize_embeddings, resolve_dtype
+    from tunesmith.model.run_tokenizer import ensure_pad_token
 
     m, f = cfg.model, cfg.strategy.features
     started = time.perf_counter()

@@ -20,7 +20,6 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-PAD_TOKEN = "<|pad|>"
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -98,20 +97,6 @@ def check_weight_files(name_or_path: str, allow_pickle: bool) -> None:
             f"{path}: only pickle weights ({', '.join(pickles)}), which can run arbitrary code when loaded; "
             "convert them to safetensors or set model.allow_pickle=true if you trust the source"
         )
-
-
-def ensure_pad_token(tokenizer) -> bool:
-    """Give a tokenizer without a pad token a dedicated one, never reusing EOS.
-
-    Batches mask labels explicitly, so the pad id never hides a real EOS; a dedicated token also keeps
-    generation and other tools from confusing padding with end-of-text. The model's embeddings must then
-    cover the tokenizer (`resize_embeddings`). Returns True if a token was added.
-    """
-    if tokenizer.pad_token is not None:
-        return False
-    tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
-    log.info("the tokenizer had no pad token: added %s (id %d)", PAD_TOKEN, tokenizer.pad_token_id)
-    return True
 
 
 def resize_embeddings(model, tokenizer) -> None:

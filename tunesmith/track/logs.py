@@ -9,8 +9,11 @@ Two kinds of message reach these handlers:
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.machinery
 import logging
 import os
+import sys
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -52,18 +55,52 @@ class _TqdmHandler(logging.StreamHandler):
 def quiet_third_party() -> None:
     """Keep the terminal for tunesmith's own progress: no per-file progress bars from transformers or datasets,
     and the libraries' log records (deprecations, load reports, bitsandbytes' notice about an optional CPU kernel
-    on a hub) sent through `LIBRARIES`: to train.log, and to the terminal only when verbose."""
-    import datasets
-    import transformers
+    on a hub) sent through `LIBRARIES`: to train.log, and to the terminal only when verbose.
 
-    transformers.utils.logging.disable_progress_bar()
-    datasets.disable_progress_bars()  # per-table saving bars; the pipeline reports its own progress
-    transformers.utils.logging.set_verbosity_warning()
-    for name in ("transformers", "datasets"):  # their own stderr handlers go: the records reach the root logger
-        _route_to_root(logging.getLogger(name))
+    A library not imported yet is quieted when it is first imported (`_QuietOnImport`), not imported here: a
+    command that never needs transformers (`prepare` with a light tokenizer) does not pay its ~0.6 s."""
+    for name in QUIETED:
+        if name in sys.modules:
+            _quiet(name)
+        elif not any(isinstance(f, _QuietOnImport) for f in sys.meta_path):
+            sys.meta_path.insert(0, _QuietOnImport())
     root = logging.getLogger()
     if not any(isinstance(h, _LibraryHandler) for h in root.handlers):
         root.addHandler(_LibraryHandler())
+
+
+QUIETED = ("transformers", "datasets")
+
+
+def _quiet(name: str) -> None:
+    """One library's progress bars off and its records routed to the root logger (its own handler removed)."""
+    module = sys.modules[name]
+    if name == "transformers":
+        module.utils.logging.disable_progress_bar()
+        module.utils.logging.set_verbosity_warning()
+    else:
+        module.disable_progress_bars()  # per-table saving bars; the pipeline reports its own progress
+    _route_to_root(logging.getLogger(name))
+
+
+class _QuietOnImport(importlib.abc.MetaPathFinder):
+    """Finds nothing itself: when a QUIETED library is about to be imported, it wraps the loader so that the
+    library is quieted (`_quiet`) as soon as its package has run."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname not in QUIETED:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or spec.loader is None:
+            return spec
+        load = spec.loader.exec_module
+
+        def exec_module(module):
+            load(module)
+            _quiet(fullname)
+
+        spec.loader.exec_module = exec_module
+        return spec
 
 
 def _route_to_root(logger: logging.Logger) -> None:

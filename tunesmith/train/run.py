@@ -27,7 +27,8 @@ from tunesmith.config.objectives import OBJECTIVES
 from tunesmith.data.build import prepare_from_config, write_data_report
 from tunesmith.data.pipeline import ExampleTable
 from tunesmith.errors import ConfigError
-from tunesmith.model.build import build_model, build_tokenizer
+from tunesmith.model.build import build_model
+from tunesmith.model.run_tokenizer import build_tokenizer
 from tunesmith.model.heads import prepare_classification
 from tunesmith.model.prompt_tuning import PROMPT_STRATEGIES
 from tunesmith.model.reft import intervening_on_prompts

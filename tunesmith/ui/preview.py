@@ -15,7 +15,7 @@ from typing import Any
 from tunesmith.config import load_config
 from tunesmith.data.tokenize import IGNORE_INDEX
 from tunesmith.errors import ConfigError
-from tunesmith.model.build import build_tokenizer
+from tunesmith.model.run_tokenizer import build_tokenizer
 from tunesmith.model.load import load_tokenizer
 from tunesmith.ui.jobs import Jobs
 from tunesmith.ui.sandbox import Sandbox

@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from tunesmith.config import Config
-from tunesmith.model.build import architecture, build_tokenizer
+from tunesmith.model.build import architecture
+from tunesmith.model.run_tokenizer import build_tokenizer
 from tunesmith.train.estimate.advice import MiB, advice
 from tunesmith.train.estimate.from_config import cached_batch, plan_from_config
 from tunesmith.train.estimate.measure import measure_peak

@@ -16,7 +16,8 @@ import torch
 
 from tunesmith.config import Config, save_config
 from tunesmith.errors import TunesmithError
-from tunesmith.model.build import architecture, build_tokenizer
+from tunesmith.model.build import architecture
+from tunesmith.model.run_tokenizer import build_tokenizer
 
 
 def measure_peak(cfg: Config, steps: int = 3, malloc_mmap_threshold: int | None = 65536) -> dict:
