@@ -379,3 +379,26 @@ def test_held_out_clusters_with_near_duplicate_groups_and_a_split(tmp_path, chat
         sides = {name for name, split in prepared.splits.items()
                  if any("river 0 and" in chat_tokenizer.decode(e.input_ids) for e in split)}
         assert len(sides) == 1 and len(prepared.splits["test"]) == 6
+
+
+def test_the_arrow_layout_is_what_datasets_writes_for_the_same_columns(tmp_path):
+    """data/arrow.py writes tables without importing `datasets`: its schema (types and features metadata) and
+    `dataset_info.json` equal `datasets.Features` / `DatasetInfo` for every column set the pipeline writes."""
+    from datasets import DatasetInfo, Features, Sequence, Value
+
+    from tunesmith.data.arrow import TOKEN_COLUMNS, schema, write_dataset_info
+
+    ids = Sequence(Value("int32"))
+    types = {"ids": ids, "string": Value("string"), "bool": Value("bool"), "int64": Value("int64")}
+    for columns in (list(TOKEN_COLUMNS), ["input_ids", "labels", "source"],
+                    ["input_ids", "labels", "source", "rejected_ids", "rejected_labels", "desirable"]):
+        features = Features({name: types[TOKEN_COLUMNS[name]] for name in columns})
+        assert schema(columns) == features.arrow_schema
+        assert schema(columns).metadata == features.arrow_schema.metadata
+        ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+        for folder in (ours, theirs):
+            folder.mkdir(exist_ok=True)
+        write_dataset_info(ours, columns)
+        DatasetInfo(features=features).write_to_directory(str(theirs))
+        assert json.loads((ours / "dataset_info.json").read_text()) == \
+            json.loads((theirs / "dataset_info.json").read_text())

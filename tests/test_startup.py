@@ -4,9 +4,9 @@ Importing torch costs ~1.5 s of CPU and the training stack (accelerate, peft, th
 all, so a command imports only what it uses:
 
     --help, config errors, report, tokenizer   neither torch nor transformers
-    prepare                                    neither, with a tokenizer `tokenizers` reads alone (the generic
-                                               class: model/light_tokenizer.py); else transformers' AutoTokenizer
-                                               (it imports torch), and never the training stack
+    prepare                                    neither (nor datasets), with a tokenizer `tokenizers` reads alone
+                                               (the generic class: model/light_tokenizer.py); else transformers'
+                                               AutoTokenizer (it imports torch); never the training stack
     estimate (without --measure)               the model's transformers code, no training stack
 """
 
@@ -93,8 +93,9 @@ def test_tokenizer_command_imports_no_torch(tmp_path):
 
 
 def test_prepare_imports_no_training_stack(tmp_path, tokenizer):
-    """prepare reads the tokenizer through `tokenizers` (the light tokenizer: no torch, no transformers) and
-    nothing of training; near-dedup's datasketch (and scipy) only when near-dedup is on."""
+    """prepare reads the tokenizer through `tokenizers` (the light tokenizer: no torch, no transformers), writes
+    its tables with pyarrow (no `datasets`: data/arrow.py) and plots without pyplot, and imports nothing of
+    training; near-dedup's datasketch (and scipy) only when near-dedup is on."""
     tokenizer.save_pretrained(tmp_path / "tok")
     write_jsonl(tmp_path / "d.jsonl", chat_rows(6))
     (tmp_path / "cfg.yaml").write_text("model: {name_or_path: tok}\ndata: {train: [d.jsonl], template: chatml}\n"
@@ -103,7 +104,7 @@ def test_prepare_imports_no_training_stack(tmp_path, tokenizer):
     assert rc == 0, err
     assert (tmp_path / "run" / "data" / "data_report.json").is_file()
     assert loaded(modules, TORCH + ("tunesmith.train", "tunesmith.objectives", "peft", "accelerate",
-                                    "datasketch")) == []
+                                    "datasketch", "datasets", "matplotlib.pyplot")) == []
 
 
 def test_estimate_imports_no_training_stack(tmp_path, model_dirs):

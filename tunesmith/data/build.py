@@ -67,9 +67,9 @@ def clean_from_config(cfg: Config) -> CleanSteps | None:
         raise ConfigError(f"data.{exc}") from None
 
 
-def prepare_from_config(cfg: Config, tokenizer) -> Prepared:
+def prepare_from_config(cfg: Config, tokenizer, load: bool = True) -> Prepared:
     return prepare(tokenizer, sources_from_config(cfg), options_from_config(cfg), cache_dir(cfg),
-                   clean_from_config(cfg))
+                   clean_from_config(cfg), load)
 
 
 def write_data_report(prepared: Prepared, out_dir: Path) -> None:
@@ -130,12 +130,12 @@ def _clean_markdown(clean: dict) -> list[str]:
 
 def _plot_lengths(prepared: Prepared, path: Path) -> None:
     """Token lengths of the examples of each split, before packing."""
-    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # not pyplot: no backend machinery to import, nothing global to close
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 3.5))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     for name, split in prepared.report["splits"].items():
         hist = split.get("length_histogram") or {}
         if hist.get("counts"):
@@ -145,4 +145,3 @@ def _plot_lengths(prepared: Prepared, path: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from tunesmith import __version__
+from tunesmith.data.arrow import write_dataset_info
 from tunesmith.data.tokenize import Example
 from tunesmith.paths import resolve_paths
 
@@ -31,7 +32,7 @@ class TokenFiles:
     """Tokenised examples in Arrow files that `datasets` reads (`Dataset.from_file`), in order."""
 
     files: list[Path]
-    features: Any  # datasets.Features of the columns the files hold
+    columns: list[str]  # of data.arrow.TOKEN_COLUMNS, what the files hold
 
     def dataset(self, in_memory: bool):
         from datasets import Dataset, concatenate_datasets
@@ -102,13 +103,11 @@ def _save_token_files(tokens: TokenFiles, directory: Path, fingerprint: str) -> 
     """The token files moved into a folder that `datasets.load_from_disk` reads: the layout
     `Dataset.save_to_disk` writes (its shards, `dataset_info.json`, and `state.json` naming the shards),
     without reading the tables through memory as `save_to_disk` would."""
-    from datasets import DatasetInfo
-
     directory.mkdir()
     names = [f"data-{i:05d}-of-{len(tokens.files):05d}.arrow" for i in range(len(tokens.files))]
     for source, name in zip(tokens.files, names):
         source.rename(directory / name)
-    DatasetInfo(features=tokens.features).write_to_directory(str(directory))
+    write_dataset_info(directory, tokens.columns)
     state = {"_data_files": [{"filename": name} for name in names], "_fingerprint": fingerprint,
              "_format_columns": None, "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False,
              "_split": None}
@@ -123,9 +122,12 @@ def _as_table(examples: Sequence[Example]):
                               "position_ids": [e.position_ids for e in examples]})
 
 
-def load_cached(path: Path) -> tuple[dict[str, Sequence[Example]], dict] | None:
+def load_cached(path: Path, load: bool = True) -> tuple[dict[str, Sequence[Example]], dict] | None:
+    """The splits saved in `path` (memory-mapped; none when not `load`) and their report; None when not saved."""
     if not (path / "report.json").is_file():
         return None
+    if not load:
+        return {}, json.loads((path / "report.json").read_text())
     from datasets import load_from_disk
 
     splits = {name: ExampleTable(load_from_disk(str(path / name))) if (path / name).is_dir() else []

@@ -33,6 +33,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tunesmith.config.objectives import OBJECTIVES
+from tunesmith.data.arrow import TOKEN_COLUMNS
+from tunesmith.data.arrow import schema as token_schema
 from tunesmith.data.cache import SPLIT_NAMES, ExampleTable, TokenFiles, fingerprint, load_cached, save_cached
 from tunesmith.data.clean import CleanSteps
 from tunesmith.data.formats import Row, iter_rows
@@ -166,18 +168,9 @@ def _copies(weight: float, rng: random.Random) -> int:
 # Tokenising (a file of rows at a time, in parallel) and packing
 
 
-def _token_features():
-    from datasets import Features, Sequence as ArrowList, Value
-
-    ids = ArrowList(Value("int32"))
-    return Features({"input_ids": ids, "labels": ids, "source": Value("string"), "rejected_ids": ids,
-                     "rejected_labels": ids, "desirable": Value("bool"), "truncated": Value("bool"),
-                     "dropped": Value("bool"), "length": Value("int64"), "loss_tokens": Value("int64")})
-
-
 def _tokenize_batch(rows: Sequence[Row], tokenizer, options: Options) -> dict[str, list]:
     """Rows -> ids, labels and what happened to each (kept / truncated / dropped), as columns."""
-    out: dict[str, list] = {name: [] for name in _token_features()}
+    out: dict[str, list] = {name: [] for name in TOKEN_COLUMNS}
     for row, encoded in zip(rows, encode_rows(tokenizer, rows, options.train_on_prompt)):
         if isinstance(encoded, DataError):
             raise encoded
@@ -255,7 +248,7 @@ def tokenize(store: RowStore, tokenizer, options: Options, directory: Path) -> t
     kept_columns = _example_columns(set().union(*(p.kinds for p in parts)))
     if kept_columns != columns:  # every row of some kind was dropped: its columns go
         files = [_select_columns(path, kept_columns) for path in files]
-    return TokenFiles(files, _features(kept_columns)), report
+    return TokenFiles(files, kept_columns), report
 
 
 def _example_columns(kinds: set[str]) -> list[str]:
@@ -264,19 +257,12 @@ def _example_columns(kinds: set[str]) -> list[str]:
             + (["desirable"] if "unpaired" in kinds else []))
 
 
-def _features(columns: list[str]):
-    from datasets import Features
-
-    features = _token_features()
-    return Features({name: features[name] for name in columns})
-
-
 def _tokenize_file(task: tuple[int, Path], tokenizer, options: Options, columns: list[str],
                    directory: Path) -> _TokenizedFile:
     """Tokenise one file of rows (in a worker); only the kept examples are written, as `columns`."""
     index, path = task
     out = _TokenizedFile(directory / f"tokens-{index:05d}.arrow")
-    schema = _features(columns).arrow_schema
+    schema = token_schema(columns)
     with pa.ipc.new_stream(str(out.path), schema) as sink:
         for rows in file_rows(path):
             batch = _tokenize_batch(rows, tokenizer, options)
@@ -293,7 +279,7 @@ def _tokenize_file(task: tuple[int, Path], tokenizer, options: Options, columns:
 
 def _select_columns(path: Path, columns: list[str]) -> Path:
     target = path.with_suffix(".selected.arrow")
-    schema = _features(columns).arrow_schema
+    schema = token_schema(columns)
     with pa.ipc.new_stream(str(target), schema) as sink:
         for batch in read_batches(path, columns):
             sink.write_batch(pa.RecordBatch.from_arrays(batch.columns, schema=schema))
@@ -329,6 +315,7 @@ def prepare(
     options: Options,
     cache_dir: Path | None = None,
     clean: CleanSteps | None = None,
+    load: bool = True,
 ) -> Prepared:
     """Run the pipeline (or load its cached result) for the sources of each split.
 
@@ -338,9 +325,11 @@ def prepare(
         cache_dir: where the prepared tables are kept (memory-mapped when loaded); None: the examples are
             returned in memory, and the pipeline's working files go to a temporary folder.
         clean: the cleaning steps, run on each split's rows before splitting; None: no cleaning.
+        load: False: with a cache, the splits are written (or found) and left unopened, `splits` empty
+            (`tunesmith prepare` only reports them, without importing `datasets`).
     """
     key = fingerprint(tokenizer, sources, options, clean)
-    if cache_dir is not None and (cached := load_cached(cache_dir / key)) is not None:
+    if cache_dir is not None and (cached := load_cached(cache_dir / key, load)) is not None:
         log.info("prepared data loaded from the cache (%s)", cache_dir / key)
         return Prepared(cached[0], cached[1], key)
     report: dict[str, Any] = {"fingerprint": key, "sources": {}, "splits": {}}
@@ -375,7 +364,7 @@ def prepare(
         if cache_dir is not None:
             save_cached(cache_dir / key, splits, report)
     if cache_dir is not None:
-        splits = load_cached(cache_dir / key)[0]
+        splits = load_cached(cache_dir / key, load)[0]
     return Prepared(splits, report, key)
 
 

@@ -24,7 +24,7 @@ def prepare_command(cfg: Config, tokenizer) -> Path:
     """Prepare the data of `cfg` with the run's `tokenizer` (`model.build.build_tokenizer`, the one training
     uses); returns the folder holding the tables and the report."""
     out = Path(cfg.train.output_dir) / "data"
-    prepared = prepare_from_config(cfg, tokenizer)
+    prepared = prepare_from_config(cfg, tokenizer, load=False)  # the tables are copied, not read
     write_data_report(prepared, out)
     cached = cache_dir(cfg) / prepared.fingerprint
     for name in ("train", "validation", "test"):
