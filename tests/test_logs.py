@@ -58,3 +58,23 @@ def test_a_training_run_prints_no_library_deprecation(tmp_path, model_dirs):
         assert word not in terminal, terminal
     assert "done: final model in" in terminal
     assert "is_gradient_checkpointing" in (run / "train.log").read_text()
+
+
+def test_a_library_imported_after_logging_is_set_up_is_quieted_on_import():
+    """setup_logging imports neither transformers nor datasets (a light command never pays for them); each is
+    quieted when first imported: no handler of its own, records on to the root logger, no progress bars."""
+    code = (
+        "import logging, sys\n"
+        "from tunesmith.track.logs import setup_logging\n"
+        "setup_logging(None)\n"
+        "assert 'transformers' not in sys.modules and 'datasets' not in sys.modules\n"
+        "import transformers, datasets\n"
+        "for name in ('transformers', 'datasets'):\n"
+        "    logger = logging.getLogger(name)\n"
+        "    assert logger.propagate and not logger.handlers, (name, logger.handlers)\n"
+        "assert not transformers.utils.logging.is_progress_bar_enabled()\n"
+        "assert not datasets.is_progress_bar_enabled()\n"
+        "print('quiet')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "quiet", done.stderr[-2000:]
