@@ -6,9 +6,11 @@
 
 The same data, training run and scoring as `tunesmith.demo.real.run_real_demo` with the fields given replacing
 the defaults of `Recipe`; it skips what does not depend on the recipe (the base model's scores: 0% held out, 100%
-of the real-world questions by construction, perplexity 18.67 on the general text) and the export. Prints one
-line per eval set and writes OUT/trial.json (recipe, metrics, every wrong answer). The table of trials and what it
-says: docs/PERFORMANCE.md, "The real-model quickstart".
+of the real-world questions by construction, perplexity 18.67 on the general text) and the export. With
+`--scales 1,0.8,0.65` it scores the one trained run with its LoRA update scaled by each (what `tunesmith
+interpolate --weight` writes; default: the recipe's adapter_weight); a second call on the same OUT skips training.
+Prints one line per eval set and writes OUT/trial.json (recipe, metrics, every wrong answer, per scale). The
+table of trials and what it says: docs/PERFORMANCE.md, "The real-model quickstart".
 """
 
 from __future__ import annotations
@@ -104,13 +106,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("fields", nargs="*", help="RECIPE_FIELD=VALUE (see tunesmith.demo.real.Recipe)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--scales", default="1.0",
-                        help="adapter scales to score the run at, comma-separated (1.0: as trained)")
+    parser.add_argument("--scales", default=None,
+                        help="adapter scales to score the run at, comma-separated (1.0: as trained; default: the "
+                             "recipe's adapter_weight, as the quickstart interpolates it)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     recipe = parse_recipe(args.fields)
     print(recipe, flush=True)
-    report = run_trial(args.output_dir, recipe, args.seed, tuple(float(x) for x in args.scales.split(",")))
+    scales = (recipe.adapter_weight,) if args.scales is None else tuple(float(x) for x in args.scales.split(","))
+    report = run_trial(args.output_dir, recipe, args.seed, scales)
     (args.output_dir / "trial.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
 
 

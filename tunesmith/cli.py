@@ -94,6 +94,15 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interpolate(args: argparse.Namespace) -> int:
+    from tunesmith.export.interpolate import interpolate_command
+    from tunesmith.track.logs import setup_logging
+
+    setup_logging(None)
+    interpolate_command(args.source, args.output, args.weight)
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from tunesmith.export.command import export_command
     from tunesmith.track.logs import setup_logging
@@ -240,6 +249,14 @@ def _add_delivery(commands) -> None:
     merge.add_argument("--base", default=None, help="the adapter's base model, if it has moved since training")
     merge.add_argument("--max-shard-size", default="5GB", help="shard the safetensors above this size")
     merge.set_defaults(func=_merge)
+
+    interpolate = commands.add_parser(
+        "interpolate", help="move a run's LoRA update part of the way back to its base (WiSE-FT): less forgetting")
+    interpolate.add_argument("source", help="a run directory (its final/) or a LoRA adapter directory")
+    interpolate.add_argument("--weight", type=float, required=True,
+                             help="share of the update kept: 1 is the tuned model, towards 0 the base")
+    interpolate.add_argument("--output", required=True, help="a new run directory for the interpolated adapter")
+    interpolate.set_defaults(func=_interpolate)
 
     export = commands.add_parser("export", help="export a model as a Hugging Face directory or a GGUF file")
     export.add_argument("model", help="a model directory (merged or full), or a run directory")
