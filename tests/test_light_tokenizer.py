@@ -118,11 +118,13 @@ def test_smollm2_tokenizer_and_its_template(smollm2_dir):
 
 
 def test_prepared_data_and_fingerprint_are_the_same_with_either_tokenizer(tokenizer, tmp_path):
-    """`prepare` (light) and `train` (transformers) build the same examples under the same cache key."""
+    """`prepare` (light, its tokenizer sent to 2 worker processes) and `train` (transformers) build the same
+    examples under the same cache key."""
     tokenizer.save_pretrained(tmp_path / "tok")
-    write_jsonl(tmp_path / "d.jsonl", chat_rows(12))
+    for i in range(2):  # a file per worker
+        write_jsonl(tmp_path / f"d{i}.jsonl", chat_rows(12, seed=i))
     cfg = config_from_dict({"model": {"name_or_path": str(tmp_path / "tok")},
-                            "data": {"train": [str(tmp_path / "d.jsonl")], "template": "chatml",
+                            "data": {"train": [str(tmp_path / "d*.jsonl")], "template": "chatml", "num_proc": 2,
                                      "cache_dir": str(tmp_path / "cache"), "split": {"validation": 0.25}},
                             "train": {"output_dir": str(tmp_path / "run")}})
     light, _ = build_tokenizer(cfg, light=True)
