@@ -4,8 +4,8 @@ Writes to `train.output_dir/data/`: one Arrow table per split (`datasets.load_fr
 `data_report.json`, `data_report.md` and `token_lengths.png`. `tunesmith train` runs the same code (and finds
 the result in the cache), so what was inspected is what is trained.
 
-The command line builds the tokenizer (`model.build`) and hands it in: the data layer never imports the model
-layer, and `prepare` never imports the training stack.
+The command line builds the tokenizer (`model.run_tokenizer`, light where it can be) and hands it in: the data
+layer never imports the model layer, and `prepare` never imports the training stack.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ log = logging.getLogger(__name__)
 
 
 def prepare_command(cfg: Config, tokenizer) -> Path:
-    """Prepare the data of `cfg` with the run's `tokenizer` (`model.build.build_tokenizer`, the one training
-    uses); returns the folder holding the tables and the report."""
+    """Prepare the data of `cfg` with the run's `tokenizer` (`model.run_tokenizer.build_tokenizer`: ids equal to
+    the one training uses); returns the folder holding the tables and the report."""
     out = Path(cfg.train.output_dir) / "data"
     prepared = prepare_from_config(cfg, tokenizer, load=False)  # the tables are copied, not read
     write_data_report(prepared, out)

@@ -1,9 +1,8 @@
 """Config -> the `transformers` config of the run's model, and the model itself as training builds it (weights,
 embeddings grown to the tokenizer, stop tokens, the strategy's wrapping); the tokenizer is model/run_tokenizer.py's.
 
-`prepare` and `estimate` ask here rather than the training module, so they start without importing the training
-stack (accelerate, the objectives): preparing data needs a tokenizer, not a trainer. Evaluating a checkpoint
-rebuilds its model here, as training did.
+`estimate` asks here rather than the training module, so it starts without importing the training stack
+(accelerate, the objectives). Evaluating a checkpoint rebuilds its model here, as training did.
 """
 
 from __future__ import annotations
