@@ -4,9 +4,10 @@ model, data, dtype and batches.
     .venv/bin/pip install trl   # the benchmark's TRL side only; tunesmith does not depend on it
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sft_bench.py --repeats 3 --threads 1     # CPU, fp32
     .venv/bin/python benchmarks/sft_bench.py --device cuda --dtype bf16 --repeats 3       # a GPU machine (not run yet)
+    .venv/bin/python benchmarks/sft_bench.py --model smollm2-135m-instruct --threads 2    # a real model's weights
 
 Runs the way benchmarks/dpo_bench.py does, with its measuring code: the parent builds the data, a tokenizer and a
-random Llama once, then runs each case in a fresh process (`--one CASE`); the cases of one repeat run back to
+random Llama once (or links the real model of `--model`, its own tokenizer and tunesmith's template for it), then runs each case in a fresh process (`--one CASE`); the cases of one repeat run back to
 back, their order alternating between repeats; ratios are taken between runs of the same repeat and the median
 over repeats is reported. Cases:
 
