@@ -88,6 +88,25 @@ def test_tiny_tokenizer_with_each_built_in_template(tokenizer, tmp_path, templat
     assert_same(light, full)
 
 
+def test_padding_and_truncation_saved_with_the_tokenizer_are_not_applied(tokenizer, tmp_path):
+    """A tokenizer saved after a padded, truncating call keeps both in tokenizer.json; transformers applies them
+    only to calls that ask, and so does the light tokenizer; the cache key ignores them."""
+    used = copy.deepcopy(tokenizer)
+    used(["a", "a much longer text"], padding=True, truncation=True, max_length=4)
+    used.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "tokenizer.json").read_text())
+    assert saved["padding"] is not None and saved["truncation"] is not None
+    light, full = _both(tmp_path)
+    fresh = AutoTokenizer.from_pretrained(tmp_path)  # not called yet: its backend still pads and truncates
+    assert fresh.backend_tokenizer.padding is not None
+    for tok in (light, full):
+        install_template(tok, "chatml")
+    fresh.chat_template = full.chat_template
+    assert_same(light, full)
+    assert len(light("a much longer text")["input_ids"]) > 4  # not truncated
+    assert _tokenizer_digest(fresh) == _tokenizer_digest(full) == _tokenizer_digest(light)
+
+
 def test_tiny_tokenizer_with_its_own_template_and_a_token_added_later(tokenizer, tmp_path):
     """A template saved with the tokenizer (chat_template.jinja) rendered in the same sandbox, its
     `raise_exception` raising the same error; tokens added after loading land on the same ids."""

@@ -77,8 +77,12 @@ def _tokenizer_digest(tokenizer) -> str:
     same for transformers' tokenizer and the light one of `prepare` (model/light_tokenizer.py), so `train` finds
     the data `prepare` wrote."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    pipeline = backend.to_str() if backend is not None else [type(tokenizer).__name__,
-                                                              sorted(tokenizer.get_vocab().items())]
+    if backend is not None:
+        pipeline = json.loads(backend.to_str())
+        for option in ("padding", "truncation"):  # per call, and set by whichever call came last
+            pipeline.pop(option, None)
+    else:
+        pipeline = [type(tokenizer).__name__, sorted(tokenizer.get_vocab().items())]
     state = json.dumps({"pipeline": pipeline, "template": tokenizer.chat_template,
                         "special": sorted(tokenizer.all_special_tokens)})
     return hashlib.sha256(state.encode()).hexdigest()

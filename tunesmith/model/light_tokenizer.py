@@ -46,7 +46,12 @@ def load_light_tokenizer(path: str | Path) -> LightTokenizer | None:
         return None
     from tokenizers import Tokenizer
 
-    return LightTokenizer(Tokenizer.from_file(str(tokenizer_file)), config, template, str(folder))
+    backend = Tokenizer.from_file(str(tokenizer_file))
+    # Padding and truncation saved in tokenizer.json are call options: transformers turns them off for a call
+    # that does not ask for them, as every call here is.
+    backend.no_padding()
+    backend.no_truncation()
+    return LightTokenizer(backend, config, template, str(folder))
 
 
 def _content(token) -> str | None:
