@@ -119,7 +119,8 @@ def link_model(work: Path, name: str) -> None:
 def template_of(work: Path) -> str:
     """The built-in chat template both sides render: Gemma's turns for a Gemma model, ChatML for the others (the
     random Llama and SmolLM2 have its tokens)."""
-    return "gemma" if flops.shape_of(work / "model").model_type.startswith("gemma") else "chatml"
+    model_type = json.loads((work / "model" / "config.json").read_text())["model_type"]  # no model built for it
+    return "gemma" if model_type.startswith("gemma") else "chatml"
 
 
 def build_random_model(work: Path, args: argparse.Namespace, words: Words) -> None:
