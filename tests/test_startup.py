@@ -7,7 +7,8 @@ all, so a command imports only what it uses:
     prepare                                    neither (nor datasets), with a tokenizer `tokenizers` reads alone
                                                (the generic class: model/light_tokenizer.py); else transformers'
                                                AutoTokenizer (it imports torch); never the training stack
-    estimate (without --measure)               the model's transformers code, no training stack
+    estimate (without --measure)               neither, once this CPU's rate for the model's block is kept (the
+                                               first estimate times a block with torch); never the training stack
 """
 
 from __future__ import annotations
@@ -107,11 +108,26 @@ def test_prepare_imports_no_training_stack(tmp_path, tokenizer):
                                     "datasketch", "datasets", "matplotlib.pyplot")) == []
 
 
-def test_estimate_imports_no_training_stack(tmp_path, model_dirs):
+@pytest.mark.parametrize("model", ["checkpoint", "init"])
+def test_estimate_reads_files_only_once_the_cpu_rate_is_kept(tmp_path, model_dirs, model):
+    """The first estimate on a machine times one of the model's blocks (torch, transformers) and keeps the rate;
+    the next one, on data `prepare` wrote, reads files only: the tokenizer through `tokenizers`, config.json's
+    fields (or model.init's), the Arrow tables, the kept rate."""
     write_jsonl(tmp_path / "d.jsonl", chat_rows(6))
-    (tmp_path / "cfg.yaml").write_text(f"model: {{name_or_path: {model_dirs['llama']}}}\n"
-                                       "data: {train: [d.jsonl], template: chatml}\ntrain: {output_dir: run}\n")
-    rc, modules, err = run_cli(["estimate", "cfg.yaml"], tmp_path)
+    source = (f"{{name_or_path: {model_dirs['llama']}}}" if model == "checkpoint" else
+              f"{{tokenizer: {model_dirs['llama']}, init: {{family: qwen2, hidden_size: 32, num_layers: 2}}}}\n"
+              "strategy: {name: full}")
+    (tmp_path / "cfg.yaml").write_text(f"model: {source}\ndata: {{train: [d.jsonl], template: chatml}}\n"
+                                       "train: {output_dir: run}\n")
+    cache = f"import os\nos.environ['TUNESMITH_CACHE'] = {str(tmp_path / 'cache')!r}\n"
+    assert run_fresh(cache + "from tunesmith.cli import main\nrc = main(['prepare', 'cfg.yaml'])", tmp_path)[0] == 0
+    first = run_fresh(cache + "from tunesmith.cli import main\nrc = main(['estimate', 'cfg.yaml'])", tmp_path)
+    assert first[0] == 0, first[2]
+    assert loaded(first[1], TRAINING) == [] and loaded(first[1], TORCH) == list(TORCH)
+    rc, modules, err = run_fresh(cache + "from tunesmith.cli import main\nrc = main(['estimate', 'cfg.yaml'])", tmp_path)
     assert rc == 0, err
-    assert (tmp_path / "run" / "estimate.json").is_file()
-    assert loaded(modules, TRAINING) == []
+    assert loaded(modules, TORCH + TRAINING + ("datasets",)) == []
+    report = json.loads((tmp_path / "run" / "estimate.json").read_text())
+    assert report["plan"]["source"] == "prepared data"
+    (kept,) = json.loads((tmp_path / "cache" / "cpu_rates.json").read_text()).values()
+    assert report["device_flops"] == kept["flops"]

@@ -40,3 +40,26 @@ def parse_cpuinfo(text: str) -> dict[str, Any]:
 def _field(line: str) -> tuple[str, str]:
     key, _, value = line.partition(":")
     return key.strip(), value.strip()
+
+
+GPU_DEVICE_FILES = ("/dev/nvidia[0-9]*", "/dev/kfd")  # NVIDIA's driver; AMD's (ROCm builds of torch use it)
+
+
+def may_have_gpu() -> bool:
+    """False where torch cannot see a GPU: no GPU driver's device file, or CUDA_VISIBLE_DEVICES set empty. Asking
+    torch costs seconds of imports, which a command that only reads files should not pay on a CPU machine; where
+    this is True, ask `torch.cuda.is_available()`."""
+    import glob
+
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
+        return False
+    return any(glob.glob(pattern) for pattern in GPU_DEVICE_FILES)
+
+
+def cuda_available() -> bool:
+    """torch.cuda.is_available(), without importing torch where `may_have_gpu` says no GPU can be seen."""
+    if not may_have_gpu():
+        return False
+    import torch
+
+    return torch.cuda.is_available()

@@ -40,3 +40,12 @@ def write_dataset_info(directory: Path, columns: list[str]) -> None:
     """`dataset_info.json` as `datasets.DatasetInfo(features=...).write_to_directory` writes it."""
     info = {"description": "", "citation": "", "homepage": "", "license": "", "features": features_json(columns)}
     (directory / "dataset_info.json").write_text(json.dumps(info), encoding="utf-8")
+
+
+def read_table(directory: Path) -> pa.Table:
+    """The table of a split saved in this layout (or by `datasets.Dataset.save_to_disk`): its Arrow stream files
+    in the order state.json lists them, memory-mapped."""
+    state = json.loads((Path(directory) / "state.json").read_text(encoding="utf-8"))
+    tables = [pa.ipc.open_stream(pa.memory_map(str(Path(directory) / f["filename"]))).read_all()
+              for f in state["_data_files"]]
+    return pa.concat_tables(tables) if len(tables) > 1 else tables[0]

@@ -17,7 +17,7 @@ from tunesmith.model.heads import load_classification_model
 from tunesmith.model.load import load_model, resize_embeddings, resolve_dtype
 from tunesmith.model.prompt_tuning import PromptSpec
 from tunesmith.model.reft import ReftSpec
-from tunesmith.model.scratch import architecture_config, init_model
+from tunesmith.model.scratch import init_fields, init_model
 from tunesmith.model.sources import resolve_model_path
 from tunesmith.model.stops import set_stop_tokens
 from tunesmith.model.strategies import ADAPTER_STRATEGIES, apply_strategy, parameter_counts, quantization_config
@@ -31,25 +31,13 @@ def architecture(cfg: Config, tokenizer):
     Raises:
         ConfigError when model.init.vocab_size is smaller than the tokenizer.
     """
+    from transformers import AutoConfig
+
     m = cfg.model
     if m.init is None:
-        from transformers import AutoConfig
-
         return AutoConfig.from_pretrained(resolve_model_path(m.name_or_path), revision=m.revision,
                                           trust_remote_code=m.trust_remote_code)
-    i = m.init
-    if i.vocab_size is not None and i.vocab_size < len(tokenizer):
-        raise ConfigError(f"model.init.vocab_size: {i.vocab_size} is smaller than the tokenizer ({len(tokenizer)} "
-                          "tokens); raise it or leave it null (the tokenizer's length)")
-    # The pad id becomes the embedding's padding_idx (a zero row that never trains): only a dedicated pad token
-    # may have it, never an EOS or BOS that a tokenizer also uses for padding.
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id not in (tokenizer.eos_token_id, tokenizer.bos_token_id) \
-        else None
-    return architecture_config(
-        i.family, i.vocab_size or len(tokenizer), i.hidden_size, i.num_layers, i.num_heads, i.num_kv_heads,
-        i.intermediate_size, i.max_position_embeddings, i.tie_embeddings, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=pad,
-    )
+    return AutoConfig.for_model(**init_fields(m.init, tokenizer))
 
 
 def build_model(cfg: Config, tokenizer, added_tokens: list[str], labels: list[str] | None = None):

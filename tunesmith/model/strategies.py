@@ -27,22 +27,9 @@ from tunesmith.model.heads import head_module_names, train_only_head
 from tunesmith.model.prompt_tuning import PROMPT_STRATEGIES, PromptSpec, prompt_learning_model
 from tunesmith.model.blocks import transformer_blocks
 from tunesmith.model.reft import ReftSpec, apply_reft
+from tunesmith.model.targets import ADAPTER_STRATEGIES, DEFAULT_TARGET_MODULES  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
-
-ADAPTER_STRATEGIES = ("lora", "dora", "qlora")
-
-# Every projection of attention and MLP, as in the QLoRA paper's finding that all linear layers matter.
-DEFAULT_TARGET_MODULES = {
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "gemma": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "gemma2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
-    "gpt2": ["c_attn", "c_proj", "c_fc"],
-}
 
 
 def quantization_config(quant_type: str, double_quant: bool, compute_dtype: torch.dtype):

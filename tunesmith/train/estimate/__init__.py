@@ -1,7 +1,9 @@
 """`tunesmith estimate`: the peak memory and the speed of a training config, predicted before training.
 
-Shapes come from the model's config alone (a model built on the meta device counts the parameters; no weight is
-read), so it takes seconds for any hub model. Sizes follow what one training step allocates (P parameters, P_t
+Shapes come from the model's config alone: by formula from config.json for the architectures config_shape.py
+knows, else counted on a model built on the meta device; no weight is read. With the CPU's rate for the model's
+block kept from an earlier estimate (cpu_rate.py), it imports neither torch nor transformers and takes about a
+second. Sizes follow what one training step allocates (P parameters, P_t
 trainable, a micro-batch of R rows x T tokens whose N positions enter the loss, V the vocabulary):
 
     weights      P x dtype bytes; QLoRA: block linears in 4 bit (+ their quantisation scales), everything else
@@ -64,12 +66,13 @@ against the tensors autograd saves and the tensors alive in real steps.
 Speed: FLOPs per token = 6 x matmul parameters (4 x with frozen weights: no weight gradients; + 2 x under gradient
 checkpointing; DoRA with dropout + 4 x its adapted linears, run again on the dropped input) + causal attention
 6 x L x n_h.d x T (fwd + bwd), at the device's rate times a utilisation: a GPU's dense 16-bit peak from a table at
-40%; on a CPU the rate one of the model's own blocks reaches, trained forward and backward when the command runs
-(its matmul shapes, its other kernels, and the cores as busy as they are then), at 85% (the head, the loss and the
-optimizer besides). Not modelled: bitsandbytes dequantising every 4-bit weight in each pass (QLoRA on a CPU).
+40%; on a CPU the rate one of the model's own blocks reaches, trained forward and backward (its matmul shapes, its
+other kernels, and the cores as busy as they were then; measured once per machine and block shape, then kept), at
+85% (the head, the loss and the optimizer besides). Not modelled: bitsandbytes dequantising every 4-bit weight in
+each pass (QLoRA on a CPU).
 
-The modules, lowest first: shape (the model), plan (how it trains), params, activations, logits, speed, peak
-(the phases of a step), from_config (a config's Plan), advice, measure (`--measure`), command.
+The modules, lowest first: shape (the model), config_shape (the same from config.json's fields), plan (how it
+trains), params, activations, logits, cpu_rate, speed, peak (the phases of a step), from_config (a config's Plan), advice, measure (`--measure`), command.
 """
 
 from tunesmith.train.estimate.activations import (activation_bytes, autocast_copy_bytes, dora_bytes,

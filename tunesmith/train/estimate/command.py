@@ -6,29 +6,35 @@ import dataclasses
 import json
 from pathlib import Path
 
-import torch
-
 from tunesmith.config import Config
-from tunesmith.model.build import architecture
 from tunesmith.model.run_tokenizer import build_tokenizer
+from tunesmith.model.scratch import init_fields
+from tunesmith.model.sources import resolve_model_path
 from tunesmith.train.estimate.advice import MiB, advice
+from tunesmith.train.estimate.config_shape import shape_from_dict
 from tunesmith.train.estimate.from_config import cached_batch, plan_from_config
-from tunesmith.train.estimate.measure import measure_peak
 from tunesmith.train.estimate.peak import estimate_memory
-from tunesmith.train.estimate.shape import model_shape
+from tunesmith.train.estimate.shape import ModelShape, model_shape
 from tunesmith.train.estimate.speed import device_flops
 
 
 def estimate_command(cfg: Config, measure: bool = False) -> dict:
     """Print the estimate of `cfg` as a table and write `estimate.json` to train.output_dir; with `measure`,
-    also run a few steps in a fresh process and report the measured peak next to the estimate."""
-    tokenizer, _ = build_tokenizer(cfg)
+    also run a few steps in a fresh process and report the measured peak next to the estimate.
+
+    Without `measure` it reads files only (the tokenizer through `tokenizers` where it can, config.json, the
+    prepared data's Arrow tables, the CPU's kept rate) and imports neither torch nor transformers where the
+    architecture's shape has formulas (config_shape.py) and this CPU's rate for the block is kept (cpu_rate.py).
+    """
+    tokenizer, _ = build_tokenizer(cfg, light=not measure)
     if measure:  # training prepares the data anyway; prepared, its longest micro-batch is known
         from tunesmith.data.build import prepare_from_config
 
         prepare_from_config(cfg, tokenizer)
     report = estimate_report(cfg, tokenizer)
     if measure:
+        from tunesmith.train.estimate.measure import measure_peak
+
         report["measured"] = measure_peak(cfg)
         report["measured"]["relative_error"] = report["peak_bytes"] / report["measured"]["peak_bytes"] - 1
     print(format_table(report))
@@ -42,13 +48,12 @@ def estimate_report(cfg: Config, tokenizer) -> dict:
     """The estimate of `cfg` as `estimate.json` holds it: the model's shape, the plan, the components, the phases
     and the peak, the speed and the advice."""
     m = cfg.model
-    config = architecture(cfg, tokenizer)
-    shape = model_shape(config, len(tokenizer), m.trust_remote_code)
+    shape = run_model_shape(cfg, tokenizer)
     plan, notes = plan_from_config(cfg, shape, cached_batch(cfg, tokenizer))
     est = estimate_memory(shape, plan)
     est.notes += notes
-    compute = torch.bfloat16 if plan.amp or plan.weight_bytes == 2 else torch.float32
-    device, rate, utilisation = device_flops(compute, config, plan, m.trust_remote_code)
+    device, rate, utilisation = device_flops(plan, shape, lambda: transformers_config(cfg, tokenizer),
+                                             m.trust_remote_code)
     return {
         "config": m.name_or_path or f"model.init ({m.init.family})",
         "model": dataclasses.asdict(shape) | {"params": shape.params},
@@ -59,6 +64,32 @@ def estimate_report(cfg: Config, tokenizer) -> dict:
         "tokens_per_s": rate * utilisation / est.flops_per_token, "advice": advice(cfg, shape, plan, est),
         "notes": est.notes,
     }
+
+
+def run_model_shape(cfg: Config, tokenizer) -> ModelShape:
+    """The shape of the run's model for `tokenizer`: from its config.json's fields by formula, or, for an
+    architecture without formulas (or a hub id not on disk yet), counted on a meta-device model."""
+    m = cfg.model
+    fields = config_fields(cfg, tokenizer)
+    shape = shape_from_dict(fields, len(tokenizer)) if fields is not None and not m.trust_remote_code else None
+    return shape or model_shape(transformers_config(cfg, tokenizer), len(tokenizer), m.trust_remote_code)
+
+
+def config_fields(cfg: Config, tokenizer) -> dict | None:
+    """The run's model's config.json as a dict, read without transformers: model.init's fields, or the file of
+    a local checkpoint (a packaged or GGUF model: its converted directory); None for a hub id."""
+    m = cfg.model
+    if m.init is not None:
+        return init_fields(m.init, tokenizer)
+    path = Path(resolve_model_path(m.name_or_path)) / "config.json"
+    return json.loads(path.read_text(encoding="utf-8")) if not m.revision and path.is_file() else None
+
+
+def transformers_config(cfg: Config, tokenizer):
+    """The run's model's `transformers` config (imports transformers and torch)."""
+    from tunesmith.model.build import architecture
+
+    return architecture(cfg, tokenizer)
 
 
 def format_table(report: dict) -> str:

@@ -3,11 +3,11 @@ strategy, the dtypes and the objective's extra passes."""
 
 from __future__ import annotations
 
-import torch
-
 from tunesmith.config import Config
 from tunesmith.config.objectives import OBJECTIVES
 from tunesmith.errors import ConfigError
+from tunesmith.hardware import cuda_available
+from tunesmith.model.targets import ADAPTER_STRATEGIES, DEFAULT_TARGET_MODULES
 from tunesmith.train.estimate.plan import Plan
 from tunesmith.train.estimate.shape import ModelShape
 
@@ -18,9 +18,6 @@ def plan_from_config(cfg: Config, shape: ModelShape, batch: dict | None = None,
                      device: str | None = None) -> tuple[Plan, list[str]]:
     """The Plan of a config (and notes on what is approximated); `batch` is `cached_batch`'s answer or None;
     `device`: "cpu" or "cuda", where training will run (None: CUDA when this machine has it, as accelerate picks)."""
-    from tunesmith.model.load import resolve_dtype
-    from tunesmith.model.strategies import ADAPTER_STRATEGIES
-
     t, st, a = cfg.train, cfg.strategy, cfg.align
     spec = OBJECTIVES[t.objective]
     if st.name == "features":
@@ -30,8 +27,9 @@ def plan_from_config(cfg: Config, shape: ModelShape, batch: dict | None = None,
     reference = spec.needs_reference(a.kl_beta) and not a.precompute_ref and st.name not in ADAPTER_STRATEGIES
     quant = 0.5 + (1 / 64 + 4 / (64 * 256) if st.quant.double_quant else 4 / 64)  # NF4 + absmax per 64 weights
     adapters = st.name in ADAPTER_STRATEGIES
+    device = device or ("cuda" if cuda_available() else "cpu")
     plan = Plan(
-        **dims, weight_bytes=torch.finfo(resolve_dtype(cfg.model.dtype)).bits // 8, amp=t.mixed_precision != "no",
+        **dims, weight_bytes=weight_bytes_of(cfg.model.dtype, device), amp=t.mixed_precision != "no",
         strategy=st.name if st.name in ("full", "freeze", "lora", "dora", "qlora", "head") else "prompt",
         lora_r=st.lora.r, lora_targets=lora_targets(cfg, shape) if adapters else (),
         lora_dropout=st.lora.dropout if adapters else 0.0, quant_bytes=quant,
@@ -43,9 +41,21 @@ def plan_from_config(cfg: Config, shape: ModelShape, batch: dict | None = None,
         fused_loss=t.fused_loss and spec.next_token_loss and st.name not in SOFT_PROMPTS,
         eval_rows=cfg.eval.batch_size * dims["rows"] // t.micro_batch_size
         if cfg.data.validation or cfg.data.split.validation else 0,
-        device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        device=device,
     )
     return plan, notes
+
+
+def weight_bytes_of(dtype: str, device: str) -> int:
+    """Bytes per weight of model.dtype on `device`; "auto" is bf16 on a CUDA device that supports it, else fp32
+    (model/load.py's resolve_dtype)."""
+    if dtype == "auto":
+        if device != "cuda":
+            return 4
+        import torch
+
+        return 2 if torch.cuda.is_bf16_supported() else 4
+    return {"fp32": 4, "bf16": 2, "fp16": 2}[dtype]
 
 
 def batch_dims(cfg: Config, batch: dict | None) -> tuple[dict, list[str]]:
@@ -80,8 +90,6 @@ def batch_dims(cfg: Config, batch: dict | None) -> tuple[dict, list[str]]:
 
 def lora_targets(cfg: Config, shape: ModelShape) -> tuple[str, ...]:
     """The block linears strategy.lora.target_modules adapts ("auto": the architecture's default)."""
-    from tunesmith.model.strategies import DEFAULT_TARGET_MODULES
-
     targets = cfg.strategy.lora.target_modules
     if targets == "auto":
         targets = DEFAULT_TARGET_MODULES.get(shape.model_type, "all-linear")
@@ -107,9 +115,9 @@ def cached_batch(cfg: Config, tokenizer) -> dict | None:
     path = cache_dir(cfg) / key / "train"
     if not path.is_dir():
         return None
-    from datasets import load_from_disk
+    from tunesmith.data.arrow import read_table
 
-    return longest_batch(load_from_disk(str(path)).data, cfg.train.micro_batch_size)
+    return longest_batch(read_table(path), cfg.train.micro_batch_size)
 
 
 def longest_batch(table, b: int) -> dict:

@@ -7,7 +7,9 @@ from __future__ import annotations
 from tunesmith.train.estimate.plan import Plan, param_dtype_bytes, residual_bytes
 from tunesmith.train.estimate.shape import ModelShape
 
+# The losses' chunk sizes, copied so that the estimate imports no torch (tests/test_estimate.py checks them):
 LOSS_CHUNK = 4096  # rows per chunk of tunesmith.objectives.tokens (its chunk_size default)
+FUSED_CHUNK = 1 << 22  # logit entries per chunk of the fused head + loss (objectives/head.py's CHUNK_ELEMENTS)
 
 
 def logits_bytes(shape: ModelShape, plan: Plan) -> dict[str, float]:
@@ -32,12 +34,10 @@ def fused_loss_bytes(shape: ModelShape, plan: Plan) -> dict[str, float]:
     """The fused head + loss: one chunk's logits and log-probabilities (fp32), the hidden states' gradient and
     the head's weight gradient (fp32, when the head trains) made in the forward pass, and in the backward pass
     those gradients scaled (and cast to the weights' dtype)."""
-    from tunesmith.objectives.head import CHUNK_ELEMENTS
-
     s, n = shape, plan.loss_rows
     hidden = n * s.hidden * (4 if plan.amp else residual_bytes(plan))
     head = s.vocab * s.hidden * 4 if plan.strategy == "full" or plan.head_trains else 0.0
-    chunk = 2 * min(n * s.vocab, CHUNK_ELEMENTS) * 4
+    chunk = 2 * min(n * s.vocab, FUSED_CHUNK) * 4
     return {"forward": chunk + hidden + head,
             "chunk backward": 2 * hidden + head + (s.vocab * s.hidden * param_dtype_bytes(plan) if head else 0.0),
             "logits backward": 0.0}

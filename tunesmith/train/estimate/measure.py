@@ -12,11 +12,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
 from tunesmith.config import Config, save_config
 from tunesmith.errors import TunesmithError
-from tunesmith.model.build import architecture
+from tunesmith.hardware import cuda_available
 from tunesmith.model.run_tokenizer import build_tokenizer
 
 
@@ -36,7 +34,7 @@ def measure_peak(cfg: Config, steps: int = 3, malloc_mmap_threshold: int | None 
         save_config(run, Path(tmp) / "config.yaml")
         result = Path(tmp) / "measured.json"
         env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-        if malloc_mmap_threshold is not None and not torch.cuda.is_available():
+        if malloc_mmap_threshold is not None and not cuda_available():
             env["MALLOC_MMAP_THRESHOLD_"] = str(malloc_mmap_threshold)
         child = [sys.executable, "-m", "tunesmith.train.estimate", str(Path(tmp) / "config.yaml"), str(result)]
         done = subprocess.run(child, capture_output=True, text=True, env=env)
@@ -54,10 +52,12 @@ def measure_child(config_path: str, result_path: str) -> None:
     probe, evaluation and checkpoint writing; not the interpreter, libraries, tokenizer or prepared data.
     CPU: the resident set's high-water mark (VmHWM, reset through /proc/self/clear_refs), allocator overhead
     included; CUDA: torch.cuda.max_memory_allocated (tensors only, not the caching allocator's reserve)."""
+    import torch
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
 
     from tunesmith.config import load_config
     from tunesmith.data.build import prepare_from_config
+    from tunesmith.model.build import architecture
     from tunesmith.track.metrics import read_metrics
     from tunesmith.train.run import train
 
@@ -87,6 +87,7 @@ def _warm_up(amp: bool) -> None:
     thread pools and the plotting library are resident before the baseline is taken."""
     import matplotlib.pyplot  # noqa: F401  (the data report's and the loss curve's plots)
     import peft  # noqa: F401
+    import torch
     import torch.nn.functional as F
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

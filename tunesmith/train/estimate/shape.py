@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 # Which tensor of a Llama-style block feeds each linear: norm outputs (n1, n2), attention output, MLP product.
 LINEAR_INPUTS = {"q_proj": "n1", "k_proj": "n1", "v_proj": "n1", "qkv_proj": "n1", "c_attn": "n1",
                  "o_proj": "attn", "gate_proj": "n2", "up_proj": "n2", "gate_up_proj": "n2", "c_fc": "n2",
@@ -52,6 +50,7 @@ class ModelShape:
 def model_shape(config, vocab: int | None = None, trust_remote_code: bool = False) -> ModelShape:
     """The shape of a `transformers` config; parameters counted on a meta-device model (no memory, no weights).
     `vocab`: the tokenizer's size, when it outgrows the embeddings (training then resizes them)."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     from tunesmith.model.blocks import transformer_blocks
@@ -80,14 +79,23 @@ def model_shape(config, vocab: int | None = None, trust_remote_code: bool = Fals
 
 def _stored_bytes(config) -> int:
     """Bytes per weight of the checkpoint, from the dtype its config records (0 when it records none)."""
-    dtype = getattr(config, "dtype", None)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype, None)
-    return torch.finfo(dtype).bits // 8 if isinstance(dtype, torch.dtype) and dtype.is_floating_point else 0
+    return dtype_bytes(getattr(config, "dtype", None))
+
+
+def dtype_bytes(dtype) -> int:
+    """Bytes of a floating-point dtype given as a torch dtype or its name ("bfloat16", "torch.float32"); 0 for
+    anything else."""
+    name = str(dtype).removeprefix("torch.")
+    return FLOAT_BYTES.get(name, 0)
+
+
+FLOAT_BYTES = {"float64": 8, "float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
 
 
 def _in_out(module) -> tuple[int, int] | None:
     """(in, out) features of a linear layer, else None."""
+    import torch
+
     if isinstance(module, torch.nn.Linear):
         return module.in_features, module.out_features
     if type(module).__name__ == "Conv1D":  # GPT-2 stores (in, out)

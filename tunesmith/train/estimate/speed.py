@@ -5,9 +5,9 @@ from __future__ import annotations
 import copy
 import statistics
 import time
+from typing import Callable
 
-import torch
-
+from tunesmith.train.estimate.cpu_rate import cached_rate, expected_threads
 from tunesmith.train.estimate.params import layer_trains, on_grad_path
 from tunesmith.train.estimate.plan import Plan
 from tunesmith.train.estimate.shape import ModelShape, model_shape
@@ -41,29 +41,49 @@ def flops_per_token(shape: ModelShape, plan: Plan) -> float:
     return total + head * (1 + any_path + (plan.strategy == "full" or plan.head_trains))
 
 
-def device_flops(compute: torch.dtype, config, plan: Plan,
+def device_flops(plan: Plan, shape: ModelShape, config_of: Callable[[], object],
                  trust_remote_code: bool = False) -> tuple[str, float, float]:
-    """(device name, FLOP/s, assumed utilisation): a GPU's 16-bit peak from the table, else a matmul measured now
-    (fp32 on GPUs, GPUs not in the table); on a CPU one of the model's own blocks trained now (`block_flops`)."""
-    if torch.cuda.is_available():
+    """(device name, FLOP/s, assumed utilisation) on `plan.device`: a GPU's 16-bit peak from the table, else a
+    matmul measured now (fp32 on GPUs, GPUs not in the table); on a CPU the rate of one of the model's own blocks
+    (`block_flops` on `config_of()`, the model's `transformers` config), measured once per machine and block shape
+    and kept (cpu_rate.py), so that a later estimate imports neither torch nor transformers."""
+    sixteen = plan.amp or plan.weight_bytes == 2
+    if plan.device == "cuda":
+        import torch
+
         name = torch.cuda.get_device_name()
         peak = next((v for k, v in GPU_PEAK_BF16.items() if k in name), None)
-        if peak is not None and compute != torch.float32:
+        if peak is not None and sixteen:
             return name, peak, GPU_UTILISATION
-        return f"{name} (matmul measured)", matmul_flops(compute, "cuda"), GPU_UTILISATION
-    weights = torch.bfloat16 if plan.weight_bytes == 2 else torch.float32  # autocast, if any, runs on top
-    rate = block_flops(config, plan.seq_len, plan.rows * plan.seq_len, weights, plan.amp, trust_remote_code)
-    return f"CPU, {torch.get_num_threads()} threads (one block measured)", rate, CPU_UTILISATION
+        dtype = torch.bfloat16 if sixteen else torch.float32
+        return f"{name} (matmul measured)", matmul_flops(dtype, "cuda"), GPU_UTILISATION
+    rows, length = block_pass(shape, plan.seq_len, plan.rows * plan.seq_len)
+    block = {"model_type": shape.model_type, "block_linears": shape.block_linears, "heads": shape.heads,
+             "kv_heads": shape.kv_heads, "head_dim": shape.head_dim, "rows": rows, "length": length,
+             "weight_bytes": plan.weight_bytes, "amp": plan.amp}
+    rate, when = cached_rate(block, lambda: block_flops(config_of(), rows, length, plan.weight_bytes, plan.amp,
+                                                        trust_remote_code))
+    return f"CPU, {expected_threads()} threads (one block measured {when})", rate, CPU_UTILISATION
 
 
-def block_flops(config, seq_len: int, tokens: int, dtype: torch.dtype = torch.float32, amp: bool = False,
+def block_pass(shape: ModelShape, seq_len: int, tokens: int) -> tuple[int, int]:
+    """(rows, length) of the timed pass of one block: up to `tokens` positions in rows of up to `seq_len`, cut to
+    about BLOCK_PASS_FLOPS."""
+    q = shape.heads * shape.head_dim
+    positions = max(1, min(tokens, int(BLOCK_PASS_FLOPS / (6 * shape.block_matmul_params + 6 * q * seq_len))))
+    length = min(seq_len, positions)
+    return max(1, positions // length), length
+
+
+def block_flops(config, rows: int, length: int, weight_bytes: int = 4, amp: bool = False,
                 trust_remote_code: bool = False) -> float:
-    """FLOP/s of one of the model's own blocks (random weights), forward and backward with its weights training,
-    on up to `tokens` positions in rows of up to `seq_len` (cut to about BLOCK_PASS_FLOPS), on the CPU as it is
-    now: the median of three timed passes after a warm-up. Unlike a large matmul this sees the block's own matmul
-    shapes, its other kernels, and what the threads lose waiting for each other when other work shares the cores
-    (libgomp's spinning: several times slower with 2 threads than 1 on a shared 2-core CPU, docs/PERFORMANCE.md). FLOPs
-    counted as `flops_per_token` does."""
+    """FLOP/s of one of the model's own blocks (random weights; bf16 where `weight_bytes` is 2, else fp32),
+    forward and backward with its weights training, on a (rows, length) batch, on the CPU as it is now: the
+    median of three timed passes after a warm-up. Unlike a large matmul this sees the block's own matmul shapes,
+    its other kernels, and what the threads lose waiting for each other when other work shares the cores
+    (libgomp's spinning: several times slower with 2 threads than 1 on a shared 2-core CPU, docs/PERFORMANCE.md).
+    FLOPs counted as `flops_per_token` does."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     one = copy.deepcopy(config)
@@ -72,12 +92,10 @@ def block_flops(config, seq_len: int, tokens: int, dtype: torch.dtype = torch.fl
             setattr(one, key, value[:1])
     one.num_hidden_layers, one.vocab_size = 1, 64  # a tiny head: the block's time
     one.pad_token_id = one.bos_token_id = one.eos_token_id = None  # ids the tiny vocabulary may not hold
+    model = AutoModelForCausalLM.from_config(one, trust_remote_code=trust_remote_code)
+    model = model.to(torch.bfloat16 if weight_bytes == 2 else torch.float32).train()
     shape = model_shape(one, trust_remote_code=trust_remote_code)
-    q = shape.heads * shape.head_dim
-    positions = max(1, min(tokens, int(BLOCK_PASS_FLOPS / (6 * shape.block_matmul_params + 6 * q * seq_len))))
-    length = min(seq_len, positions)
-    ids = torch.randint(0, 64, (max(1, positions // length), length), generator=torch.Generator().manual_seed(0))
-    model = AutoModelForCausalLM.from_config(one, trust_remote_code=trust_remote_code).to(dtype).train()
+    ids = torch.randint(0, 64, (rows, length), generator=torch.Generator().manual_seed(0))
     times = []
     for _ in range(4):
         start = time.perf_counter()
@@ -85,11 +103,14 @@ def block_flops(config, seq_len: int, tokens: int, dtype: torch.dtype = torch.fl
             logits = model(input_ids=ids).logits
         logits.float().sum().backward()
         times.append(time.perf_counter() - start)
+    q = shape.heads * shape.head_dim
     return (6 * shape.block_matmul_params + 6 * q * length) * ids.numel() / statistics.median(times[1:])
 
 
-def matmul_flops(dtype: torch.dtype, device: str, n: int = 1024, seconds: float = 0.3) -> float:
-    """The best rate of an n x n x n matmul over ~`seconds` (after one warm-up)."""
+def matmul_flops(dtype, device: str, n: int = 1024, seconds: float = 0.3) -> float:
+    """The best rate of an n x n x n matmul of torch `dtype` over ~`seconds` (after one warm-up)."""
+    import torch
+
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
     torch.mm(a, b)  # warm-up
     times: list[float] = []
