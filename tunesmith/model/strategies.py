@@ -24,6 +24,7 @@ from transformers.pytorch_utils import Conv1D
 
 from tunesmith.errors import ConfigError
 from tunesmith.model.heads import head_module_names, train_only_head
+from tunesmith.model.lora_fused import fuse_lora_forward
 from tunesmith.model.prompt_tuning import PROMPT_STRATEGIES, PromptSpec, prompt_learning_model
 from tunesmith.model.blocks import transformer_blocks
 from tunesmith.model.reft import ReftSpec, apply_reft
@@ -112,9 +113,11 @@ def _lora_model(model: nn.Module, name: str, lora_r: int, lora_alpha: float, lor
         task_type=task_type,
     )
     try:
-        return get_peft_model(model, config)
+        model = get_peft_model(model, config)
     except ValueError as exc:
         raise ConfigError(f"strategy.lora.target_modules: {exc}") from None
+    fuse_lora_forward(model)  # the plain LoRA linears: the update added inside one matmul
+    return model
 
 
 def _new_head(model: nn.Module, task_type: str) -> list[str]:
