@@ -18,6 +18,9 @@ over repeats is reported. Cases:
     trl-lora-best      the same with padding_free=True: each batch is one row of its examples end to end, with
                        position ids restarting at each (transformers builds the block-diagonal mask for SDPA)
     tunesmith-full, tunesmith-full-padded, trl-full-default, trl-full-best   the same four with every weight trained
+    tunesmith-qlora, trl-qlora-best   LoRA on the base loaded in 4 bit by bitsandbytes on both sides (NF4, double
+                       quantisation, fp32 compute), padding-free; TRL prepares the 4-bit model as tunesmith does
+                       (peft's prepare_model_for_kbit_training)
 
 Both sides train on the same tokens: each assistant reply and its end-of-turn token (tunesmith's SFT labels).
 TRL's default for conversations is a loss on every token; its `assistant_only_loss=True` restricts it to the
@@ -28,7 +31,8 @@ summary checks the per-step counts of loss tokens agree). Packing is left out on
 examples, so the steps would no longer see the same tokens.
 
 Settings of SFTConfig set to tunesmith's (TRL's own default in brackets): fp32 weights and math, bf16=False
-[True]; gradient_checkpointing=False [True]; learning rate, linear schedule without warm-up, no weight decay,
+[True]; gradient_checkpointing=False [True] unless `--checkpointing on` (then on both sides, each with its own
+default way of recomputing); learning rate, linear schedule without warm-up, no weight decay,
 clipping at 1.0, AdamW (fused, both sides) as given; a log every step [10].
 
 Measured the same way on every side (dpo_bench.Meter):
@@ -36,7 +40,9 @@ Measured the same way on every side (dpo_bench.Meter):
               time from the end of the last warm-up step to the end of the last step
     tokens/CPU-s  the same tokens over the CPU time the process used over those steps
     memory    CPU: peak resident set (VmHWM, reset through /proc/self/clear_refs when training starts) minus the
-              resident set at that moment; CUDA: max_memory_allocated minus memory_allocated then
+              resident set at that moment, every weight read once before it (dpo_bench.resident: the memory-mapped
+              checkpoint's pages are then in the baseline on both sides); CUDA: max_memory_allocated minus
+              memory_allocated then
     model FLOP/s  the FLOPs the measured steps need (benchmarks/flops.py: 6N per token for full fine-tuning, 4N
               with LoRA's frozen base plus the adapters, causal attention per conversation, the head on the
               loss tokens), the same for every case (the same batches), over the same time; and their share of
@@ -58,7 +64,8 @@ import dpo_bench as dpo  # noqa: E402  its data, model, measuring and driver cod
 import flops  # noqa: E402  model FLOPs and the matmul ceiling
 
 CASES = ("tunesmith-lora", "tunesmith-lora-padded", "trl-lora-default", "trl-lora-best",
-         "tunesmith-full", "tunesmith-full-padded", "trl-full-default", "trl-full-best")
+         "tunesmith-full", "tunesmith-full-padded", "trl-full-default", "trl-full-best",
+         "tunesmith-qlora", "trl-qlora-best")
 # tunesmith's chatml (tunesmith.data.templates.CHATML) with each reply and its end-of-turn token marked as the
 # assistant's: the text is the same, the marks only tell `return_assistant_tokens_mask` where replies are.
 TRL_CHATML = (
@@ -187,15 +194,20 @@ def tunesmith_config(case: str, work: Path, out: Path, args: argparse.Namespace)
         "model": {"name_or_path": str(work / "model"), "dtype": args.dtype},
         "data": {"train": [str(work / "chats.jsonl")], "template": dpo.template_of(work), "max_seq_len": 1024,
                  "cache_dir": str(work / "cache"), "padding_free": not case.endswith("-padded")},
-        "strategy": {"name": "full" if "-full" in case else "lora",
+        "strategy": {"name": strategy_of(case), "quant": {"compute_dtype": "fp32"},
                      "lora": {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": 0.0,
                               "target_modules": dpo.LORA_TARGETS}},
         "train": {"output_dir": str(out), "objective": "sft", "max_steps": args.steps,
                   "micro_batch_size": args.batch, "lr": args.lr, "seed": args.seed, "scheduler": "linear",
                   "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 1.0,
-                  "probe_memory": False},  # the same batches as TRL, nothing before them
+                  "probe_memory": False,  # the same batches as TRL, nothing before them
+                  "gradient_checkpointing": args.checkpointing == "on"},
         "tracking": {"progress_bar": False, "log_level": "warning"},
     }
+
+
+def strategy_of(case: str) -> str:
+    return "full" if "-full" in case else "qlora" if "-qlora" in case else "lora"
 
 
 def run_tunesmith(case: str, work: Path, args: argparse.Namespace):
@@ -223,7 +235,7 @@ def trl_config(case: str, out: Path, args: argparse.Namespace):
         max_steps=args.steps, learning_rate=args.lr, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
         max_grad_norm=1.0, seed=args.seed, assistant_only_loss=True, padding_free=best,
         **({"max_length": None} if best else {}),  # padding_free does not truncate: TRL asks for None
-        gradient_checkpointing=False, bf16=False, fp16=False, use_cpu=args.device == "cpu",
+        gradient_checkpointing=args.checkpointing == "on", bf16=False, fp16=False, use_cpu=args.device == "cpu",
         train_sampling_strategy="sequential", logging_steps=1, report_to="none", save_strategy="no",
         eval_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
     )
@@ -237,9 +249,16 @@ def run_trl(case: str, work: Path, args: argparse.Namespace):
 
     from tunesmith.model.load import DTYPES
 
-    model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=DTYPES[args.dtype])
+    quant = None
+    if strategy_of(case) == "qlora":
+        import torch
+        from transformers import BitsAndBytesConfig
+
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=DTYPES[args.dtype], quantization_config=quant)
     lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
-                      target_modules=dpo.LORA_TARGETS, task_type="CAUSAL_LM") if "-lora-" in case else None
+                      target_modules=dpo.LORA_TARGETS, task_type="CAUSAL_LM") if "lora-" in case else None
     with tempfile.TemporaryDirectory(dir=work) as out:
         return dpo.train_metered(
             dpo.Meter(args.device),
@@ -304,13 +323,13 @@ def summarise(runs: list[dict], args: argparse.Namespace) -> str:
 
 RATIOS = tuple(
     (f"{what}, tunesmith {kind} / TRL {kind} {trl}", f"tunesmith-{kind}", f"trl-{kind}-{trl}", key)
-    for kind in ("lora", "full")
+    for kind in ("lora", "full", "qlora")
     for what, key in (("tokens/s", "tokens_per_s"), ("tokens/CPU-s", "tokens_per_cpu_s"), ("peak memory", "peak_mb"))
     for trl in ("default", "best")
 )
 # Options every case process receives from the parent.
 SHARED = ("device", "dtype", "threads", "conversations", "max_words", "vocab_size", "hidden_size", "layers", "heads",
-          "intermediate_size", "batch", "steps", "warmup", "lr", "lora_r", "lora_alpha", "seed")
+          "intermediate_size", "batch", "steps", "warmup", "lr", "lora_r", "lora_alpha", "seed", "checkpointing")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -319,6 +338,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--conversations", type=int, default=128)
     p.add_argument("--max-words", type=int, default=650, help="words per conversation at most (~1.25 tokens each)")
     p.add_argument("--batch", type=int, default=4, help="conversations per step")
+    p.add_argument("--checkpointing", choices=("off", "on"), default="off",
+                   help="gradient checkpointing on both sides (TRL's default is on)")
     return p.parse_args(argv)
 
 
