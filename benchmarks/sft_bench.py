@@ -19,7 +19,7 @@ over repeats is reported. Cases:
                        position ids restarting at each (transformers builds the block-diagonal mask for SDPA)
     tunesmith-full, tunesmith-full-padded, trl-full-default, trl-full-best   the same four with every weight trained
     tunesmith-qlora, trl-qlora-best   LoRA on the base loaded in 4 bit by bitsandbytes on both sides (NF4, double
-                       quantisation, fp32 compute), padding-free; TRL prepares the 4-bit model as tunesmith does
+                       quantisation, --dtype compute), padding-free; TRL prepares the 4-bit model as tunesmith does
                        (peft's prepare_model_for_kbit_training)
 
 Both sides train on the same tokens: each assistant reply and its end-of-turn token (tunesmith's SFT labels).
@@ -194,7 +194,7 @@ def tunesmith_config(case: str, work: Path, out: Path, args: argparse.Namespace)
         "model": {"name_or_path": str(work / "model"), "dtype": args.dtype},
         "data": {"train": [str(work / "chats.jsonl")], "template": dpo.template_of(work), "max_seq_len": 1024,
                  "cache_dir": str(work / "cache"), "padding_free": not case.endswith("-padded")},
-        "strategy": {"name": strategy_of(case), "quant": {"compute_dtype": "fp32"},
+        "strategy": {"name": strategy_of(case), "quant": {"compute_dtype": args.dtype},
                      "lora": {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": 0.0,
                               "target_modules": dpo.LORA_TARGETS}},
         "train": {"output_dir": str(out), "objective": "sft", "max_steps": args.steps,
@@ -251,11 +251,10 @@ def run_trl(case: str, work: Path, args: argparse.Namespace):
 
     quant = None
     if strategy_of(case) == "qlora":
-        import torch
         from transformers import BitsAndBytesConfig
 
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                   bnb_4bit_compute_dtype=torch.float32)
+                                   bnb_4bit_compute_dtype=DTYPES[args.dtype])
     model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=DTYPES[args.dtype], quantization_config=quant)
     lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
                       target_modules=dpo.LORA_TARGETS, task_type="CAUSAL_LM") if "lora-" in case else None

@@ -54,3 +54,26 @@ def test_scaling_bench_paths_train_the_same_steps(tmp_path):
     full = scaling.run_point("fused", 300, 32, args, "full")
     assert full["losses"][0] == pytest.approx(runs["fused"]["losses"][0], rel=1e-6)
     assert full["flops_per_step"] > runs["fused"]["flops_per_step"] and full["share_of_ceiling"] > 0
+
+
+def test_the_gpu_script_is_ready(tmp_path):
+    """benchmarks/gpu_check.sh cannot run without a GPU; here: its shell parses, the options it gives the benchmark
+    scripts are theirs, and deepspeed_check.py's configs load (the DeepSpeed ones included)."""
+    import re
+    import shlex
+    import subprocess
+    from pathlib import Path
+
+    from tunesmith.config import load_config
+
+    script = Path(__file__).parent.parent / "benchmarks" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    values = {}
+    for name, value in re.findall(r'^(SHAPE|MFU_ARGS|TRL_ARGS)="(.*?)"$', script.read_text(), re.M | re.S):
+        values[name] = value.replace("\\\n", " ").replace("$SHAPE", values.get("SHAPE", ""))
+    assert load_benchmark("scaling_bench").parse_args(shlex.split(values["MFU_ARGS"])).device == "cuda"
+    assert "trl-qlora-best" in load_benchmark("sft_bench").parse_args(shlex.split(values["TRL_ARGS"])).cases
+    ds = load_benchmark("deepspeed_check")
+    for name, zero in (("plain", None), ("zero2", 2), ("zero3", 3)):
+        cfg = load_config(ds.config(tmp_path, name, zero))
+        assert cfg.train.distributed.strategy == ("deepspeed" if zero else "ddp")
