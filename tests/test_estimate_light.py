@@ -7,6 +7,9 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 from datasets import load_from_disk
@@ -70,10 +73,7 @@ def test_the_key_follows_threads_and_the_wait_policy(monkeypatch):
 
 def test_torch_agrees_on_the_threads(monkeypatch):
     """Without OMP_NUM_THREADS, torch's default is one thread per physical core: what the key assumes."""
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in __import__("os").environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     out = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"], env=env,
                          capture_output=True, text=True, check=True)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)

@@ -60,7 +60,8 @@ def test_apply_strategy_installs_it_on_every_adapted_linear():
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_outputs_and_gradients_equal_peft(family, dropout):
     model, plain = adapted(family, dropout)
-    model.train(), plain.train()
+    model.train()
+    plain.train()
     assert_same(run(model, IDS), run(plain, IDS))
 
 

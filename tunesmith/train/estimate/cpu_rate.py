@@ -1,6 +1,6 @@
 """The FLOP/s a CPU gives one of a model's blocks, measured once per machine and block shape and kept.
 
-Measuring trains one block for a few passes (`speed.block_flops`), which needs torch and transformers: seconds
+Measuring trains one block for a few passes (`speed.block_seconds`), which needs torch and transformers: seconds
 of imports and of work. The rate depends on the CPU, the threads, OpenMP's wait policy, torch's version and the
 block's shape and dtype, not on the weights or the data, so it is kept in $TUNESMITH_CACHE/cpu_rates.json under
 all of those and a later estimate of the same shape reads it instead (`tunesmith estimate` then imports neither
@@ -28,14 +28,14 @@ RATES_FILE = "cpu_rates.json"
 QUIETER = 1.0  # a kept rate is measured again once the 1-minute load average is this much lower than it was then
 
 
-def expected_threads() -> int:
+def expected_threads(info: dict | None = None) -> int:
     """The intra-op threads torch will use, without importing it: OMP_NUM_THREADS or MKL_NUM_THREADS where set,
-    else one per physical core (torch's default)."""
+    else one per physical core (torch's default). `info`: `cpu_info()`, when the caller has it."""
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         value = os.environ.get(name, "")
         if value.isdigit() and int(value) > 0:
             return int(value)
-    info = cpu_info()
+    info = info or cpu_info()
     return info["physical_cores"] or info["usable_cores"] or 1
 
 
@@ -45,7 +45,8 @@ def rate_key(block: dict) -> str:
         torch_version = version("torch")
     except PackageNotFoundError:
         torch_version = None
-    machine = {"cpu": cpu_info()["model"], "threads": expected_threads(), "torch": torch_version,
+    info = cpu_info()
+    machine = {"cpu": info["model"], "threads": expected_threads(info), "torch": torch_version,
                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "").upper() or None}
     return json.dumps(machine | block, sort_keys=True)
 

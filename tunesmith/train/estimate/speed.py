@@ -10,7 +10,7 @@ from typing import Callable
 from tunesmith.train.estimate.cpu_rate import cached_rate, expected_threads
 from tunesmith.train.estimate.params import layer_trains, on_grad_path
 from tunesmith.train.estimate.plan import Plan
-from tunesmith.train.estimate.shape import ModelShape, model_shape
+from tunesmith.train.estimate.shape import ModelShape
 
 # Dense 16-bit tensor-core peaks (FLOP/s), by a name fragment of torch.cuda.get_device_name().
 GPU_PEAK_BF16 = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "B200": 2250e12, "A100": 312e12,
@@ -45,7 +45,7 @@ def device_flops(plan: Plan, shape: ModelShape, config_of: Callable[[], object],
                  trust_remote_code: bool = False) -> tuple[str, float, float]:
     """(device name, FLOP/s, assumed utilisation) on `plan.device`: a GPU's 16-bit peak from the table, else a
     matmul measured now (fp32 on GPUs, GPUs not in the table); on a CPU the rate of one of the model's own blocks
-    (`block_flops` on `config_of()`, the model's `transformers` config), measured once per machine and block shape
+    (`block_seconds` on `config_of()`, the model's `transformers` config), measured once per machine and block shape
     and kept (cpu_rate.py), so that a later estimate imports neither torch nor transformers."""
     sixteen = plan.amp or plan.weight_bytes == 2
     if plan.device == "cuda":
@@ -61,28 +61,33 @@ def device_flops(plan: Plan, shape: ModelShape, config_of: Callable[[], object],
     block = {"model_type": shape.model_type, "block_linears": shape.block_linears, "heads": shape.heads,
              "kv_heads": shape.kv_heads, "head_dim": shape.head_dim, "rows": rows, "length": length,
              "weight_bytes": plan.weight_bytes, "amp": plan.amp}
-    rate, when = cached_rate(block, lambda: block_flops(config_of(), rows, length, plan.weight_bytes, plan.amp,
-                                                        trust_remote_code))
+    flops = block_position_flops(shape, length) * rows * length
+    rate, when = cached_rate(block, lambda: flops / block_seconds(config_of(), rows, length, plan.weight_bytes,
+                                                                  plan.amp, trust_remote_code))
     return f"CPU, {expected_threads()} threads (one block measured {when})", rate, CPU_UTILISATION
 
 
 def block_pass(shape: ModelShape, seq_len: int, tokens: int) -> tuple[int, int]:
     """(rows, length) of the timed pass of one block: up to `tokens` positions in rows of up to `seq_len`, cut to
     about BLOCK_PASS_FLOPS."""
-    q = shape.heads * shape.head_dim
-    positions = max(1, min(tokens, int(BLOCK_PASS_FLOPS / (6 * shape.block_matmul_params + 6 * q * seq_len))))
+    positions = max(1, min(tokens, int(BLOCK_PASS_FLOPS / block_position_flops(shape, seq_len))))
     length = min(seq_len, positions)
     return max(1, positions // length), length
 
 
-def block_flops(config, rows: int, length: int, weight_bytes: int = 4, amp: bool = False,
-                trust_remote_code: bool = False) -> float:
-    """FLOP/s of one of the model's own blocks (random weights; bf16 where `weight_bytes` is 2, else fp32),
-    forward and backward with its weights training, on a (rows, length) batch, on the CPU as it is now: the
-    median of three timed passes after a warm-up. Unlike a large matmul this sees the block's own matmul shapes,
-    its other kernels, and what the threads lose waiting for each other when other work shares the cores
-    (libgomp's spinning: several times slower with 2 threads than 1 on a shared 2-core CPU, docs/PERFORMANCE.md).
-    FLOPs counted as `flops_per_token` does."""
+def block_position_flops(shape: ModelShape, length: int) -> float:
+    """FLOPs of one position of one block trained forward and backward, in rows of `length`, counted as
+    `flops_per_token` does: 6 x the block's matmul weights + causal attention 6 n_h.d.T."""
+    return 6 * shape.block_matmul_params + 6 * shape.heads * shape.head_dim * length
+
+
+def block_seconds(config, rows: int, length: int, weight_bytes: int = 4, amp: bool = False,
+                  trust_remote_code: bool = False) -> float:
+    """Seconds of one forward and backward pass of one of the model's own blocks (random weights; bf16 where
+    `weight_bytes` is 2, else fp32) with its weights training, on a (rows, length) batch, on the CPU as it is
+    now: the median of three timed passes after a warm-up. Unlike a large matmul this sees the block's own matmul
+    shapes, its other kernels, and what the threads lose waiting for each other when other work shares the cores
+    (libgomp's spinning: several times slower with 2 threads than 1 on a shared 2-core CPU, docs/PERFORMANCE.md)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -94,7 +99,6 @@ def block_flops(config, rows: int, length: int, weight_bytes: int = 4, amp: bool
     one.pad_token_id = one.bos_token_id = one.eos_token_id = None  # ids the tiny vocabulary may not hold
     model = AutoModelForCausalLM.from_config(one, trust_remote_code=trust_remote_code)
     model = model.to(torch.bfloat16 if weight_bytes == 2 else torch.float32).train()
-    shape = model_shape(one, trust_remote_code=trust_remote_code)
     ids = torch.randint(0, 64, (rows, length), generator=torch.Generator().manual_seed(0))
     times = []
     for _ in range(4):
@@ -103,8 +107,7 @@ def block_flops(config, rows: int, length: int, weight_bytes: int = 4, amp: bool
             logits = model(input_ids=ids).logits
         logits.float().sum().backward()
         times.append(time.perf_counter() - start)
-    q = shape.heads * shape.head_dim
-    return (6 * shape.block_matmul_params + 6 * q * length) * ids.numel() / statistics.median(times[1:])
+    return statistics.median(times[1:])
 
 
 def matmul_flops(dtype, device: str, n: int = 1024, seconds: float = 0.3) -> float:
