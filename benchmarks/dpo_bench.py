@@ -9,9 +9,12 @@ The parent builds the data, a tokenizer and a random Llama once, then runs each 
 alternates between repeats, so the drift of a shared machine hits every side alike; ratios are taken between
 runs of the same repeat, and the median over repeats is reported. Cases:
 
-    tunesmith-dpo             DPO, LoRA, the reference = the policy with its adapters off (one model in memory)
+    tunesmith-dpo             DPO, LoRA, the reference = the policy with its adapters off (one model in memory),
+                              data.padding_free: a step's pairs in one row, each pair's prompt computed once
+    tunesmith-dpo-padded      the same with padded pairs (2 x batch rows, every prompt twice)
     trl-dpo                   TRL's DPOTrainer with the same LoRA (its reference: adapters off as well)
-    tunesmith-dpo-precompute  DPO with align.precompute_ref=true (reference log-probs computed before training)
+    tunesmith-dpo-precompute  DPO with align.precompute_ref=true (reference log-probs computed before training),
+                              padding-free
     tunesmith-sft-x2          SFT on the chosen conversations, 2 x batch of them: as many rows per forward as DPO
     tunesmith-sft-x1          SFT on the chosen conversations, batch of them: as many examples per step as DPO
 
@@ -32,8 +35,9 @@ Measured the same way on every side:
               building it (the precomputing pass of tunesmith-dpo-precompute)
     model FLOP/s  the FLOPs the measured steps need (benchmarks/flops.py: LoRA's frozen-base forward and
               backward, causal attention per sequence, the head on the loss positions (the answer tokens), and a
-              reference forward where the step has a live reference), counted on tunesmith's batches (a TRL run
-              is credited those of the tunesmith run with the same tokens in every step) over the same time;
+              reference forward where the step has a live reference), counted on tunesmith's batches (every run
+              with the same tokens in every step is credited the same FLOPs: the least any of them needs, i.e.
+              each shared prompt once where a padding-free run shares them) over the same time;
               and their share of the matmul ceiling at the model's GEMM shapes, which the parent measures right
               after each case with the same number of threads (--bf16-ceiling: also the bf16 ceiling, once)
 TRL reads the rows in the order tunesmith's sampler draws them, so both sides train on the same batches (the
@@ -60,8 +64,9 @@ from typing import Callable
 
 import flops  # benchmarks/flops.py: model FLOPs and the matmul ceiling
 
-CASES = ("tunesmith-dpo", "trl-dpo", "tunesmith-dpo-precompute", "tunesmith-sft-x2", "tunesmith-sft-x1")
-LIVE_REFERENCE = ("tunesmith-dpo", "trl-dpo")  # a reference forward in every step
+CASES = ("tunesmith-dpo", "trl-dpo", "tunesmith-dpo-padded", "tunesmith-dpo-precompute", "tunesmith-sft-x2",
+         "tunesmith-sft-x1")
+LIVE_REFERENCE = ("tunesmith-dpo", "tunesmith-dpo-padded", "trl-dpo")  # a reference forward in every step
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CONSONANTS = "b c d f g h j k l m n p r s t v w z ch sh th st tr pl".split()
 VOWELS = "a e i o u ai ea ou io".split()
@@ -226,7 +231,7 @@ def tunesmith_config(case: str, work: Path, out: Path, args: argparse.Namespace)
     return {
         "model": {"name_or_path": str(work / "model"), "dtype": args.dtype},
         "data": {"train": [str(work / "pairs.jsonl")], "template": template_of(work), "max_seq_len": 1024,
-                 "cache_dir": str(work / "cache")},
+                 "cache_dir": str(work / "cache"), "padding_free": case in ("tunesmith-dpo", "tunesmith-dpo-precompute")},
         "strategy": {"name": "lora", "lora": {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": 0.0,
                                               "target_modules": LORA_TARGETS}},
         "train": {"output_dir": str(out), "objective": "sft" if sft else "dpo", "max_steps": args.steps,
@@ -446,6 +451,9 @@ RATIOS = (
     ("tokens/s, tunesmith DPO / TRL DPO", "tunesmith-dpo", "trl-dpo", "tokens_per_s"),
     ("tokens/CPU-s, tunesmith DPO / TRL DPO", "tunesmith-dpo", "trl-dpo", "tokens_per_cpu_s"),
     ("peak memory, tunesmith DPO / TRL DPO", "tunesmith-dpo", "trl-dpo", "peak_mb"),
+    ("tokens/s, tunesmith DPO padded / TRL DPO", "tunesmith-dpo-padded", "trl-dpo", "tokens_per_s"),
+    ("peak memory, tunesmith DPO padded / TRL DPO", "tunesmith-dpo-padded", "trl-dpo", "peak_mb"),
+    ("tokens/s, tunesmith DPO / tunesmith DPO padded", "tunesmith-dpo", "tunesmith-dpo-padded", "tokens_per_s"),
     ("peak memory, DPO precomputed / SFT x2", "tunesmith-dpo-precompute", "tunesmith-sft-x2", "peak_mb"),
     ("peak memory, DPO precomputed / SFT x1", "tunesmith-dpo-precompute", "tunesmith-sft-x1", "peak_mb"),
     ("peak memory, DPO live reference / DPO precomputed", "tunesmith-dpo", "tunesmith-dpo-precompute", "peak_mb"),
@@ -511,10 +519,11 @@ def run_repeats(args: argparse.Namespace, run_case: Callable[[str], dict],
 
 
 def step_work(run: dict, runs: list[dict]) -> list[dict] | None:
-    """The flops.batch_work of each step of `run`: its own (tunesmith), else that of a run with the same tokens in
-    every step (TRL trains on tunesmith's batches); None when there is none yet."""
+    """The flops.batch_work of each step of `run`: of all runs with the same tokens in every step (TRL trains on
+    tunesmith's batches), the work of the one that needs the least (a padding-free DPO run computes each shared
+    prompt once); None when there is none yet."""
     same = [r["step_work"] for r in [run, *runs] if r.get("step_work") and r["step_tokens"] == run["step_tokens"]]
-    return same[0] if same else None
+    return min(same, key=lambda work: sum(step["tokens"] for step in work)) if same else None
 
 
 def limiter(args: argparse.Namespace, shape, strategy_of: Callable[[str], str],

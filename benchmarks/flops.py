@@ -60,28 +60,31 @@ def shape_of(model_dir: str | Path) -> ModelShape:
 
 def batch_work(batches: list[dict[str, torch.Tensor]]) -> dict[str, int]:
     """What the FLOPs of a step depend on, from tunesmith's collated micro-batches: real tokens, the sum of the
-    squared sequence lengths (a padding-free or packed row holds several sequences: position ids restart at 0),
-    loss positions (a label after the first column), and positions (B x T, what the GEMMs run on)."""
+    squared sequence lengths (a padding-free or packed row holds several sequences: position ids restart at 0; a
+    pair's answer that shares its prompt, of n tokens after q shared ones, attends to q + its own: n^2 + 2nq), loss
+    positions (a label after the first column), and positions (B x T, what the GEMMs run on)."""
     work = {"tokens": 0, "sum_sq": 0, "loss_positions": 0, "positions": 0}
     for batch in batches:
-        lengths = sequence_lengths(batch)
-        work["tokens"] += sum(lengths)
-        work["sum_sq"] += sum(n * n for n in lengths)
+        runs = sequence_runs(batch)
+        work["tokens"] += sum(n for n, _ in runs)
+        work["sum_sq"] += sum(n * n + 2 * n * shared for n, shared in runs)
         work["loss_positions"] += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         work["positions"] += batch["input_ids"].numel()
     return work
 
 
-def sequence_lengths(batch: dict[str, torch.Tensor]) -> list[int]:
-    """Lengths of the sequences of a right-padded batch: a row each, or the runs of a row's position ids."""
+def sequence_runs(batch: dict[str, torch.Tensor]) -> list[tuple[int, int]]:
+    """(length, shared prompt tokens it attends to) of each sequence of a right-padded batch: a row each, or the
+    runs of a row's position ids (tunesmith.model.attention.runs)."""
+    from tunesmith.model.attention import runs
+
     real = batch["token_mask"].sum(1).tolist()  # (B,) real tokens lead each row
     if "position_ids" not in batch:
-        return real
-    lengths = []
-    for positions, n in zip(batch["position_ids"].tolist(), real):
-        starts = [i for i, p in enumerate(positions[:n]) if p == 0]
-        lengths += [b - a for a, b in zip(starts, starts[1:] + [n])]
-    return lengths
+        return [(n, 0) for n in real]
+    out = []
+    for row, n in zip(runs(batch["position_ids"]), real):
+        out += [(min(e, n) - s, shared) for s, e, _, shared in row if s < n]
+    return out
 
 
 def uniform_work(rows: int, seq_len: int) -> dict[str, int]:

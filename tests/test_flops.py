@@ -55,6 +55,17 @@ def test_batch_work_is_the_same_padded_and_padding_free(flops):
     assert flops.batch_work([collate(examples, 0)] * 2) == {k: 2 * v for k, v in padded.items()}
 
 
+def test_batch_work_of_a_pair_row_counts_the_shared_prompt_once(flops):
+    """Prompt [1, 2, 3], answers [4, 5] and [6, 7, 8]: 2 shared tokens, then branches of 3 and 4 tokens (each keeps
+    the prompt's last token): 9 tokens; 5^2 for the first conversation's run, 4^2 + 2*4*2 for the branch."""
+    from tunesmith.objectives.pairs import collate_pairs_flat
+
+    pair = Example([1, 2, 3, 4, 5], [X, X, X, 4, 5], rejected_ids=[1, 2, 3, 6, 7, 8],
+                   rejected_labels=[X, X, X, 6, 7, 8])
+    assert flops.batch_work([collate_pairs_flat([pair])]) == \
+        {"tokens": 9, "sum_sq": 25 + 16 + 16, "loss_positions": 5, "positions": 9}
+
+
 def test_step_gemms_carry_the_step_flops_of_the_linears(flops):
     """The GEMMs of a step, weighted by their counts, hold the FLOPs of its linears: 6 x (N + VH) per position
     for full fine-tuning, 4 x with a frozen base (attention and adapters are not GEMMs of the ceiling)."""

@@ -14,11 +14,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from conftest import chat_rows, write_jsonl
-from tunesmith.config import config_from_dict
 from tunesmith.data.batching import collate, collate_flat
 from tunesmith.data.pack import pack_examples
 from tunesmith.data.tokenize import IGNORE_INDEX, Example
-from tunesmith.errors import ConfigError
 from tunesmith.model.attention import VARLEN, documents, supports_varlen
 from tunesmith.objectives import head
 from tunesmith.objectives.sft import sft_loss
@@ -213,8 +211,3 @@ def test_padding_free_run_trains_like_the_padded_run(model_dirs, tmp_path):
     saved = json.loads((tmp_path / "flat" / "final" / "adapter_config.json").read_text())
     assert saved["base_model_name_or_path"] == str(model_dirs["qwen2"])
 
-
-def test_padding_free_is_refused_for_pairs():
-    with pytest.raises(ConfigError, match="data.padding_free: applies to sft and clm"):
-        config_from_dict({"model": {"name_or_path": "m"}, "data": {"padding_free": True},
-                          "train": {"objective": "dpo"}})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tunesmith.config.objectives import OBJECTIVES
+from tunesmith.config.objectives import OBJECTIVES, objectives_where
 from tunesmith.config.schema import Config, SourceConfig
 from tunesmith.errors import ConfigError, DataError
 from tunesmith.paths import resolve_paths
@@ -156,9 +156,14 @@ def _check_align(cfg: Config) -> None:
     a, objective = cfg.align, cfg.train.objective
     if OBJECTIVES[objective].next_token_loss:
         return
-    for key in ("pack", "padding_free"):
-        if getattr(cfg.data, key):
-            raise ConfigError(f"data.{key}: applies to sft and clm; {objective} compares whole answers, set it false")
+    if cfg.data.pack:
+        raise ConfigError(f"data.pack: applies to sft and clm; {objective} compares whole answers, set it false")
+    if cfg.data.padding_free and not OBJECTIVES[objective].padding_free:
+        names = ", ".join(objectives_where(padding_free=True))
+        raise ConfigError(f"data.padding_free: applies to {names}, not {objective}; set it false")
+    if cfg.data.padding_free and cfg.strategy.name in ("prompt_tuning", "prefix_tuning", "reft"):
+        raise ConfigError(f"data.padding_free: strategy {cfg.strategy.name} adds to each conversation's own "
+                          f"positions, which a padding-free pair batch shares between them; set it false")
     if a.beta <= 0:
         raise ConfigError(f"align.beta: must be positive, got {a.beta}")
     if not 0.0 <= a.label_smoothing < 0.5:

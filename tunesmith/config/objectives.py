@@ -44,6 +44,12 @@ class ObjectiveSpec:
         return self.data not in ("text", "labelled")
 
     @property
+    def padding_free(self) -> bool:
+        """`data.padding_free` applies: the next-token objectives, and the pair objectives that read the policy's
+        log-probs of both answers (a pair's prompt is then computed once: objectives/pairs.py)."""
+        return self.next_token_loss or (self.data == "preference" and self.head == "causal")
+
+    @property
     def stops_at_end_of_turn(self) -> bool:
         """The tuned model writes assistant turns, so generation stops at the template's end-of-turn token."""
         return self.chat_template and self.head == "causal"

@@ -58,6 +58,14 @@ def collate_flat(examples: Sequence[Example], pad_token_id: int | None = None) -
             "position_ids": torch.tensor(positions)[None]}
 
 
+def example_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """The tokens of a batch's examples: its real positions, or the lengths of its conversations where a pair
+    batch computes each shared prompt once (objectives/pairs.py: fewer positions than the data holds)."""
+    if "sequence_lengths" in batch:
+        return int(batch["sequence_lengths"].sum())
+    return int(batch["token_mask"].sum())
+
+
 @functools.lru_cache(maxsize=2)  # the loop asks once per step; the permutation changes once per epoch
 def epoch_batches(num_examples: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     """The micro-batches of one epoch: a seeded permutation cut into `batch_size` pieces (last may be short).

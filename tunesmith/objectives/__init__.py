@@ -39,7 +39,7 @@ class BuildContext:
     device: Any = "cpu"
     model: torch.nn.Module | None = None
     fused_loss: bool = True  # train.fused_loss (sft, clm)
-    padding_free: bool = False  # data.padding_free (sft, clm)
+    padding_free: bool = False  # data.padding_free (sft, clm; dpo, simpo, orpo: pairs.py)
 
 
 def build_objective(name: str, align=None, ref_model=None, pad_token_id: int = 0, batch_size: int = 8, *,
@@ -63,6 +63,17 @@ def _next_token(c: BuildContext) -> Objective:
                      collate_flat if c.padding_free else collate)
 
 
+def _pair_collate(c: BuildContext):
+    """How a pair objective lays out its batches: padded rows, or one row with each pair's prompt shared by its two
+    answers where the model's attention reads that (pairs.py), else one row without sharing."""
+    from tunesmith.objectives import align as a
+    from tunesmith.objectives.pairs import collate_pairs_flat, reads_branches
+
+    if not c.padding_free:
+        return a.collate_pairs
+    return functools.partial(collate_pairs_flat, share_prompts=c.model is not None and reads_branches(c.model))
+
+
 def _reward(c: BuildContext) -> Objective:
     from tunesmith.objectives import align as a
 
@@ -74,7 +85,7 @@ def _dpo(c: BuildContext) -> Objective:
 
     loss = functools.partial(a.dpo_loss, beta=c.align.beta, loss_type=c.align.loss_type,
                              label_smoothing=c.align.label_smoothing, ref_model=c.ref_model)
-    return Objective(loss, a.pair_count, a.collate_pairs)
+    return Objective(loss, a.pair_count, _pair_collate(c))
 
 
 def _simpo(c: BuildContext) -> Objective:
@@ -82,13 +93,13 @@ def _simpo(c: BuildContext) -> Objective:
 
     loss = functools.partial(a.simpo_loss, beta=c.align.beta, gamma=c.align.simpo_gamma,
                              label_smoothing=c.align.label_smoothing)
-    return Objective(loss, a.pair_count, a.collate_pairs)
+    return Objective(loss, a.pair_count, _pair_collate(c))
 
 
 def _orpo(c: BuildContext) -> Objective:
     from tunesmith.objectives import align as a
 
-    return Objective(functools.partial(a.orpo_loss, lam=c.align.orpo_lambda), a.pair_count, a.collate_pairs)
+    return Objective(functools.partial(a.orpo_loss, lam=c.align.orpo_lambda), a.pair_count, _pair_collate(c))
 
 
 def _kto(c: BuildContext) -> Objective:

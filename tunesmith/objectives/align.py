@@ -2,7 +2,8 @@
 kto.py and reward.py.
 
     pairs      chosen and rejected conversations of B pairs in one padded batch of 2B rows (chosen first), so one
-               forward pass serves both; log-probabilities come from the chunked `sequence_logps`, never from a
+               forward pass serves both, or (data.padding_free) in one row with each pair's prompt computed once
+               (pairs.py); log-probabilities come from the chunked `sequence_logps`, never from a
                float32 copy of the whole batch's logits, and logits are computed only from the batch's first
                answer token on (`completion_logps`)
     reference  precomputed log-probs carried by the batch (`align.precompute_ref`), else a frozen copy of the
@@ -26,6 +27,7 @@ from tunesmith.data.batching import collate
 from tunesmith.data.tokenize import IGNORE_INDEX, Example
 from tunesmith.errors import ConfigError
 from tunesmith.objectives.base import LossOutput
+from tunesmith.objectives.pairs import flat_sequence_logps
 from tunesmith.objectives.tokens import completion_logps
 
 # ---------------------------------------------------------------------------------------------------
@@ -54,6 +56,8 @@ def collate_unpaired(examples: Sequence[Example], pad_token_id: int) -> dict[str
 
 
 def pair_count(batch: dict[str, torch.Tensor]) -> int:
+    if "sequence_lengths" in batch:  # pairs.collate_pairs_flat: one row
+        return batch["sequence_lengths"].numel() // 2
     return batch["input_ids"].shape[0] // 2
 
 
@@ -66,8 +70,13 @@ def row_count(batch: dict[str, torch.Tensor]) -> int:
 
 
 def policy_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed completion log-probs (R,) and completion token counts (R,) of every row, with grad."""
-    return completion_logps(model, batch)
+    """Summed completion log-probs (R,) and completion token counts (R,) of every conversation, with grad."""
+    return conversation_logps(model, batch)
+
+
+def conversation_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`completion_logps` of a padded batch (a row per conversation) or of a padding-free pair batch."""
+    return flat_sequence_logps(model, batch) if "sequence_ids" in batch else completion_logps(model, batch)
 
 
 @torch.no_grad()
@@ -76,9 +85,9 @@ def reference_logps(model, batch: dict[str, torch.Tensor], ref_model=None) -> to
     if "ref_logps" in batch:
         return batch["ref_logps"]
     if ref_model is not None:
-        return completion_logps(ref_model, batch)[0]
+        return conversation_logps(ref_model, batch)[0]
     with adapters_disabled(model):
-        return completion_logps(model, batch)[0]
+        return conversation_logps(model, batch)[0]
 
 
 @contextlib.contextmanager
@@ -93,19 +102,20 @@ def adapters_disabled(model) -> Iterator[None]:
 
 
 def precompute_reference(model, examples: Sequence[Example], pad_token_id: int, batch_size: int,
-                         device: torch.device) -> list[list[float]]:
+                         device: torch.device, collate_fn=None) -> list[list[float]]:
     """Reference log-probs of every example ([chosen, rejected] for pairs, [completion] otherwise), computed
-    once with the model as it is now (before training, the reference), so no reference is kept afterwards."""
+    once with the model as it is now (before training, the reference), so no reference is kept afterwards.
+    `collate_fn`: the objective's, so the reference sees the batches the policy will (default: padded rows)."""
     was_training = model.training
     model.eval()
     out: list[list[float]] = []
     pairs = examples[0].rejected_ids is not None if len(examples) else False
+    collate_fn = collate_fn or (collate_pairs if pairs else collate)
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
-        batch = collate_pairs(chunk, pad_token_id) if pairs else collate(chunk, pad_token_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = {k: v.to(device) for k, v in collate_fn(chunk, pad_token_id).items()}
         with torch.no_grad():
-            logps = completion_logps(model, batch)[0].tolist()
+            logps = conversation_logps(model, batch)[0].tolist()
         n = len(chunk)
         out += [[logps[i], logps[n + i]] for i in range(n)] if pairs else [[v] for v in logps]
     model.train(was_training)

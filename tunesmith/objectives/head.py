@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from tunesmith.objectives.tokens import IGNORE_INDEX, causal_lm, model_inputs, shift_labels
 
@@ -92,13 +93,78 @@ def fused_head(model) -> nn.Linear | None:
     return head
 
 
+class LinearLogps(torch.autograd.Function):
+    """log softmax(h_i @ W.T + b)[t_i] for each i, chunk by chunk, for a head that does not train.
+
+    d logp_i / d h_i = (one_hot(t_i) - softmax_i) @ W is a (d,) vector per row, computed while the chunk's logits
+    exist; backward scales each row by its incoming gradient. So the (N, V) logits are never kept or recomputed,
+    as in LinearNLL, but the rows may be weighted differently (a preference loss weighs each sequence's tokens by
+    that sequence's factor). A head whose weight trains needs sum_i g_i (...)^T h_i, which depends on g: see
+    `linear_logps`. Inputs: hidden (N, d), weight (V, d), bias (V,) or None, targets (N,), chunk rows; returns (N,)
+    float32.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_rows: int):
+        logps = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        for start in range(0, hidden.shape[0], chunk_rows):
+            h, t = hidden[start:start + chunk_rows], targets[start:start + chunk_rows]
+            logp = torch.log_softmax(F.linear(h, weight, bias).float(), dim=-1)  # (n, V)
+            logps[start:start + chunk_rows] = logp.gather(1, t[:, None]).squeeze(1)
+            if grad_h is not None:
+                grad = logp.exp_().neg_()  # one_hot - softmax, in place of the log-probabilities
+                grad[torch.arange(len(t), device=grad.device), t] += 1.0
+                grad_h[start:start + chunk_rows] = grad.to(h.dtype) @ weight.to(h.dtype)
+        if grad_h is not None:
+            ctx.save_for_backward(grad_h)
+        return logps
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad_h,) = ctx.saved_tensors
+        return (grad_output[:, None] * grad_h.float()).to(grad_h.dtype), None, None, None, None
+
+
+def linear_logps(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor) -> torch.Tensor:
+    """log p(targets) (N,) float32 given final hidden states (N, d), chunked. A frozen head takes `LinearLogps`;
+    a training one recomputes each chunk's logits in backward (checkpointed), which gives its weight gradient."""
+    chunk_rows = max(1, CHUNK_ELEMENTS // head.out_features)
+    if not any(p.requires_grad for p in head.parameters()):
+        return LinearLogps.apply(hidden, head.weight, head.bias, targets, chunk_rows)
+    out = []
+    for start in range(0, hidden.shape[0], chunk_rows):
+        h, t = hidden[start:start + chunk_rows], targets[start:start + chunk_rows]
+        out.append(checkpoint(_chunk_logps, h, head.weight, head.bias, t, use_reentrant=False,
+                              preserve_rng_state=False))
+    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32) + head.weight.sum() * 0.0
+
+
+def _chunk_logps(h, weight, bias, t):
+    return -F.cross_entropy(F.linear(h, weight, bias).float(), t, reduction="none")
+
+
 def head_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int] | None:
     """Summed next-token NLL over the batch's loss-bearing positions and their count, or None when the model's
-    head is not a plain linear layer (then use `tokens.summed_nll` on the logits).
+    head is not a plain linear layer (then use `tokens.summed_nll` on the logits)."""
+    keep = shift_labels(batch["labels"]) != IGNORE_INDEX
+    loss = on_supervised_hidden(model, batch, linear_nll)
+    return None if loss is None else (loss, int(keep.sum()))
 
-    The model runs its ordinary forward pass; a hook hands the head an empty sequence (so it computes nothing)
-    and computes the fused loss on the supervised positions of the hidden states it was given, with the head's
-    weights as they are inside the forward pass.
+
+def head_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """log p of each supervised target (N,) float32, in row-major order of `tokens.target_mask`, or None when the
+    model's head is not a plain linear layer (then use `tokens.token_logps` on the logits)."""
+    return on_supervised_hidden(model, batch, linear_logps)
+
+
+def on_supervised_hidden(model, batch: dict[str, torch.Tensor], fn) -> torch.Tensor | None:
+    """`fn(hidden (N, d), head, targets (N,))` on the final hidden states of the batch's N positions that predict a
+    supervised token, computed inside the model's forward pass; None when the model's head is not a plain linear
+    layer (`fused_head`).
+
+    The model runs its ordinary forward pass; a hook hands the head an empty sequence (so it computes nothing) and
+    calls `fn` with the head's weights as they are inside the forward pass.
     """
     head = fused_head(model)
     if head is None:
@@ -109,7 +175,7 @@ def head_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int] 
 
     def take_hidden(module, args):
         (hidden,) = args
-        result["loss"] = linear_nll(hidden[keep], module, targets[keep])
+        result["out"] = fn(hidden[keep], module, targets[keep])
         # A new empty tensor, not a view: autograd would keep the view's storage, every hidden state, alive
         return (hidden.new_empty((hidden.shape[0], 0, hidden.shape[2])),)
 
@@ -118,4 +184,4 @@ def head_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int] 
         model(**model_inputs(batch))
     finally:
         handle.remove()
-    return result["loss"], int(keep.sum())
+    return result["out"]

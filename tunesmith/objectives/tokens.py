@@ -76,7 +76,7 @@ def _entropy(chunk: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
-def _picked_logps(logits: torch.Tensor, labels: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def picked_logps(logits: torch.Tensor, labels: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(target_mask (B, T), log-probs (N,) of the N supervised targets in row-major order)."""
     keep = target_mask(labels)  # (B, T)
     return keep, _chunked(_target_logp, logits[keep], shift_labels(labels)[keep], chunk_size=chunk_size)
@@ -91,7 +91,7 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor, chunk_size: int = 40
     Returns:
         (B, T) float32: at position t, log p(labels[t+1] | tokens <= t); 0 where `target_mask(labels)` is False.
     """
-    keep, picked = _picked_logps(logits, labels, chunk_size)
+    keep, picked = picked_logps(logits, labels, chunk_size)
     return torch.zeros(keep.shape, dtype=torch.float32, device=logits.device).masked_scatter(keep, picked)
 
 
@@ -183,5 +183,5 @@ def summed_nll(logits: torch.Tensor, labels: torch.Tensor, chunk_size: int = 409
     Returns:
         (loss sum as a 0-dim float32 tensor, number of loss tokens).
     """
-    picked = _picked_logps(logits, labels, chunk_size)[1]  # (N,)
+    picked = picked_logps(logits, labels, chunk_size)[1]  # (N,)
     return -picked.sum(), int(picked.numel())

@@ -34,7 +34,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
-from tunesmith.data.batching import epoch_batches
+from tunesmith.data.batching import epoch_batches, example_tokens
 from tunesmith.data.tokenize import Example
 from tunesmith.errors import TunesmithError
 from tunesmith.objectives.base import Objective
@@ -363,7 +363,7 @@ def train_step(model, objective: Objective, optimizer, scheduler, accelerator: A
             _add(metric_sums, {name: 0.0 for name in out.metrics})  # every process reduces the same names
             continue
         loss_sum += out.loss_sum.detach()
-        tokens += int(batch["token_mask"].sum())
+        tokens += example_tokens(batch)
         _add(metric_sums, out.metrics)
     grad_norm = accelerator.clip_grad_norm_(
         [p for p in model.parameters() if p.requires_grad], max_grad_norm or float("inf")

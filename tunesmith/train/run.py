@@ -168,7 +168,8 @@ def assemble(cfg: Config, session: Session) -> Run:
     if cfg.align.precompute_ref and spec.precomputable_reference:
         # Before a checkpoint is loaded: the model is still the reference.
         train_set, validation_set = (with_reference(model, s, tokenizer.pad_token_id, cfg.eval.batch_size,
-                                                    accelerator.device) for s in (train_set, validation_set))
+                                                    accelerator.device, objective.collate)
+                                     for s in (train_set, validation_set))
     if cfg.train.probe_memory and not spec.generates:
         # Before a checkpoint is loaded, whose RNG state then replaces whatever the probe drew.
         probe_memory(model, objective, train_set, cfg.train.micro_batch_size, tokenizer.pad_token_id, accelerator,
@@ -283,11 +284,12 @@ def build_reference(cfg: Config, model):
     return copy.deepcopy(model).eval().requires_grad_(False)
 
 
-def with_reference(model, examples, pad_token_id: int, batch_size: int, device):
-    """The examples with the reference log-probs of their answers attached (computed with `model` as it is)."""
+def with_reference(model, examples, pad_token_id: int, batch_size: int, device, collate_fn=None):
+    """The examples with the reference log-probs of their answers attached (computed with `model` as it is, on
+    batches laid out by `collate_fn`, the objective's)."""
     if not len(examples):
         return examples
-    logps = precompute_reference(model, examples, pad_token_id, batch_size, device)
+    logps = precompute_reference(model, examples, pad_token_id, batch_size, device, collate_fn)
     if isinstance(examples, ExampleTable):
         return ExampleTable(examples.table.add_column("ref_logps", logps))
     return [replace(e, ref_logps=v) for e, v in zip(examples, logps)]

@@ -38,7 +38,7 @@ def plan_from_config(cfg: Config, shape: ModelShape, batch: dict | None = None,
         gradient_checkpointing=t.gradient_checkpointing, grad_accum=t.grad_accum, reference_copy=reference,
         reference_pass=spec.precomputable_reference and not a.precompute_ref,
         vocab_logits=spec.head == "causal",
-        fused_loss=t.fused_loss and spec.next_token_loss and st.name not in SOFT_PROMPTS,
+        fused_loss=st.name not in SOFT_PROMPTS and (t.fused_loss and spec.next_token_loss or flat_pairs(cfg)),
         eval_rows=cfg.eval.batch_size * dims["rows"] // t.micro_batch_size
         if cfg.data.validation or cfg.data.split.validation else 0,
         device=device,
@@ -67,7 +67,7 @@ def batch_dims(cfg: Config, batch: dict | None) -> tuple[dict, list[str]]:
     # Packed and padding-free rows run attention per example (no mask) under SDPA
     varlen = (d.pack or d.padding_free) and cfg.model.attn_implementation == "sdpa"
     loss_rows, mask, source = rows * (seq_len - 1), (d.pack or rows > 1) and not varlen, "data.max_seq_len"
-    flat = d.padding_free and spec.next_token_loss
+    flat = d.padding_free and spec.padding_free
     if flat:  # one row of every example of the micro-batch
         rows, seq_len = 1, rows * seq_len
     logit_positions = 0
@@ -78,14 +78,21 @@ def batch_dims(cfg: Config, batch: dict | None) -> tuple[dict, list[str]]:
     elif batch is not None:
         seq_len, loss_rows, source = batch["seq_len"], batch["loss_rows"], "prepared data"
         mask = batch["mask"] and not varlen
-        if flat:
-            seq_len = batch["flat_len"]
+        if flat:  # a pair's two conversations end to end: an upper bound (a shared prompt is computed once)
+            seq_len = batch["flat_len" if spec.next_token_loss else "flat_pairs_len"]
         # The loss objectives ask for logits from the batch's first answer token on (`answer_logits`); prompt
         # and prefix tuning prepend virtual tokens and ReFT wraps the model, so they keep every position.
         if cfg.strategy.name not in SOFT_PROMPTS:
             logit_positions = seq_len - batch["prompt_floor"]
     return dict(rows=rows, seq_len=seq_len, loss_rows=loss_rows, mask=mask, source=source,
                 logit_positions=logit_positions), notes
+
+
+def flat_pairs(cfg: Config) -> bool:
+    """Padding-free pairs (objectives/pairs.py): their log-probs come from the head on the answer positions only,
+    chunk by chunk, like the fused loss, whatever train.fused_loss says."""
+    spec = OBJECTIVES[cfg.train.objective]
+    return cfg.data.padding_free and spec.padding_free and not spec.next_token_loss
 
 
 def lora_targets(cfg: Config, shape: ModelShape) -> tuple[str, ...]:
@@ -146,4 +153,5 @@ def longest_batch(table, b: int) -> dict:
     packed = "position_ids" in table.column_names and table.column("position_ids").null_count < len(table)
     return {"seq_len": seq_len, "loss_rows": int(min(len(top) * (seq_len - 1), sum(losses))),
             "flat_len": int(np.sort(lengths[0])[::-1][:b].sum()),  # padding-free: the b longest end to end
+            "flat_pairs_len": int(top.sum()),  # padding-free pairs: the 2b longest conversations
             "mask": bool(packed or (top != seq_len).any()), "prompt_floor": 0 if packed or not floors else min(floors)}

@@ -1,0 +1,112 @@
+"""Preference pairs without padding, each pair's prompt computed once (`data.padding_free` for dpo, simpo, orpo).
+
+A padded pair batch holds 2B rows, chosen then rejected, each padded to the longest, so every prompt runs through
+the model twice. Here a step's pairs lie end to end in one row, each as
+
+    tokens     [ shared prefix  | chosen answer      | rejected answer    ]
+    positions    0 .. p-1         p .. p+C-1           p .. p+R-1
+
+The rejected answer's position ids restart at p instead of 0: the attention (model/attention.py, "branches") lets
+its queries see the prefix's p tokens and itself, never the chosen answer, so each answer gets the hidden states
+it would get in a row of its own and the prefix is computed once, for the policy and the reference alike. The
+prefix is the two conversations' longest common prefix, cut one token before either's first supervised token:
+every supervised target is then predicted inside its own branch, and the rest of the loss is unchanged.
+
+Only a model whose attention runs through `VARLEN` can read branches; for any other (sliding-window or soft-capped
+attention) the pairs are laid out padding-free without sharing (each conversation a document of its own), which
+transformers' attention reads from the restarting position ids.
+
+The batch carries `sequence_ids` (1, L): which of the 2B conversations (chosen i is i, rejected i is B + i) each
+position belongs to, -1 on a shared prefix; and `sequence_lengths` (2B,): each conversation's length, the
+tokens the data holds (what the loop reports as tokens).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from tunesmith.data.tokenize import IGNORE_INDEX, Example
+from tunesmith.objectives.head import head_logps
+from tunesmith.objectives.tokens import picked_logps, causal_lm, model_inputs, target_mask
+
+
+def shared_prefix(example: Example) -> int:
+    """How many leading tokens a pair's two conversations can share: their common prefix, up to one token
+    before the first supervised token of either (0: nothing to share)."""
+    chosen, rejected = example.input_ids, example.rejected_ids
+    common = 0
+    for a, b in zip(chosen, rejected):
+        if a != b:
+            break
+        common += 1
+    first = min(_first_supervised(example.labels), _first_supervised(example.rejected_labels), common)
+    return max(first - 1, 0)
+
+
+def _first_supervised(labels: list[int]) -> int:
+    return next((i for i, t in enumerate(labels) if t != IGNORE_INDEX and i > 0), len(labels))
+
+
+def collate_pairs_flat(examples: Sequence[Example], pad_token_id: int | None = None, *,
+                       share_prompts: bool = True) -> dict[str, torch.Tensor]:
+    """A step's pairs in one row, each pair's prompt shared by its two answers (or not, `share_prompts=False`).
+
+    Returns:
+        input_ids, labels, token_mask (ones), position_ids and sequence_ids, each (1, L); sequence_lengths (2B,);
+        ref_logps (2B,) when the examples carry precomputed reference log-probs. `pad_token_id` is unused.
+    """
+    n = len(examples)
+    ids: list[int] = []
+    labels: list[int] = []
+    positions: list[int] = []
+    owners: list[int] = []
+    for i, e in enumerate(examples):
+        p = shared_prefix(e) if share_prompts else 0
+        ids += e.input_ids[:p]
+        labels += [IGNORE_INDEX] * p
+        positions += range(p)
+        owners += [-1] * p
+        for owner, seq, seq_labels in ((i, e.input_ids, e.labels), (n + i, e.rejected_ids, e.rejected_labels)):
+            ids += seq[p:]
+            labels += [IGNORE_INDEX, *seq_labels[p + 1:]]  # nothing predicts a branch's (or document's) first token
+            positions += range(p, len(seq))
+            owners += [owner] * (len(seq) - p)
+    row = torch.tensor(ids)[None]
+    batch = {"input_ids": row, "labels": torch.tensor(labels)[None], "token_mask": torch.ones_like(row),
+             "position_ids": torch.tensor(positions)[None], "sequence_ids": torch.tensor(owners)[None],
+             "sequence_lengths": torch.tensor([len(e.input_ids) for e in examples]
+                                              + [len(e.rejected_ids) for e in examples])}
+    if examples[0].ref_logps is not None:
+        batch["ref_logps"] = torch.tensor([e.ref_logps[0] for e in examples] + [e.ref_logps[1] for e in examples],
+                                          dtype=torch.float32)
+    return batch
+
+
+def reads_branches(model) -> bool:
+    """Whether the model's attention reads a pair's shared prefix (`VARLEN`, set by build_model for
+    data.padding_free where the architecture allows it)."""
+    from tunesmith.model.attention import VARLEN
+
+    inner = causal_lm(model)
+    return inner is not None and getattr(inner.config, "_attn_implementation", None) == VARLEN
+
+
+def flat_sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs (2B,) float32 and supervised token counts (2B,) of each conversation of a
+    `collate_pairs_flat` batch, as `tokens.completion_logps` gives them for the padded batch.
+
+    The head runs on the supervised positions only (`head.head_logps`) where the model allows it, otherwise on
+    the model's logits.
+    """
+    keep = target_mask(batch["labels"])  # (1, L): position t predicts token t + 1
+    owner = torch.full_like(batch["sequence_ids"], -1)
+    owner[:, :-1] = batch["sequence_ids"][:, 1:]  # the conversation of the token a position predicts
+    picked = head_logps(model, batch)  # (N,)
+    if picked is None:
+        picked = picked_logps(model(**model_inputs(batch)).logits, batch["labels"], chunk_size=4096)[1]
+    rows = owner[keep]
+    count = batch["sequence_lengths"].numel()
+    sums = torch.zeros(count, dtype=torch.float32, device=picked.device).index_add(0, rows, picked)
+    return sums, torch.bincount(rows, minlength=count)
