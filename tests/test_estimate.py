@@ -124,6 +124,11 @@ def test_flops_per_token_by_hand():
     assert flops_per_token(shape, dataclasses.replace(lora, strategy="dora")) == flops_per_token(shape, lora)
     dora = dataclasses.replace(lora, strategy="dora", lora_dropout=0.1)
     assert flops_per_token(shape, dora) == flops_per_token(shape, lora) + 4 * 2 * 36_864
+    # The head (6 * 400 * 64 per position with its weight gradient) on 14 of 16 positions under the fused loss,
+    # on 6 of 8 from the first answer token on (logit_positions), on all of them otherwise.
+    head = 6 * 400 * 64
+    assert flops_per_token(shape, plan(fused_loss=True)) == pytest.approx(flops_per_token(shape, plan()) - head / 8)
+    assert flops_per_token(shape, plan(logit_positions=6)) == pytest.approx(flops_per_token(shape, plan()) - head / 4)
 
 
 def _saved_bytes(model, batch, fused: bool = False) -> int:

@@ -8,10 +8,15 @@ loss does not grow with the vocabulary or the sequence, and the head costs two m
 position (forward, input gradient) plus one for W when W trains, where the usual path pays for every position
 and recomputes (or keeps) the logits for backward.
 
+`head_logps` does the same for per-token log-probabilities (the preference losses of padding-free pairs, which
+weigh each conversation's tokens by that conversation's factor): with a frozen head (LoRA and the other
+adapters) each row's input gradient is made in the forward pass and scaled in backward (`LinearLogps`); a head
+that trains recomputes its chunks in backward.
+
 It applies to models whose logits are exactly `lm_head(hidden)` with a plain `nn.Linear` head (Llama, Qwen2,
 Mistral, GPT-2, ...): the head is called on the final hidden states through hooks, inside the model's own
-forward pass (so DDP and other wrappers see an ordinary forward), and asked for nothing. `head_nll` returns
-None when a model is not of that kind, and the caller takes the ordinary path.
+forward pass (so DDP and other wrappers see an ordinary forward), and asked for nothing. `head_nll` and
+`head_logps` return None when a model is not of that kind, and the caller takes the ordinary path.
 """
 
 from __future__ import annotations

@@ -25,7 +25,8 @@ def flops_per_token(shape: ModelShape, plan: Plan) -> float:
     """Training FLOPs per position: forward 2 x matmul params; backward 2 x for input gradients where gradients
     flow and 2 x for weight gradients where weights train; causal attention 2 n_h.d.T forward, twice that
     backward; one more forward of each block under gradient checkpointing. DoRA with dropout runs each adapted
-    linear a second time on the dropped input (peft's base output), forward and backward: 4 x its parameters."""
+    linear a second time on the dropped input (peft's base output), forward and backward: 4 x its parameters.
+    The head's share is averaged over the positions: it runs on `head_share` of them."""
     s, q = shape, shape.heads * shape.head_dim
     per_layer, attention = 2 * s.block_matmul_params, 2 * q * plan.seq_len
     if plan.strategy == "dora" and plan.lora_dropout:
@@ -36,9 +37,20 @@ def flops_per_token(shape: ModelShape, plan: Plan) -> float:
         total += per_layer * (1 + path + trains) + attention * (1 + 2 * path)
         if plan.gradient_checkpointing and path:
             total += per_layer + attention
-    head = 2 * s.vocab * s.hidden if plan.vocab_logits else 0
+    head = 2 * s.vocab * s.hidden * head_share(plan) if plan.vocab_logits else 0
     any_path = any(on_grad_path(plan, i, s.layers) for i in range(s.layers))
     return total + head * (1 + any_path + (plan.strategy == "full" or plan.head_trains))
+
+
+def head_share(plan: Plan) -> float:
+    """The share of positions the LM head runs on: the loss positions under the fused loss, the positions from the
+    first answer token on where the logits start there (`logit_positions`), else every one."""
+    positions = plan.rows * plan.seq_len
+    if plan.fused_loss and positions:
+        return min(1.0, plan.loss_rows / positions)
+    if plan.logit_positions and plan.seq_len:
+        return min(1.0, plan.logit_positions / plan.seq_len)
+    return 1.0
 
 
 def device_flops(plan: Plan, shape: ModelShape, config_of: Callable[[], object],
