@@ -156,6 +156,7 @@ class Meter:
         self.tokens: list[int] = []
         self.losses: list[float] = []
         self.work: list[dict] = []  # flops.batch_work of each step, where the batches are tunesmith's
+        self.profile: str | None = None  # torch.profiler's table of the last step (--profile)
         self.base = self.peak = self.setup_base = self.setup_peak = None
 
     def model_loaded(self) -> None:
@@ -190,7 +191,8 @@ class Meter:
                 "tokens_per_cpu_s": sum(measured) / (user + system), "system_share": system / (user + system),
                 "step_tokens": self.tokens, "losses": self.losses, "step_work": self.work,
                 "peak_mb": (self.peak - self.base) * mb, "base_mb": self.base * mb, "abs_peak_mb": self.peak * mb,
-                "setup_mb": None if self.setup_peak is None else (self.setup_peak - self.setup_base) * mb}
+                "setup_mb": None if self.setup_peak is None else (self.setup_peak - self.setup_base) * mb,
+                **({"profile": self.profile} if self.profile else {})}
 
     # CPU: the kernel's resident-set counters; CUDA: the caching allocator's
     def _current(self) -> int:
@@ -245,13 +247,16 @@ def tunesmith_config(case: str, work: Path, out: Path, args: argparse.Namespace)
 
 
 @contextlib.contextmanager
-def metered_tunesmith(meter: Meter, count: str = "tokens"):
+def metered_tunesmith(meter: Meter, count: str = "tokens", profile_step: int | None = None):
     """tunesmith has no callbacks: wrap the functions `train` calls to build the model and run a step.
 
     Args:
-        count: the step statistic recorded as the step's tokens: "tokens" (the non-padding tokens of its rows)
-            or "units" (what the loss is normalised by: the loss-bearing tokens for SFT).
+        count: the step statistic recorded as the step's tokens: "tokens" (the tokens of its examples) or "units"
+            (what the loss is normalised by: the loss-bearing tokens for SFT).
+        profile_step: run this step (0-based) under torch.profiler and keep its table in `meter.profile`.
     """
+    from torch.profiler import profile
+
     import tunesmith.train.loop as loop
     import tunesmith.train.run as run
 
@@ -266,8 +271,12 @@ def metered_tunesmith(meter: Meter, count: str = "tokens"):
     def timed_step(model, objective, optimizer, scheduler, accelerator, micro_batches, *a, **kw):
         if meter.base is None:
             meter.start()
-        stats = train_step(model, objective, optimizer, scheduler, accelerator, micro_batches, *a, **kw)
+        profiling = len(meter.times) == profile_step
+        with profile() if profiling else contextlib.nullcontext() as prof:
+            stats = train_step(model, objective, optimizer, scheduler, accelerator, micro_batches, *a, **kw)
         meter.step_end(stats[count], stats["loss_sum"] / stats["units"])
+        if profiling:
+            meter.profile = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
         meter.work.append(flops.batch_work(micro_batches))  # after the step's time: not counted in it
         return stats
 
@@ -278,12 +287,17 @@ def metered_tunesmith(meter: Meter, count: str = "tokens"):
         run.build_model, loop.train_step = build_model, train_step
 
 
+def last_step(args: argparse.Namespace) -> int | None:
+    """The step --profile profiles: the last (its time is then not a measurement)."""
+    return args.steps - 1 if args.profile else None
+
+
 def run_tunesmith(case: str, work: Path, args: argparse.Namespace) -> Meter:
     from tunesmith.config import config_from_dict
     from tunesmith.train.run import train
 
     meter = Meter(args.device)
-    with tempfile.TemporaryDirectory(dir=work) as out, metered_tunesmith(meter):
+    with tempfile.TemporaryDirectory(dir=work) as out, metered_tunesmith(meter, profile_step=last_step(args)):
         train(config_from_dict(tunesmith_config(case, work, Path(out) / "run", args)))
     return meter
 
@@ -405,7 +419,8 @@ def spawn(case: str, work: Path, args: argparse.Namespace, script: str = __file_
     """One case in a fresh process (`script --one CASE`, given the options named in `shared`, default SHARED);
     the 1/5/15-minute load averages before and after it."""
     shared = SHARED if shared is None else shared
-    options = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k in shared and v is not None]
+    options = [f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}") for k, v in vars(args).items()
+               if k in shared and v is not None and v is not False]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     if args.mmap_threshold:  # glibc: fixed threshold, so large blocks go back to the system when freed
         env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
@@ -460,7 +475,7 @@ RATIOS = (
 )
 # Options every case process receives from the parent.
 SHARED = ("device", "dtype", "threads", "pairs", "vocab_size", "hidden_size", "layers", "heads", "intermediate_size",
-          "batch", "steps", "warmup", "lr", "beta", "lora_r", "lora_alpha", "seed")
+          "batch", "steps", "warmup", "lr", "beta", "lora_r", "lora_alpha", "seed", "profile")
 
 
 def add_common_arguments(p: argparse.ArgumentParser, cases: tuple[str, ...]) -> None:
@@ -490,6 +505,9 @@ def add_common_arguments(p: argparse.ArgumentParser, cases: tuple[str, ...]) -> 
     p.add_argument("--json", help="also write every run's measurements to this file")
     p.add_argument("--bf16-ceiling", action="store_true",
                    help="also measure the bf16 matmul ceiling once (slow on a CPU that emulates bf16)")
+    p.add_argument("--profile", action="store_true",
+                   help="print torch.profiler's table of the last step of each tunesmith case (that step is then "
+                   "slower: not a run to quote)")
     p.add_argument("--one", choices=cases, help=argparse.SUPPRESS)  # internal: run one case in this process
 
 
@@ -515,6 +533,8 @@ def run_repeats(args: argparse.Namespace, run_case: Callable[[str], dict],
             share = f", {r['share_of_ceiling']:.0%} of the matmul ceiling" if "share_of_ceiling" in r else ""
             print(f"repeat {repeat} {case}: {r['tokens_per_s']:.0f} tokens/s{share}, {r['peak_mb']:.0f} MB above "
                   f"start, load {r['load_before']} -> {r['load_after']}", file=sys.stderr, flush=True)
+            if r.get("profile"):
+                print(r.pop("profile"), file=sys.stderr, flush=True)
     return runs
 
 

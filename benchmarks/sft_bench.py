@@ -215,7 +215,8 @@ def run_tunesmith(case: str, work: Path, args: argparse.Namespace):
     from tunesmith.train.run import train
 
     meter = dpo.Meter(args.device)
-    with tempfile.TemporaryDirectory(dir=work) as out, dpo.metered_tunesmith(meter, count="units"):
+    metered = dpo.metered_tunesmith(meter, count="units", profile_step=dpo.last_step(args))
+    with tempfile.TemporaryDirectory(dir=work) as out, metered:
         train(config_from_dict(tunesmith_config(case, work, Path(out) / "run", args)))
     return meter
 
@@ -328,7 +329,8 @@ RATIOS = tuple(
 )
 # Options every case process receives from the parent.
 SHARED = ("device", "dtype", "threads", "conversations", "max_words", "vocab_size", "hidden_size", "layers", "heads",
-          "intermediate_size", "batch", "steps", "warmup", "lr", "lora_r", "lora_alpha", "seed", "checkpointing")
+          "intermediate_size", "batch", "steps", "warmup", "lr", "lora_r", "lora_alpha", "seed", "checkpointing",
+          "profile")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

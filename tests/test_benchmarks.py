@@ -22,7 +22,7 @@ def test_dpo_bench_measures_every_step_of_a_tunesmith_run(dpo_bench, tmp_path):
     train_step = loop.train_step
     args = dpo_bench.parse_args(["--pairs", "6", "--vocab-size", "400", "--hidden-size", "32", "--layers", "2",
                                  "--heads", "2", "--intermediate-size", "64", "--batch", "2", "--steps", "3",
-                                 "--warmup", "1"])
+                                 "--warmup", "1", "--profile"])
     dpo_bench.prepare(tmp_path, args)
     result = dpo_bench.run_one("tunesmith-dpo-precompute", tmp_path, args)
 
@@ -36,6 +36,7 @@ def test_dpo_bench_measures_every_step_of_a_tunesmith_run(dpo_bench, tmp_path):
     # What the model FLOPs count: the positions the model ran, each pair's prompt once (the case is padding-free),
     # fewer than the pairs' tokens the meter counts in every step.
     assert all(w["tokens"] < t for w, t in zip(result["step_work"], result["step_tokens"]))
+    assert "aten::" in result["profile"] and "Self CPU" in result["profile"]  # --profile: the last step's table
     assert loop.train_step is train_step  # the timing wrapper is gone after the run
 
 
