@@ -28,7 +28,7 @@ class ObjectiveSpec:
             instead of keeping a reference model.
         generates: it samples completions while training (RL), which sharded weights cannot follow.
         next_token_loss: its loss is the next-token NLL of the unmasked labels, so the fused loss, packing and
-            padding-free batches apply.
+            padding-free batches apply (padding-free batches also to pairs: `padding_free`).
     """
 
     data: str

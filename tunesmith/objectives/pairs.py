@@ -29,7 +29,7 @@ import torch
 
 from tunesmith.data.tokenize import IGNORE_INDEX, Example
 from tunesmith.objectives.head import head_logps
-from tunesmith.objectives.tokens import picked_logps, causal_lm, model_inputs, target_mask
+from tunesmith.objectives.tokens import causal_lm, model_inputs, picked_logps, target_mask
 
 
 def shared_prefix(example: Example) -> int:
