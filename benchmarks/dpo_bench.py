@@ -233,7 +233,8 @@ def tunesmith_config(case: str, work: Path, out: Path, args: argparse.Namespace)
     return {
         "model": {"name_or_path": str(work / "model"), "dtype": args.dtype},
         "data": {"train": [str(work / "pairs.jsonl")], "template": template_of(work), "max_seq_len": 1024,
-                 "cache_dir": str(work / "cache"), "padding_free": case in ("tunesmith-dpo", "tunesmith-dpo-precompute")},
+                 "cache_dir": str(work / "cache"),
+                 "padding_free": case in ("tunesmith-dpo", "tunesmith-dpo-precompute")},
         "strategy": {"name": "lora", "lora": {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": 0.0,
                                               "target_modules": LORA_TARGETS}},
         "train": {"output_dir": str(out), "objective": "sft" if sft else "dpo", "max_steps": args.steps,
