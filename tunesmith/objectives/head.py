@@ -152,21 +152,21 @@ def _chunk_logps(h, weight, bias, t):
 def head_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int] | None:
     """Summed next-token NLL over the batch's loss-bearing positions and their count, or None when the model's
     head is not a plain linear layer (then use `tokens.summed_nll` on the logits)."""
-    keep = shift_labels(batch["labels"]) != IGNORE_INDEX
-    loss = on_supervised_hidden(model, batch, linear_nll)
-    return None if loss is None else (loss, int(keep.sum()))
+    found = on_supervised_hidden(model, batch, linear_nll)
+    return None if found is None else (found[0], int(found[1].sum()))
 
 
 def head_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
     """log p of each supervised target (N,) float32, in row-major order of `tokens.target_mask`, or None when the
     model's head is not a plain linear layer (then use `tokens.token_logps` on the logits)."""
-    return on_supervised_hidden(model, batch, linear_logps)
+    found = on_supervised_hidden(model, batch, linear_logps)
+    return None if found is None else found[0]
 
 
-def on_supervised_hidden(model, batch: dict[str, torch.Tensor], fn) -> torch.Tensor | None:
+def on_supervised_hidden(model, batch: dict[str, torch.Tensor], fn) -> tuple[torch.Tensor, torch.Tensor] | None:
     """`fn(hidden (N, d), head, targets (N,))` on the final hidden states of the batch's N positions that predict a
-    supervised token, computed inside the model's forward pass; None when the model's head is not a plain linear
-    layer (`fused_head`).
+    supervised token, computed inside the model's forward pass, and those positions' (B, T) mask; None when the
+    model's head is not a plain linear layer (`fused_head`).
 
     The model runs its ordinary forward pass; a hook hands the head an empty sequence (so it computes nothing) and
     calls `fn` with the head's weights as they are inside the forward pass.
@@ -189,4 +189,4 @@ def on_supervised_hidden(model, batch: dict[str, torch.Tensor], fn) -> torch.Ten
         model(**model_inputs(batch))
     finally:
         handle.remove()
-    return result["out"]
+    return result["out"], keep
