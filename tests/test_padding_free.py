@@ -11,7 +11,8 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM,
+                          MistralConfig, Qwen2Config, Qwen2MoeConfig)
 
 from conftest import chat_rows, write_jsonl
 from tunesmith.data.batching import collate, collate_flat
@@ -177,7 +178,65 @@ def test_fused_head_only_for_plain_heads(model_dirs):
 
 def test_varlen_only_for_plain_causal_attention():
     assert supports_varlen(LlamaConfig())
-    assert not supports_varlen(LlamaConfig(sliding_window=64, use_sliding_window=True))
+    assert supports_varlen(Gemma3TextConfig()) and supports_varlen(MistralConfig(sliding_window=64))
+    assert not supports_varlen(Gemma2Config())  # attention logit soft-capping
+    # qwen2_moe's attention does not pass its window to the attention function: transformers' masks keep it
+    assert not supports_varlen(Qwen2MoeConfig(use_sliding_window=True, sliding_window=64, max_window_layers=0))
+    assert supports_varlen(Qwen2MoeConfig())
+
+
+_WINDOW = 6  # shorter than most of _examples' documents (4..30 tokens), longer than some
+_TINY = {"vocab_size": 96, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 3,
+         "num_attention_heads": 4, "num_key_value_heads": 2}
+_SLIDING = {
+    "gemma3": lambda: Gemma3TextConfig(**_TINY, head_dim=8, sliding_window=_WINDOW,
+                                       layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+    "mistral": lambda: MistralConfig(**_TINY, sliding_window=_WINDOW),
+    "qwen2": lambda: Qwen2Config(**_TINY, use_sliding_window=True, sliding_window=_WINDOW, max_window_layers=1),
+}
+
+
+@pytest.mark.parametrize("family", sorted(_SLIDING))
+def test_varlen_applies_the_sliding_window_in_each_document(family):
+    """Documents longer than the window get its band, as transformers' sliding mask gives each one alone; the
+    window is really in force (without it the logits differ)."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_SLIDING[family](), attn_implementation="sdpa").eval()
+    assert supports_varlen(model.config)
+    varlen = copy.deepcopy(model)
+    varlen.set_attn_implementation(VARLEN)
+    docs = _examples(6, 96, seed=0)
+    assert max(len(d.input_ids) for d in docs) > 2 * _WINDOW and min(len(d.input_ids) for d in docs) <= _WINDOW
+    with torch.no_grad():
+        got = varlen(**model_inputs(collate_flat(docs))).logits[0]
+        alone = torch.cat([model(input_ids=torch.tensor([d.input_ids]), use_cache=False).logits[0] for d in docs])
+        unwindowed = copy.deepcopy(model)
+        unwindowed.config.sliding_window = 10_000
+        for layer in unwindowed.model.layers:
+            if getattr(layer.self_attn, "sliding_window", None):
+                layer.self_attn.sliding_window = 10_000
+        wide = torch.cat([unwindowed(input_ids=torch.tensor([d.input_ids]), use_cache=False).logits[0]
+                          for d in docs])
+    torch.testing.assert_close(got, alone, rtol=1e-5, atol=1e-5)
+    assert (got - wide).abs().max() > 1e-3
+
+
+def test_varlen_branch_sees_its_window_over_the_shared_prefix():
+    """A branch (position ids restarting at q > 0) with a window: each query sees the last `window` tokens of the
+    prefix + branch document, as that document alone does."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_SLIDING["gemma3"](), attn_implementation="sdpa").eval()
+    varlen = copy.deepcopy(model)
+    varlen.set_attn_implementation(VARLEN)
+    prefix, chosen, rejected = torch.arange(5, 13), torch.arange(20, 27), torch.arange(40, 44)
+    ids = torch.cat([prefix, chosen, rejected])[None]
+    positions = torch.cat([torch.arange(15), torch.arange(8, 12)])[None]
+    with torch.no_grad():
+        got = varlen(input_ids=ids, position_ids=positions).logits[0]
+        first = model(input_ids=torch.cat([prefix, chosen])[None]).logits[0]
+        second = model(input_ids=torch.cat([prefix, rejected])[None]).logits[0]
+    torch.testing.assert_close(got[:15], first, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[15:], second[8:], rtol=1e-5, atol=1e-5)
 
 
 def _config(path, model_dir, data, out, cache, **data_keys) -> str:

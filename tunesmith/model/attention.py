@@ -6,6 +6,9 @@ forward pass. With several documents of lengths l_i in a row of length L = sum(l
 each document alone costs sum(l_i^2) instead of L^2 and needs no mask (the flash-attention varlen idea,
 written with the SDPA kernels every device has).
 
+Sliding-window layers (Gemma 3, Mistral, Qwen2 with its window on) get the window inside each document: a document
+no longer than the window needs no mask, a longer one gets its band.
+
 A row may also branch: a run of position ids that restarts at q > 0 instead of 0 continues the first q tokens of
 the document before it (a preference pair's two answers after one shared prompt: objectives/pairs.py). Its
 queries attend to those q tokens and causally to themselves, so the shared tokens are computed once for both.
@@ -77,25 +80,34 @@ def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
             or kwargs.get("cache") is not None or not getattr(module, "is_causal", True)):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    if "sliding_window" not in kwargs and _declares_window(module.config):
+        raise RuntimeError(f"{type(module).__name__} does not pass its sliding window to the attention function: "
+                           f"{VARLEN} cannot apply it (load the model with attn_implementation 'sdpa')")
     options = {"dropout_p": dropout if module.training else 0.0, "scale": scaling,
                "enable_gqa": query.shape[1] != key.shape[1]}
+    window = kwargs.get("sliding_window")
     rows = []
     for b, spans in enumerate(_cached_runs(position_ids, query.shape[0])):
         q, k, v = query[b:b + 1], key[b:b + 1], value[b:b + 1]
-        rows.append(torch.cat([_run_attention(q, k, v, s, e, root, shared, options)
+        rows.append(torch.cat([_run_attention(q, k, v, s, e, root, shared, window, options)
                                for s, e, root, shared in spans], dim=2))
     return torch.cat(rows).transpose(1, 2).contiguous(), None
 
 
 def _run_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: int, e: int, root: int, shared: int,
-                   options: dict) -> torch.Tensor:
-    """One run's attention output (1, H, e - s, D): causal over itself, after its document's `shared` first tokens."""
-    if not shared:
+                   window: int | None, options: dict) -> torch.Tensor:
+    """One run's attention output (1, H, e - s, D): causal over itself, after its document's `shared` first tokens,
+    each query seeing only the last `window` tokens up to itself when a window is given."""
+    n = e - s
+    banded = window is not None and shared + n > window  # a shorter document lies inside every window
+    if not shared and not banded:
         return F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], is_causal=True, **options)
     keys = torch.cat([k[:, :, root:root + shared], k[:, :, s:e]], dim=2)
     values = torch.cat([v[:, :, root:root + shared], v[:, :, s:e]], dim=2)
-    # query i (of e - s) sees the shared tokens and the run's first i + 1 tokens: the lower-right causal mask
-    mask = torch.ones(e - s, shared + e - s, dtype=torch.bool, device=q.device).tril(diagonal=shared)
+    # query i (of n) sees the shared tokens and the run's first i + 1 tokens: the lower-right causal mask
+    mask = torch.ones(n, shared + n, dtype=torch.bool, device=q.device).tril(diagonal=shared)
+    if banded:  # and, like transformers' sliding_window_overlay, only keys less than `window` positions back
+        mask &= torch.ones_like(mask).triu(diagonal=shared - window + 1)
     return F.scaled_dot_product_attention(q[:, :, s:e], keys, values, attn_mask=mask, **options)
 
 
@@ -108,12 +120,20 @@ def varlen_mask(**kwargs) -> torch.Tensor | None:
     return sdpa_mask(**kwargs)
 
 
-def supports_varlen(config) -> bool:
-    """Models whose attention is plain causal attention over the whole document: no sliding window (its mask
-    would be skipped) and no logit soft-capping (SDPA has none)."""
+# Model types with sliding-window layers whose attention passes its window to the attention function (checked
+# against transformers' sliding mask in tests/test_padding_free.py); others keep transformers' own masks.
+WINDOW_PASSING = frozenset({"gemma3_text", "mistral", "qwen2", "qwen3"})
+
+
+def _declares_window(config) -> bool:
     sliding = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
-    layer_types = getattr(config, "layer_types", None) or ()
-    return not sliding and "sliding_attention" not in layer_types \
+    return bool(sliding) or "sliding_attention" in (getattr(config, "layer_types", None) or ())
+
+
+def supports_varlen(config) -> bool:
+    """Models whose attention is causal attention over the document, within a sliding window the attention
+    function is told of (WINDOW_PASSING) or none, and without logit soft-capping (SDPA has none)."""
+    return (not _declares_window(config) or config.model_type in WINDOW_PASSING) \
         and getattr(config, "attn_logit_softcapping", None) is None
 
 

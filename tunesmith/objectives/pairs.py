@@ -12,9 +12,10 @@ it would get in a row of its own and the prefix is computed once, for the policy
 prefix is the two conversations' longest common prefix, cut one token before either's first supervised token:
 every supervised target is then predicted inside its own branch, and the rest of the loss is unchanged.
 
-Only a model whose attention runs through `VARLEN` can read branches; for any other (sliding-window or soft-capped
-attention) the pairs are laid out padding-free without sharing (each conversation a document of its own), which
-transformers' attention reads from the restarting position ids.
+Only a model whose attention runs through `VARLEN` can read branches; for any other (soft-capped attention, or a
+sliding window its attention function is not told of: attention.supports_varlen) the pairs are laid out
+padding-free without sharing (each conversation a document of its own), which transformers' attention reads from
+the restarting position ids.
 
 The batch carries `sequence_ids` (1, L): which of the 2B conversations (chosen i is i, rejected i is B + i) each
 position belongs to, -1 on a shared prefix; and `sequence_lengths` (2B,): each conversation's length, the
