@@ -9,7 +9,7 @@ import weakref
 
 import pytest
 import torch
-from transformers import AutoConfig
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import chat_rows, write_jsonl
 from tunesmith.cli import main
@@ -196,6 +196,49 @@ def test_activations_equal_what_autograd_keeps(case):
     expected = activation_bytes(model_shape(tiny_config()), p) + loss + left_out
     saved = _saved_bytes(model, {"input_ids": ids, "attention_mask": mask, "labels": labels}, p.fused_loss)
     assert saved == expected
+
+
+def _norm_family(family: str):
+    """Tiny blocks with norms Llama's lack: Qwen3's q_norm and k_norm; Gemma 3's too, with post-attention and
+    post-MLP norms, norms computed as x / rms * (1 + weight), and a GELU MLP."""
+    from transformers import Gemma3TextConfig, Qwen3Config
+
+    sizes = dict(vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=32)
+    if family == "qwen3":
+        return Qwen3Config(**sizes)
+    return Gemma3TextConfig(**sizes, sliding_window=512, layer_types=["full_attention"] * 2)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3_text"])
+@pytest.mark.parametrize("case", [dict(), dict(strategy="lora"), dict(strategy="lora", lora_dropout=0.1),
+                                  dict(strategy="lora", lora_targets=("k_proj", "down_proj"))])
+def test_norm_activations_equal_what_autograd_keeps(family, case):
+    """The extra norms' inputs, to the byte, as in the test above (fused loss). Besides what that test adds, Gemma's
+    norms keep the (1 + weight) they multiply by: one hidden-sized (or head_dim-sized, for q_norm and k_norm) fp32
+    vector per norm whose input needs grads, and the embeddings' fp32 scale when they train: left out too. Block 0
+    with LoRA: its input needs no grads, so its first norm keeps nothing; with only k_proj and down_proj adapted
+    q_norm keeps nothing there either."""
+    config = _norm_family(family)
+    shape = model_shape(config)
+    assert (shape.norms, shape.head_norms) == ((4, True) if family == "gemma3_text" else (2, True))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    p = plan(rows=2, seq_len=24, fused_loss=True, **case)
+    if p.strategy == "lora":
+        targets = p.lora_targets or LORA_TARGETS
+        model = apply_strategy(model, "lora", lora_r=8, lora_dropout=p.lora_dropout, target_modules=list(targets))
+        p = dataclasses.replace(p, lora_r=8, lora_targets=targets)
+    ids = torch.randint(0, 400, (2, 24), generator=torch.Generator().manual_seed(0))
+    p = dataclasses.replace(p, loss_rows=46)
+    full = p.strategy == "full"
+    left_out = 2 * 24 * 32 * 4 + 2 * 24 + p.loss_rows * 64 * 4 + (400 * 64 * 4 + 8 * 48 if full else 0)
+    if family == "gemma3_text":  # (1 + weight) per norm, as listed in the docstring
+        q_norm = full or "q_proj" in p.lora_targets
+        block0 = (full + 3) * 64 + (q_norm + 1) * 32  # every adapter set here has k_proj: k_norm keeps its own
+        left_out += 4 * (block0 + (4 * 64 + 2 * 32) + 64) + (4 if full else 0)  # block 1 and the final norm
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    assert _saved_bytes(model.train(), batch, fused=True) == activation_bytes(shape, p) + left_out
 
 
 @pytest.mark.parametrize("compute", [torch.float32, torch.bfloat16])

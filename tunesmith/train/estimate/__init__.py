@@ -35,7 +35,10 @@ Activations of one Llama-style block, bytes per token (H hidden, I intermediate,
 residual stream's bytes = the model dtype (QLoRA: fp32), c a matmul output's bytes = 2 under autocast, else r
 (QLoRA too, whatever its compute dtype: bitsandbytes returns the input's dtype)). A term counts only where gradients
 flow through its tensor:
-    RMSNorm x2     4H + 4: input upcast to fp32 and 1/rms (+ H.r normalised input when the norm weight trains)
+    RMSNorm x2     4H + 4: input upcast to fp32 and 1/rms (+ H.r normalised input when the norm weight trains);
+                   Gemma 2 and 3 add two (x4: after attention, on o_proj's output, and after the MLP, on down_proj's)
+    q/k norms      Qwen3, Gemma 3: 4 n_h.d + 4 n_h for q_norm, 4 n_kv.d + 4 n_kv for k_norm (+ the normalised
+                   values in c bytes when their weights train)
     linear inputs  a norm output (H.r) is kept once when a consumer needs it for a weight gradient (a trained
                    weight or an adapter); a consumer that casts (autocast to 16 bit, peft's cast to fp32
                    adapters) keeps its own copy: up to 3 (q, k, v) and 2 (gate, up)
@@ -60,7 +63,7 @@ flow through its tensor:
 Layers below every trained weight keep nothing. With adapters the block's input requires grad from the second
 block on; in the first, only what lies above its first adapter keeps anything (above q/k/v: all but the first
 norm). With gradient checkpointing each block keeps only its input (H.r) and one block is rebuilt at a time in
-the backward pass. Other architectures are estimated with the same block. tests/test_estimate.py checks these
+the backward pass. Other architectures are estimated with the same block (the MLP's activation as SiLU). tests/test_estimate.py checks these
 against the tensors autograd saves and the tensors alive in real steps.
 
 Speed: FLOPs per token = 6 x matmul parameters (4 x with frozen weights: no weight gradients; + 2 x under gradient

@@ -18,11 +18,12 @@ def grad_inputs(shape: ModelShape, plan: Plan, layer: int) -> dict[str, bool]:
     other strategies keep the whole block on the path."""
     block = plan.strategy == "full" or (layer > 0 and on_grad_path(plan, layer - 1, shape.layers))
     if plan.strategy not in ADAPTERS:
-        return {"block": block, "n1": True, "attn": True, "n2": True, "mlp": True}
+        return {"block": block, "n1": True, "attn": True, "n2": True, "mlp": True, "mlp_out": True}
     adapted = {LINEAR_INPUTS.get(n) for n in shape.block_linears if n in plan.lora_targets}
     attn = block or "n1" in adapted
     n2 = attn or "attn" in adapted
-    return {"block": block, "n1": block, "attn": attn, "n2": n2, "mlp": n2 or "n2" in adapted}
+    mlp = n2 or "n2" in adapted
+    return {"block": block, "n1": block, "attn": attn, "n2": n2, "mlp": mlp, "mlp_out": mlp or "mlp" in adapted}
 
 
 def layer_activation_bytes(shape: ModelShape, plan: Plan, layer: int = 1) -> float:
@@ -31,14 +32,32 @@ def layer_activation_bytes(shape: ModelShape, plan: Plan, layer: int = 1) -> flo
     if not on_grad_path(plan, layer, s.layers):
         return 0.0
     grad, trains = grad_inputs(s, plan, layer), layer_trains(plan, layer, s.layers)
-    total = (4 * s.hidden + 4) * (grad["block"] + grad["n2"])  # each norm's fp32 input and 1/rms, when they need grads
-    total += 2 * s.hidden * residual_bytes(plan) if trains else 0  # normalised inputs, for the norm weights
+    # each norm's fp32 input and 1/rms, when they need grads: the pre-attention and pre-MLP norms; Gemma's post-
+    # attention and post-MLP norms read o_proj's output (which needs grads where n2 does) and down_proj's
+    norm_inputs = [grad["block"], grad["n2"]] + [grad["n2"], grad["mlp_out"]][:s.norms - 2]
+    total = (4 * s.hidden + 4) * sum(norm_inputs)
+    total += s.norms * s.hidden * residual_bytes(plan) if trains else 0  # normalised inputs, for the norm weights
+    total += head_norm_bytes(s, plan, grad, trains)
     total += attention_bytes(s, plan) if grad["attn"] else 0
     total += 3 * s.intermediate * matmul_bytes(plan) if grad["mlp"] else 0  # gate, up, silu(gate)
     total += sum(linear_input_bytes(s, plan, source, trains, grad[source]) for source in SOURCES)
     adapted = [n for n in s.block_linears if n in plan.lora_targets]
     total += len(adapted) * plan.lora_r * (2 if plan.amp else 4)  # lora_A's output, kept by lora_B
     return total + dora_bytes(s, plan)
+
+
+def head_norm_bytes(shape: ModelShape, plan: Plan, grad: dict[str, bool], trains: bool) -> float:
+    """Bytes per token q_norm and k_norm keep (Qwen3, Gemma 3): like a block norm, each its fp32 input and a 1/rms
+    per head where the projection's output needs grads (its input does, or it is adapted), and the normalised
+    values where the norm's weight trains."""
+    if not shape.head_norms:
+        return 0.0
+    total = 0.0
+    for name, heads in (("q_proj", shape.heads), ("k_proj", shape.kv_heads)):
+        width = heads * shape.head_dim
+        total += (4 * width + 4 * heads) * (grad["n1"] or name in plan.lora_targets)
+        total += width * matmul_bytes(plan) if trains else 0
+    return total
 
 
 def dora_bytes(shape: ModelShape, plan: Plan) -> float:

@@ -92,7 +92,7 @@ def _decoder_shape(config: dict, family: Family, vocab: int | None) -> ModelShap
         heads=heads, kv_heads=kv_heads, head_dim=head_dim, vocab=max(vocab or 0, get("vocab_size")),
         tied=bool(get("tie_word_embeddings")), block_params=_weights(linears) + biases + norms,
         other_params=hidden,  # the final norm
-        block_linears=linears, stored_bytes=stored_bytes(config),
+        block_linears=linears, stored_bytes=stored_bytes(config), norms=family.norms, head_norms=family.head_norms,
     )
 
 

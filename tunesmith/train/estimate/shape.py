@@ -27,6 +27,8 @@ class ModelShape:
     other_params: int  # final norm and anything else outside the blocks and the embeddings
     block_linears: dict[str, tuple[int, int]]  # short name -> (in, out) of one block's linears
     stored_bytes: int = 0  # bytes per weight in the checkpoint (the config's dtype); 0: not known
+    norms: int = 2  # norms of hidden size in a block: 4 where post-attention and post-MLP norms follow (Gemma 2, 3)
+    head_norms: bool = False  # q_norm and k_norm over each head (Qwen3, Gemma 3)
 
     @property
     def params(self) -> int:
@@ -73,8 +75,17 @@ def model_shape(config, vocab: int | None = None, trust_remote_code: bool = Fals
         head_dim=_attr(config, "head_dim", default=hidden // heads) or hidden // heads,
         vocab=max(vocab or 0, config_vocab), tied=tied, block_params=block,
         other_params=total - len(blocks) * block - config_vocab * hidden * (1 if tied else 2),
-        block_linears=linears, stored_bytes=_stored_bytes(config),
+        block_linears=linears, stored_bytes=_stored_bytes(config), **_norms(blocks[0], hidden),
     )
+
+
+def _norms(block, hidden: int) -> dict:
+    """ModelShape's norms and head_norms for a block: its norm modules over the hidden size, and whether it has a
+    q_norm."""
+    norms = {n.rsplit(".", 1)[-1]: getattr(m, "weight", None) for n, m in block.named_modules()
+             if "norm" in type(m).__name__.lower()}
+    return {"norms": sum(n not in ("q_norm", "k_norm") and (w is None or w.numel() == hidden) for n, w in norms.items()),
+            "head_norms": "q_norm" in norms}
 
 
 def _stored_bytes(config) -> int:
