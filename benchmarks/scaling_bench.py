@@ -13,7 +13,7 @@ with glibc's mmap threshold fixed at 64 KiB so that freed tensors leave the resi
 a step adds, activations and the loss.
 
     fused   tunesmith's SFT/CLM loss (train.fused_loss: true, the default): the head and the loss on the
-            loss-bearing positions, 2^22 logits at a time, gradients made in the forward pass
+            loss-bearing positions, a chunk of rows at a time, gradients made in the forward pass
     logits  tunesmith with train.fused_loss: false: the model's (B, T, V) logits, the loss over them in fp32
             chunks (no fp32 copy of the whole logits)
     naive   transformers' own loss, `model(input_ids, labels=labels).loss`: the (B, T, V) logits upcast to

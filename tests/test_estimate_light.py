@@ -29,7 +29,7 @@ BLOCK = {"model_type": "llama", "block_linears": {"q_proj": [64, 64]}, "rows": 1
 
 
 def test_the_loss_chunk_sizes_are_the_objectives():
-    assert logits.FUSED_CHUNK == head.CHUNK_ELEMENTS
+    assert (logits.FUSED_CHUNK, logits.FUSED_MIN_ROWS) == (head.CHUNK_ELEMENTS, head.MIN_CHUNK_ROWS)
     assert logits.LOSS_CHUNK == inspect.signature(tokens.token_logps).parameters["chunk_size"].default
 
 

@@ -137,26 +137,24 @@ def test_fused_loss_chunks_and_bias_give_the_same_numbers():
             torch.testing.assert_close(t.grad, w, rtol=1e-4, atol=1e-5)  # fp32 sums in another order
 
 
-def test_fused_chunk_holds_a_fixed_number_of_logits():
-    """Rows per chunk shrink as the vocabulary grows: each chunk of logits has at most CHUNK_ELEMENTS values."""
-    seen = []
-    original = torch.nn.functional.linear
+def test_fused_chunk_holds_a_fixed_number_of_logits(monkeypatch):
+    """Rows per chunk shrink as the vocabulary grows, down to MIN_CHUNK_ROWS: every chunk's logits are written
+    into one buffer of at most max(CHUNK_ELEMENTS, MIN_CHUNK_ROWS x V) values."""
+    seen, original = [], head.softmax_chunk
 
-    def spy(x, w, b=None):
-        out = original(x, w, b)
-        seen.append(out.numel())
-        return out
+    def spy(h, weight, bias, t, buffer):
+        seen.append((h.shape[0], buffer.data_ptr(), buffer.numel()))
+        return original(h, weight, bias, t, buffer)
 
-    for vocab in (1000, 64_000):
+    monkeypatch.setattr(head, "softmax_chunk", spy)
+    for vocab, rows in ((1000, 3000), (64_000, 131), (262_144, 64)):
         seen.clear()
         layer = torch.nn.Linear(8, vocab, bias=False)
         hidden = torch.randn(3000, 8, requires_grad=True)
-        torch.nn.functional.linear = spy
-        try:
-            head.linear_nll(hidden, layer, torch.randint(0, vocab, (3000,))).backward()
-        finally:
-            torch.nn.functional.linear = original
-        assert max(seen) <= head.CHUNK_ELEMENTS and sum(seen) == 3000 * vocab
+        head.linear_nll(hidden, layer, torch.randint(0, vocab, (3000,))).backward()
+        assert max(n for n, _, _ in seen) == rows and sum(n for n, _, _ in seen) == 3000
+        assert len({(pointer, size) for _, pointer, size in seen}) == 1  # one buffer for all chunks
+        assert seen[0][2] == rows * vocab <= max(head.CHUNK_ELEMENTS, head.MIN_CHUNK_ROWS * vocab)
 
 
 def test_fused_head_only_for_plain_heads(model_dirs):

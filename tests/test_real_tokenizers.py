@@ -268,7 +268,7 @@ def test_fused_loss_on_gemma_vocabulary_equals_full_logits(gemma_tokenizer, monk
     """A 2-layer Llama with Gemma's 262,144-token vocabulary (tied embeddings, as Gemma's) on conversations Gemma's
     tokenizer encoded: the fused head + loss gives the loss, token count and gradients (head weight, final
     hidden states, every parameter) of plain cross-entropy on the full (B, T, V) logits, and never holds more
-    than one chunk of logits (16 rows of 262,144) where the full logits here have ~10 times as many rows."""
+    than one chunk of logits (64 rows of 262,144) where the full logits here have 156 rows."""
     rows = [Row(f"g.jsonl:{i}", messages=m) for i, m in enumerate((CONVERSATION, SINGLE_TURN, NO_SYSTEM))]
     examples, report = tokenize_rows(gemma_tokenizer, rows, max_seq_len=128)
     assert report.examples == 3 and report.truncated == 0
@@ -292,15 +292,15 @@ def test_fused_loss_on_gemma_vocabulary_equals_full_logits(gemma_tokenizer, monk
 
     full, full_hidden_grad, full_head_grad, full_grads = run(fused=False)
     seen = []
-    original = torch.nn.functional.linear
+    original = head.softmax_chunk
 
-    def spy(x, w, b=None):
-        result = original(x, w, b)
-        if result.shape[-1] == GEMMA_VOCAB:
-            seen.append(result.shape[:-1].numel())
-        return result
+    def spy(h, weight, bias, t, buffer):
+        assert buffer.shape == (min(head.chunk_rows(GEMMA_VOCAB), count), GEMMA_VOCAB)
+        seen.append(h.shape[0])
+        return original(h, weight, bias, t, buffer)
 
-    monkeypatch.setattr(torch.nn.functional, "linear", spy)
+    count = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    monkeypatch.setattr(head, "softmax_chunk", spy)
     fused, fused_hidden_grad, fused_head_grad, fused_grads = run(fused=True)
     monkeypatch.undo()
 
@@ -311,13 +311,12 @@ def test_fused_loss_on_gemma_vocabulary_equals_full_logits(gemma_tokenizer, monk
     targets = batch["labels"][:, 1:]
     expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, GEMMA_VOCAB).float(),
                                                  targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
-    count = int((targets != IGNORE_INDEX).sum())
     assert fused.num_units == full.num_units == count == report.loss_tokens
     assert fused.loss_sum.item() == pytest.approx(expected.item(), rel=1e-5)
     assert full.loss_sum.item() == pytest.approx(expected.item(), rel=1e-5)
-    rows_per_chunk = head.CHUNK_ELEMENTS // GEMMA_VOCAB
-    assert rows_per_chunk == 16 and max(seen) <= rows_per_chunk and sum(seen) == count
-    assert batch["input_ids"].numel() > 8 * rows_per_chunk  # (B, T) = (3, 52): the full logits are 156 rows
+    rows_per_chunk = head.chunk_rows(GEMMA_VOCAB)
+    assert rows_per_chunk == head.MIN_CHUNK_ROWS == 64 and max(seen) <= rows_per_chunk and sum(seen) == count
+    assert batch["input_ids"].numel() > 2 * rows_per_chunk  # (B, T) = (3, 52): the full logits are 156 rows
     torch.testing.assert_close(fused_hidden_grad, full_hidden_grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(fused_head_grad, full_head_grad, rtol=1e-4, atol=1e-6)
     assert fused_grads.keys() == full_grads.keys()

@@ -23,8 +23,9 @@ trainable, a micro-batch of R rows x T tokens whose N positions enter the loss, 
                  logits bwd gradient of the loss rows + gradient of the (R,T,V) logits
                  The logits are in the model dtype, but fp32 under mixed precision (accelerate converts outputs).
                  With the fused loss (SFT/clm, train.fused_loss; tunesmith/objectives/head.py) there are no
-                 (R,T,V) logits: two fp32 chunks of 2^22 logits, the hidden states' gradient (N x H) and,
-                 when the head trains, its weight's gradient (V x H, fp32) made in the forward pass.
+                 (R,T,V) logits: one fp32 chunk of max(2^23 / V, 64) rows of logits (+ their 16-bit matmul
+                 result under autocast), the hidden states' gradient (N x H) and, when the head trains, its
+                 weight's gradient (V x H, fp32) made in the forward pass.
     peak = max over the phases of a step (the optimizer state exists from the first step on):
       loss       weights + optimizer + activations + autocast + logits (+ gradients when grad_accum > 1)
       reference  weights + optimizer + activations + autocast + loss rows + a no-grad reference forward's logits

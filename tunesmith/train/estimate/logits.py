@@ -9,7 +9,8 @@ from tunesmith.train.estimate.shape import ModelShape
 
 # The losses' chunk sizes, copied so that the estimate imports no torch (tests/test_estimate.py checks them):
 LOSS_CHUNK = 4096  # rows per chunk of tunesmith.objectives.tokens (its chunk_size default)
-FUSED_CHUNK = 1 << 22  # logit entries per chunk of the fused head + loss (objectives/head.py's CHUNK_ELEMENTS)
+FUSED_CHUNK = 1 << 23  # logit entries per chunk of the fused head + loss (objectives/head.py's CHUNK_ELEMENTS)
+FUSED_MIN_ROWS = 64  # and its fewest rows per chunk (MIN_CHUNK_ROWS)
 
 
 def logits_bytes(shape: ModelShape, plan: Plan) -> dict[str, float]:
@@ -31,14 +32,20 @@ def logits_bytes(shape: ModelShape, plan: Plan) -> dict[str, float]:
 
 
 def fused_loss_bytes(shape: ModelShape, plan: Plan) -> dict[str, float]:
-    """The fused head + loss: one chunk's logits and log-probabilities (fp32), the hidden states' gradient and
-    the head's weight gradient (fp32, when the head trains) made in the forward pass, and in the backward pass
-    those gradients scaled (and cast to the weights' dtype)."""
+    """The fused head + loss. Forward: the loss positions' hidden states (gathered), the fp32 buffer of one chunk's
+    logits (turned into its softmax in place; with 16-bit matmuls, under autocast or 16-bit weights, also their
+    16-bit result, copied in), the hidden states' gradient and the head's weight gradient (fp32, when the head
+    trains) made there, and the chunk's share of one of them before it is added in (the head's, V x H, when it
+    trains; else the chunk's rows of the hidden states'). Backward: those gradients scaled (and cast to the
+    weights' dtype)."""
     s, n = shape, plan.loss_rows
     hidden = n * s.hidden * (4 if plan.amp else residual_bytes(plan))
     head = s.vocab * s.hidden * 4 if plan.strategy == "full" or plan.head_trains else 0.0
-    chunk = 2 * min(n * s.vocab, FUSED_CHUNK) * 4
-    return {"forward": chunk + hidden + head,
+    sixteen_bit = plan.amp or (plan.weight_bytes != 4 and plan.strategy != "qlora")
+    rows = min(n, max(FUSED_MIN_ROWS, FUSED_CHUNK // s.vocab))
+    chunk = rows * s.vocab * (4 + (2 if sixteen_bit else 0))
+    share = head or rows * s.hidden * 4
+    return {"forward": 2 * hidden + chunk + head + share,
             "chunk backward": 2 * hidden + head + (s.vocab * s.hidden * param_dtype_bytes(plan) if head else 0.0),
             "logits backward": 0.0}
 
