@@ -268,7 +268,7 @@ def test_fused_loss_on_gemma_vocabulary_equals_full_logits(gemma_tokenizer, monk
     """A 2-layer Llama with Gemma's 262,144-token vocabulary (tied embeddings, as Gemma's) on conversations Gemma's
     tokenizer encoded: the fused head + loss gives the loss, token count and gradients (head weight, final
     hidden states, every parameter) of plain cross-entropy on the full (B, T, V) logits, and never holds more
-    than one chunk of logits (64 rows of 262,144) where the full logits here have 156 rows."""
+    than one chunk of logits (128 rows of 262,144) where the full logits here have 156 rows."""
     rows = [Row(f"g.jsonl:{i}", messages=m) for i, m in enumerate((CONVERSATION, SINGLE_TURN, NO_SYSTEM))]
     examples, report = tokenize_rows(gemma_tokenizer, rows, max_seq_len=128)
     assert report.examples == 3 and report.truncated == 0
@@ -315,8 +315,8 @@ def test_fused_loss_on_gemma_vocabulary_equals_full_logits(gemma_tokenizer, monk
     assert fused.loss_sum.item() == pytest.approx(expected.item(), rel=1e-5)
     assert full.loss_sum.item() == pytest.approx(expected.item(), rel=1e-5)
     rows_per_chunk = head.chunk_rows(GEMMA_VOCAB)
-    assert rows_per_chunk == head.MIN_CHUNK_ROWS == 64 and max(seen) <= rows_per_chunk and sum(seen) == count
-    assert batch["input_ids"].numel() > 2 * rows_per_chunk  # (B, T) = (3, 52): the full logits are 156 rows
+    assert rows_per_chunk == head.MIN_CHUNK_ROWS == 128 and max(seen) <= rows_per_chunk and sum(seen) == count
+    assert batch["input_ids"].numel() > rows_per_chunk  # (B, T) = (3, 52): the full logits are 156 rows
     torch.testing.assert_close(fused_hidden_grad, full_hidden_grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(fused_head_grad, full_head_grad, rtol=1e-4, atol=1e-6)
     assert fused_grads.keys() == full_grads.keys()

@@ -23,7 +23,7 @@ trainable, a micro-batch of R rows x T tokens whose N positions enter the loss, 
                  logits bwd gradient of the loss rows + gradient of the (R,T,V) logits
                  The logits are in the model dtype, but fp32 under mixed precision (accelerate converts outputs).
                  With the fused loss (SFT/clm, train.fused_loss; tunesmith/objectives/head.py) there are no
-                 (R,T,V) logits: one fp32 chunk of max(2^23 / V, 64) rows of logits (+ their 16-bit matmul
+                 (R,T,V) logits: one fp32 chunk of max(2^23 / V, 128) rows of logits (+ their 16-bit matmul
                  result under autocast), the hidden states' gradient (N x H) and, when the head trains, its
                  weight's gradient (V x H, fp32) made in the forward pass.
     peak = max over the phases of a step (the optimizer state exists from the first step on):

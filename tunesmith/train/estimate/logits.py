@@ -10,7 +10,7 @@ from tunesmith.train.estimate.shape import ModelShape
 # The losses' chunk sizes, copied so that the estimate imports no torch (tests/test_estimate.py checks them):
 LOSS_CHUNK = 4096  # rows per chunk of tunesmith.objectives.tokens (its chunk_size default)
 FUSED_CHUNK = 1 << 23  # logit entries per chunk of the fused head + loss (objectives/head.py's CHUNK_ELEMENTS)
-FUSED_MIN_ROWS = 64  # and its fewest rows per chunk (MIN_CHUNK_ROWS)
+FUSED_MIN_ROWS = 128  # and its fewest rows per chunk (MIN_CHUNK_ROWS)
 
 
 def logits_bytes(shape: ModelShape, plan: Plan) -> dict[str, float]:
