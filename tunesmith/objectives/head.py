@@ -41,6 +41,7 @@ def chunk_rows(vocab: int) -> int:
     """Rows of logits per chunk for a head of `vocab` outputs."""
     return max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // vocab)
 
+
 # Configuration keys of models that scale or cap the logits after the head (the fused loss would skip that).
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 

@@ -64,8 +64,8 @@ flow through its tensor:
 Layers below every trained weight keep nothing. With adapters the block's input requires grad from the second
 block on; in the first, only what lies above its first adapter keeps anything (above q/k/v: all but the first
 norm). With gradient checkpointing each block keeps only its input (H.r) and one block is rebuilt at a time in
-the backward pass. Other architectures are estimated with the same block (the MLP's activation as SiLU). tests/test_estimate.py checks these
-against the tensors autograd saves and the tensors alive in real steps.
+the backward pass. Other architectures are estimated with the same block (Gemma's GELU MLP keeps what SiLU's
+does). tests/test_estimate.py checks these against the tensors autograd saves and the tensors alive in real steps.
 
 Speed: FLOPs per token = 6 x matmul parameters (4 x with frozen weights: no weight gradients; + 2 x under gradient
 checkpointing; DoRA with dropout + 4 x its adapted linears, run again on the dropped input) + causal attention

@@ -84,8 +84,8 @@ def _norms(block, hidden: int) -> dict:
     q_norm."""
     norms = {n.rsplit(".", 1)[-1]: getattr(m, "weight", None) for n, m in block.named_modules()
              if "norm" in type(m).__name__.lower()}
-    return {"norms": sum(n not in ("q_norm", "k_norm") and (w is None or w.numel() == hidden) for n, w in norms.items()),
-            "head_norms": "q_norm" in norms}
+    widths = [w is None or w.numel() == hidden for n, w in norms.items() if n not in ("q_norm", "k_norm")]
+    return {"norms": sum(widths), "head_norms": "q_norm" in norms}
 
 
 def _stored_bytes(config) -> int:
