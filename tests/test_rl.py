@@ -15,7 +15,7 @@ from tunesmith.config.schema import AlignConfig
 from tunesmith.data.batching import collate
 from tunesmith.data.formats import load_rows
 from tunesmith.data.templates import install_template
-from tunesmith.data.tokenize import IGNORE_INDEX, tokenize_rows
+from tunesmith.data.tokenize import IGNORE_INDEX, Example, tokenize_rows
 from tunesmith.errors import ConfigError
 from tunesmith.objectives import build_objective
 from tunesmith.objectives.rewards import answer_format, exact_answer
@@ -173,3 +173,55 @@ def test_ppo_with_an_exact_answer_reward_raises_the_mean_reward(model_dirs, arit
         torch.manual_seed(0)
         rewards.append(mean_reward(scorer, model, examples, batch_size=25))
     assert rewards[1] > rewards[0] + 0.05, rewards
+
+
+@pytest.mark.parametrize("strategy", ["full", "lora"])
+def test_grpo_loss_from_the_head_on_completions_equals_the_logits_path(model_dirs, tokenizer, strategy,
+                                                                       monkeypatch):
+    """GRPO's policy and reference log-probs come from the head on the completion positions only
+    (`completion_token_logps`): the same loss, metrics, reference log-probs and gradients as the (R, T, V) logits
+    path, with the head training (full, a frozen reference copy) and frozen (LoRA, adapters off for the
+    reference), and the model's own head call gets no position at all."""
+    from tunesmith.model.strategies import apply_strategy
+    from tunesmith.objectives import rl
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dirs["llama"])
+    reference = copy.deepcopy(model).eval() if strategy == "full" else None
+    if strategy == "lora":
+        model = apply_strategy(model, "lora", lora_r=4, target_modules="auto")
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(6):  # 2 prompts x G = 3, completions of different lengths: padded rows
+        prompt = torch.randint(5, len(tokenizer), (5 + 3 * (i // 3),), generator=generator).tolist()
+        completion = torch.randint(5, len(tokenizer), (2 + i,), generator=generator).tolist()
+        rows.append(Example(prompt + completion, [IGNORE_INDEX] * len(prompt) + completion, f"c{i}"))
+    batch = collate(rows, tokenizer.pad_token_id)
+    batch["rewards"] = torch.tensor([1.0, 0.0, 0.5, 0.0, 1.0, 1.0])
+    batch["advantages"] = rl.group_advantages(batch["rewards"], 3)
+    batch["completion_tokens"] = torch.tensor([2 + i for i in range(6)])
+    grpo = GRPO(tokenizer, Rollout(group_size=3), [], beta=0.1, ref_model=reference)
+
+    def run(positions: list[int]):
+        clone = copy.deepcopy(model).train()
+        clone.get_output_embeddings().register_forward_hook(lambda m, args, out: positions.append(args[0].shape[1]))
+        with torch.no_grad():
+            ref = grpo.reference_token_logps(clone, batch)
+        out = grpo.loss(clone, {**batch, "ref_token_logps": ref})
+        out.loss_sum.backward()
+        return out, ref, {n: p.grad for n, p in clone.named_parameters() if p.grad is not None}
+
+    head_positions: list[int] = []
+    fused, fused_ref, fused_grads = run(head_positions)
+    assert head_positions and set(head_positions) == {0}
+    monkeypatch.setattr(rl, "head_logps", lambda *_: None)
+    full, full_ref, full_grads = run([])
+    torch.testing.assert_close(fused_ref, full_ref, rtol=1e-5, atol=1e-6)
+    assert int((fused_ref != 0).sum()) == sum(2 + i for i in range(6))
+    torch.testing.assert_close(fused.loss_sum, full.loss_sum, rtol=1e-5, atol=1e-6)
+    assert fused.num_units == full.num_units and fused.metrics.keys() == full.metrics.keys()
+    for name, value in full.metrics.items():
+        assert fused.metrics[name] == pytest.approx(value, rel=1e-5, abs=1e-7), name
+    assert fused_grads.keys() == full_grads.keys() and len(full_grads) > 0
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)

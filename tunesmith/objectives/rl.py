@@ -32,6 +32,7 @@ from tunesmith.model.stops import stop_token_ids
 from tunesmith.objectives.align import adapters_disabled
 from tunesmith.objectives.base import LossOutput
 from tunesmith.objectives.grpo import group_advantages, grpo_losses
+from tunesmith.objectives.head import head_logps
 from tunesmith.objectives.ppo import clipped_policy_losses, clipped_value_losses, gae, shaped_rewards, whiten
 from tunesmith.objectives.tokens import model_inputs, target_mask, token_entropy, token_logps
 
@@ -88,9 +89,9 @@ class Rollouts:
 
     def reference_token_logps(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.ref_model is not None:
-            return token_logps(self.ref_model(**model_inputs(batch)).logits, batch["labels"])
+            return completion_token_logps(self.ref_model, batch)
         with adapters_disabled(model):
-            return token_logps(model(**model_inputs(batch)).logits, batch["labels"])
+            return completion_token_logps(model, batch)
 
     def write_samples(self, step: int, rows: list[Example], rewards: torch.Tensor) -> None:
         if self.samples_file is None:
@@ -126,7 +127,7 @@ class GRPO(Rollouts):
             batch.update(new)
 
     def loss(self, model, batch: dict[str, torch.Tensor]) -> LossOutput:
-        logps = token_logps(model(**model_inputs(batch)).logits, batch["labels"])  # (R, T)
+        logps = completion_token_logps(model, batch)  # (R, T)
         mask = target_mask(batch["labels"])
         losses, units, metrics = grpo_losses(logps, batch["advantages"], mask, None, batch.get("ref_token_logps"),
                                              self.beta, self.clip_eps, None, self.normalisation)
@@ -221,6 +222,16 @@ class PPO(Rollouts):
 
     def count_units(self, batch: dict[str, torch.Tensor]) -> int:
         return int(target_mask(batch["labels"]).sum())
+
+
+def completion_token_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """`tokens.token_logps` (R, T) of the model on the batch: from the head on the completion positions only where
+    the model's head is a plain linear layer (`head.head_logps`: no (R, T, V) logits), else from the logits."""
+    picked = head_logps(model, batch)
+    if picked is None:
+        return token_logps(model(**model_inputs(batch)).logits, batch["labels"])
+    keep = target_mask(batch["labels"])
+    return torch.zeros(keep.shape, dtype=torch.float32, device=picked.device).masked_scatter(keep, picked)
 
 
 def attach_value_head(model) -> torch.nn.Module:
