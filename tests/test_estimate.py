@@ -488,3 +488,17 @@ def test_measure_is_close_to_the_estimate(tokenizer, tmp_path, capsys):
     measured = json.loads((tmp_path / "run" / "estimate.json").read_text())["measured"]
     assert abs(measured["relative_error"]) < 0.25
     assert "measured peak" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("objective", ["grpo", "ppo"])
+def test_rl_logits_follow_the_objective(sft_config, objective):
+    """GRPO's update reads its log-probs from the head on the completion positions only (like the fused loss: one
+    chunk of logits); PPO's value head reads the same forward pass, which keeps its (R, T, V) logits."""
+    from tunesmith.config import load_config
+    from tunesmith.train.estimate import plan_from_config
+
+    cfg = load_config(sft_config, [f"train.objective={objective}", "align.rewards=[exact_answer]"])
+    p = plan_from_config(cfg, model_shape(tiny_config()), None, device="cpu")[0]
+    assert p.fused_loss == (objective == "grpo")
+    logits = estimate_memory(model_shape(tiny_config()), p).components["logits and loss"]
+    assert (logits < p.rows * p.seq_len * 400 * 4) == (objective == "grpo")

@@ -38,7 +38,7 @@ def plan_from_config(cfg: Config, shape: ModelShape, batch: dict | None = None,
         gradient_checkpointing=t.gradient_checkpointing, grad_accum=t.grad_accum, reference_copy=reference,
         reference_pass=spec.precomputable_reference and not a.precompute_ref,
         vocab_logits=spec.head == "causal",
-        fused_loss=st.name not in SOFT_PROMPTS and (t.fused_loss and spec.next_token_loss or flat_pairs(cfg)),
+        fused_loss=st.name not in SOFT_PROMPTS and (t.fused_loss and spec.next_token_loss or head_on_targets(cfg)),
         eval_rows=cfg.eval.batch_size * dims["rows"] // t.micro_batch_size
         if cfg.data.validation or cfg.data.split.validation else 0,
         device=device,
@@ -86,6 +86,12 @@ def batch_dims(cfg: Config, batch: dict | None) -> tuple[dict, list[str]]:
             logit_positions = seq_len - batch["prompt_floor"]
     return dict(rows=rows, seq_len=seq_len, loss_rows=loss_rows, mask=mask, source=source,
                 logit_positions=logit_positions), notes
+
+
+def head_on_targets(cfg: Config) -> bool:
+    """Objectives whose log-probs come from the head on the supervised positions only, chunk by chunk, like the
+    fused loss, whatever train.fused_loss says: padding-free pairs and GRPO's update (objectives/rl.py)."""
+    return flat_pairs(cfg) or cfg.train.objective == "grpo"
 
 
 def flat_pairs(cfg: Config) -> bool:
