@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 
@@ -79,3 +80,16 @@ def test_the_gpu_script_is_ready(tmp_path):
     for name, zero in (("plain", None), ("zero2", 2), ("zero3", 3)):
         cfg = load_config(ds.config(tmp_path, name, zero))
         assert cfg.train.distributed.strategy == ("deepspeed" if zero else "ddp")
+
+
+def test_grpo_bench_times_both_layouts_on_the_same_loss(model_dirs, capsys):
+    """benchmarks/grpo_bench.py on the tiny Llama: the padded and the padding-free update give the same loss, and
+    the padding-free row holds each prompt once."""
+    losses = load_benchmark("grpo_bench").main(["--model", str(model_dirs["llama"]), "--prompts", "2", "--group", "3",
+                                                 "--prompt-tokens", "12", "--max-new", "20", "--repeats", "1"])
+    assert losses["padded"] == pytest.approx(losses["padding-free, shared prompts"], rel=1e-5)
+    out = capsys.readouterr().out
+    found = re.search(r"(\d+) tokens; positions: padded (\d+), padding-free (\d+)", out)
+    tokens, padded, flat = map(int, found.groups())
+    assert flat == tokens - 2 * (3 - 1) * (12 - 1)  # each prompt but its last token once per group, not 3 times
+    assert padded % 6 == 0 and padded > tokens and "speed-up per repeat" in out

@@ -179,8 +179,9 @@ def test_padding_free_dpo_run_trains_like_the_padded_run(objective, model_dirs, 
 
 
 @pytest.mark.parametrize(("objective", "strategy", "message"), [
-    ("kto", "lora", "data.padding_free: applies to sft, clm, dpo, simpo, orpo, not kto"),
+    ("kto", "lora", "data.padding_free: applies to sft, clm, dpo, simpo, orpo, grpo, not kto"),
     ("reward", "lora", "not reward"),
+    ("ppo", "lora", "not ppo"),
     ("dpo", "prompt_tuning", "strategy prompt_tuning"),
 ])
 def test_padding_free_is_refused_where_pairs_cannot_share(objective, strategy, message):

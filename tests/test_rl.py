@@ -19,7 +19,7 @@ from tunesmith.data.tokenize import IGNORE_INDEX, Example, tokenize_rows
 from tunesmith.errors import ConfigError
 from tunesmith.objectives import build_objective
 from tunesmith.objectives.rewards import answer_format, exact_answer
-from tunesmith.objectives.rl import GRPO, Rollout, mean_reward, sample_completions, split_prompts
+from tunesmith.objectives.rl import GRPO, Rollout, collate_groups, mean_reward, sample_completions, split_prompts
 from tunesmith.track.metrics import read_metrics
 from tunesmith.model.stops import set_stop_tokens
 from tunesmith.train.run import train
@@ -225,3 +225,102 @@ def test_grpo_loss_from_the_head_on_completions_equals_the_logits_path(model_dir
     assert fused_grads.keys() == full_grads.keys() and len(full_grads) > 0
     for name, grad in full_grads.items():
         torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _group_rows(vocab: int) -> list[Example]:
+    """2 prompts (of 6 and 9 tokens) x G = 3 completions of 2..7 tokens, each prompt's rows adjacent."""
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for g in range(2):
+        prompt = torch.randint(5, vocab, (6 + 3 * g,), generator=generator).tolist()
+        for k in range(3):
+            completion = torch.randint(5, vocab, (2 + 3 * g + k,), generator=generator).tolist()
+            rows.append(Example(prompt + completion, [IGNORE_INDEX] * len(prompt) + completion, f"c{g}{k}"))
+    return rows
+
+
+def test_grouped_rollouts_lie_in_one_row_with_each_prompt_once():
+    """Golden layout: each group's prompt up to its last token once, then each sample as a branch that restarts
+    at that token (which predicts the completion's first token)."""
+    rows = [Example([1, 2, 3, 10, 11], [IGNORE_INDEX] * 3 + [10, 11]),
+            Example([1, 2, 3, 20], [IGNORE_INDEX] * 3 + [20]),
+            Example([4, 5, 30, 31, 32], [IGNORE_INDEX] * 2 + [30, 31, 32]),
+            Example([4, 5, 40], [IGNORE_INDEX] * 2 + [40])]
+    batch = collate_groups(rows, 2, share_prompts=True)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 10, 11, 3, 20, 4, 5, 30, 31, 32, 5, 40]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 2, 3, 0, 1, 2, 3, 4, 1, 2]]
+    assert batch["sequence_ids"].tolist() == [[-1, -1, 0, 0, 0, 1, 1, -1, 2, 2, 2, 2, 3, 3]]
+    i = IGNORE_INDEX
+    assert batch["labels"].tolist() == [[i, i, i, 10, 11, i, 20, i, i, 30, 31, 32, i, 40]]
+    assert batch["sequence_lengths"].tolist() == [5, 4, 5, 3]
+    unshared = collate_groups(rows, 2, share_prompts=False)
+    assert unshared["input_ids"].shape[1] == sum(len(r.input_ids) for r in rows)
+    assert unshared["position_ids"].tolist()[0][:9] == [0, 1, 2, 3, 4, 0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("strategy", ["full", "lora"])
+@pytest.mark.parametrize("share_prompts", [True, False])
+def test_padding_free_grpo_loss_equals_padded_rows(model_dirs, tokenizer, strategy, share_prompts):
+    """GRPO on `collate_groups`' one row (each prompt once for its G samples, through the per-document attention;
+    or each sample a document of its own): the same loss, units, metrics, reference log-probs and gradients as the
+    padded rows."""
+    from tunesmith.model.attention import VARLEN
+    from tunesmith.model.strategies import apply_strategy
+    from tunesmith.objectives import rl
+    from tunesmith.objectives.tokens import causal_lm
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dirs["llama"])
+    reference = copy.deepcopy(model).eval() if strategy == "full" else None
+    if strategy == "lora":
+        model = apply_strategy(model, "lora", lora_r=4, target_modules="auto")
+    flat_model = copy.deepcopy(model)
+    causal_lm(flat_model).set_attn_implementation(VARLEN)
+    flat_reference = None if reference is None else copy.deepcopy(reference)  # as build_reference copies the policy
+    if flat_reference is not None:
+        flat_reference.set_attn_implementation(VARLEN)
+    rows = _group_rows(len(tokenizer))
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.0, 1.0, 1.0])
+
+    def run(clone, batch, ref_model):
+        grpo = GRPO(tokenizer, Rollout(group_size=3), [], beta=0.1, ref_model=ref_model)
+        batch = {**batch, "rewards": rewards, "advantages": rl.group_advantages(rewards, 3),
+                 "completion_tokens": torch.tensor([len(r.input_ids) for r in rows])}
+        clone.train()
+        with torch.no_grad():
+            batch["ref_token_logps"] = grpo.reference_token_logps(clone, batch)
+        out = grpo.loss(clone, batch)
+        out.loss_sum.backward()
+        return out, grpo.count_units(batch), {n: p.grad for n, p in clone.named_parameters() if p.grad is not None}
+
+    flat, flat_units, flat_grads = run(flat_model, collate_groups(rows, 3, share_prompts), flat_reference)
+    padded, padded_units, padded_grads = run(copy.deepcopy(model), collate(rows, tokenizer.pad_token_id), reference)
+    torch.testing.assert_close(flat.loss_sum, padded.loss_sum, rtol=1e-5, atol=1e-6)
+    assert flat.num_units == padded.num_units == flat_units == padded_units == 6
+    for name, value in padded.metrics.items():
+        assert flat.metrics[name] == pytest.approx(value, rel=1e-5, abs=1e-7), name
+    assert flat_grads.keys() == padded_grads.keys() and len(padded_grads) > 0
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(flat_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_padding_free_grpo_run_trains_like_the_padded_run(model_dirs, arithmetic, tmp_path, monkeypatch):
+    """`tunesmith train` with data.padding_free: the rollouts share their prompts, and every step logs the loss,
+    reward and units of the padded run."""
+    from tunesmith.objectives import rl
+
+    seen = []
+    original = rl.collate_groups
+    monkeypatch.setattr(rl, "collate_groups", lambda *a: seen.append(a[2]) or original(*a))
+    logged = {}
+    for name, padding_free in (("padded", False), ("flat", True)):
+        cfg = run_config(model_dirs["llama"], arithmetic, tmp_path / name, strategy={"name": "lora"},
+                         data={"padding_free": padding_free}, align={"group_size": 4, "max_new_tokens": 4,
+                                                                   "kl_beta": 0.05})
+        train(config_from_dict(cfg))
+        logged[name] = [r for r in read_metrics(tmp_path / name / "metrics.jsonl") if "loss" in r]
+    assert seen and all(seen)  # the flat run's rollouts shared their prompts
+    assert [r["step"] for r in logged["flat"]] == [r["step"] for r in logged["padded"]] == [1, 2]
+    for a, b in zip(logged["padded"], logged["flat"]):
+        assert (a["loss_tokens"], a["reward"]) == (b["loss_tokens"], b["reward"])
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6)

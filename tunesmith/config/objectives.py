@@ -29,6 +29,8 @@ class ObjectiveSpec:
         generates: it samples completions while training (RL), which sharded weights cannot follow.
         next_token_loss: its loss is the next-token NLL of the unmasked labels, so the fused loss, packing and
             padding-free batches apply (padding-free batches also to pairs: `padding_free`).
+        grouped: it samples groups of completions of one prompt and reads their log-probs from the head on the
+            completion positions (GRPO): padding-free rollouts apply, each group's prompt computed once.
     """
 
     data: str
@@ -37,6 +39,7 @@ class ObjectiveSpec:
     precomputable_reference: bool = False
     generates: bool = False
     next_token_loss: bool = False
+    grouped: bool = False
 
     @property
     def chat_template(self) -> bool:
@@ -45,9 +48,9 @@ class ObjectiveSpec:
 
     @property
     def padding_free(self) -> bool:
-        """`data.padding_free` applies: the next-token objectives, and the pair objectives that read the policy's
-        log-probs of both answers (a pair's prompt is then computed once: objectives/pairs.py)."""
-        return self.next_token_loss or (self.data == "preference" and self.head == "causal")
+        """`data.padding_free` applies: the next-token objectives, the pair objectives that read the policy's
+        log-probs of both answers (a pair's prompt is then computed once: objectives/pairs.py), and GRPO's groups."""
+        return self.next_token_loss or (self.data == "preference" and self.head == "causal") or self.grouped
 
     @property
     def stops_at_end_of_turn(self) -> bool:
@@ -82,7 +85,7 @@ OBJECTIVES: dict[str, ObjectiveSpec] = {
     "simpo": ObjectiveSpec("preference"),
     "orpo": ObjectiveSpec("preference"),
     "kto": ObjectiveSpec("unpaired", reference="always", precomputable_reference=True),
-    "grpo": ObjectiveSpec("prompts", reference="kl", generates=True),
+    "grpo": ObjectiveSpec("prompts", reference="kl", generates=True, grouped=True),
     "ppo": ObjectiveSpec("prompts", reference="always", generates=True),
     "classify": ObjectiveSpec("labelled", head="classification"),
 }

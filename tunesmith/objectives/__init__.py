@@ -39,7 +39,7 @@ class BuildContext:
     device: Any = "cpu"
     model: torch.nn.Module | None = None
     fused_loss: bool = True  # train.fused_loss (sft, clm)
-    padding_free: bool = False  # data.padding_free (sft, clm; dpo, simpo, orpo: pairs.py)
+    padding_free: bool = False  # data.padding_free (sft, clm; dpo, simpo, orpo: pairs.py; grpo: rl.py)
 
 
 def build_objective(name: str, align=None, ref_model=None, pad_token_id: int = 0, batch_size: int = 8, *,
@@ -132,12 +132,14 @@ def _rl_parts(align, tokenizer, run_dir, device):
 
 
 def _grpo(c: BuildContext) -> Objective:
+    from tunesmith.objectives.pairs import reads_branches
     from tunesmith.objectives.rl import GRPO
 
     align = c.align
     rollout, rewards, reward_model, samples = _rl_parts(align, c.tokenizer, c.run_dir, c.device)
     grpo = GRPO(c.tokenizer, rollout, rewards, reward_model, align.kl_beta, align.clip_eps, align.normalisation,
-                c.ref_model, samples)
+                c.ref_model, samples, padding_free=c.padding_free,
+                share_prompts=c.padding_free and c.model is not None and reads_branches(c.model))
     return Objective(grpo.loss, grpo.count_units, collate, grpo.prepare)
 
 

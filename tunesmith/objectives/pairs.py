@@ -1,4 +1,5 @@
-"""Preference pairs without padding, each pair's prompt computed once (`data.padding_free` for dpo, simpo, orpo).
+"""Preference pairs without padding, each pair's prompt computed once (`data.padding_free` for dpo, simpo, orpo;
+`lay_out` also serves GRPO's groups of samples: objectives/rl.py).
 
 A padded pair batch holds 2B rows, chosen then rejected, each padded to the longest, so every prompt runs through
 the model twice. Here a step's pairs lie end to end in one row, each as
@@ -34,20 +35,52 @@ from tunesmith.objectives.tokens import causal_lm, model_inputs, picked_logps, t
 
 
 def shared_prefix(example: Example) -> int:
-    """How many leading tokens a pair's two conversations can share: their common prefix, up to one token
-    before the first supervised token of either (0: nothing to share)."""
-    chosen, rejected = example.input_ids, example.rejected_ids
+    """How many leading tokens a pair's two conversations can share (`common_prompt`)."""
+    return common_prompt([(example.input_ids, example.labels), (example.rejected_ids, example.rejected_labels)])
+
+
+def common_prompt(sequences: Sequence[tuple[list[int], list[int]]]) -> int:
+    """How many leading tokens (ids, labels) sequences can share: their common prefix, up to one token before the
+    first supervised token of any of them (0: nothing to share)."""
     common = 0
-    for a, b in zip(chosen, rejected):
-        if a != b:
+    for column in zip(*(ids for ids, _ in sequences)):
+        if any(t != column[0] for t in column):
             break
         common += 1
-    first = min(_first_supervised(example.labels), _first_supervised(example.rejected_labels), common)
+    first = min([common, *(_first_supervised(labels) for _, labels in sequences)])
     return max(first - 1, 0)
 
 
 def _first_supervised(labels: list[int]) -> int:
     return next((i for i, t in enumerate(labels) if t != IGNORE_INDEX and i > 0), len(labels))
+
+
+def lay_out(groups: Sequence[Sequence[tuple[int, list[int], list[int]]]], share: bool) -> dict[str, torch.Tensor]:
+    """Groups of (owner, ids, labels) sequences end to end in one row: each group's `common_prompt` once (when
+    `share`), then each sequence's rest, its position ids continuing the prompt (a branch).
+
+    Returns:
+        input_ids, labels, token_mask (ones), position_ids and sequence_ids (the owner of each position; -1 on a
+        shared prompt), each (1, L).
+    """
+    ids: list[int] = []
+    labels: list[int] = []
+    positions: list[int] = []
+    owners: list[int] = []
+    for group in groups:
+        p = common_prompt([(seq, seq_labels) for _, seq, seq_labels in group]) if share else 0
+        ids += group[0][1][:p]
+        labels += [IGNORE_INDEX] * p
+        positions += range(p)
+        owners += [-1] * p
+        for owner, seq, seq_labels in group:
+            ids += seq[p:]
+            labels += [IGNORE_INDEX, *seq_labels[p + 1:]]  # nothing predicts a branch's (or document's) first token
+            positions += range(p, len(seq))
+            owners += [owner] * (len(seq) - p)
+    row = torch.tensor(ids)[None]
+    return {"input_ids": row, "labels": torch.tensor(labels)[None], "token_mask": torch.ones_like(row),
+            "position_ids": torch.tensor(positions)[None], "sequence_ids": torch.tensor(owners)[None]}
 
 
 def collate_pairs_flat(examples: Sequence[Example], pad_token_id: int | None = None, *,
@@ -59,26 +92,10 @@ def collate_pairs_flat(examples: Sequence[Example], pad_token_id: int | None = N
         ref_logps (2B,) when the examples carry precomputed reference log-probs. `pad_token_id` is unused.
     """
     n = len(examples)
-    ids: list[int] = []
-    labels: list[int] = []
-    positions: list[int] = []
-    owners: list[int] = []
-    for i, e in enumerate(examples):
-        p = shared_prefix(e) if share_prompts else 0
-        ids += e.input_ids[:p]
-        labels += [IGNORE_INDEX] * p
-        positions += range(p)
-        owners += [-1] * p
-        for owner, seq, seq_labels in ((i, e.input_ids, e.labels), (n + i, e.rejected_ids, e.rejected_labels)):
-            ids += seq[p:]
-            labels += [IGNORE_INDEX, *seq_labels[p + 1:]]  # nothing predicts a branch's (or document's) first token
-            positions += range(p, len(seq))
-            owners += [owner] * (len(seq) - p)
-    row = torch.tensor(ids)[None]
-    batch = {"input_ids": row, "labels": torch.tensor(labels)[None], "token_mask": torch.ones_like(row),
-             "position_ids": torch.tensor(positions)[None], "sequence_ids": torch.tensor(owners)[None],
-             "sequence_lengths": torch.tensor([len(e.input_ids) for e in examples]
-                                              + [len(e.rejected_ids) for e in examples])}
+    batch = lay_out([[(i, e.input_ids, e.labels), (n + i, e.rejected_ids, e.rejected_labels)]
+                     for i, e in enumerate(examples)], share_prompts)
+    batch["sequence_lengths"] = torch.tensor([len(e.input_ids) for e in examples]
+                                             + [len(e.rejected_ids) for e in examples])
     if examples[0].ref_logps is not None:
         batch["ref_logps"] = torch.tensor([e.ref_logps[0] for e in examples] + [e.ref_logps[1] for e in examples],
                                           dtype=torch.float32)
@@ -101,13 +118,42 @@ def flat_sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
     The head runs on the supervised positions only (`head.head_logps`) where the model allows it, otherwise on
     the model's logits.
     """
-    keep = target_mask(batch["labels"])  # (1, L): position t predicts token t + 1
+    picked, owners = _owned_logps(model, batch)
+    count = batch["sequence_lengths"].numel()
+    sums = torch.zeros(count, dtype=torch.float32, device=picked.device).index_add(0, owners, picked)
+    return sums, torch.bincount(owners, minlength=count)
+
+
+def flat_token_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs of each sequence of a `lay_out` batch with `sequence_lengths`: (S, C) float32, sequence
+    s's supervised tokens in order, left-aligned, and the (S, C) bool mask of where they are (C: the most any
+    sequence has). Computed as `flat_sequence_logps` computes them."""
+    picked, owners = _owned_logps(model, batch)
+    counts = sequence_token_counts(batch)
+    order = torch.argsort(owners, stable=True)  # each sequence's tokens together, in their order
+    starts = torch.cumsum(counts, 0) - counts
+    ordinal = torch.empty_like(owners)
+    ordinal[order] = torch.arange(len(owners), device=owners.device) - starts[owners[order]]
+    width = int(counts.max()) if len(counts) else 0
+    logps = picked.new_zeros(len(counts), width).index_put((owners, ordinal), picked)
+    return logps, torch.arange(width, device=counts.device)[None] < counts[:, None]
+
+
+def sequence_token_counts(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Supervised tokens (S,) of each sequence of a `lay_out` batch with `sequence_lengths`."""
+    return torch.bincount(_owners(batch), minlength=batch["sequence_lengths"].numel())
+
+
+def _owners(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The sequence (N,) of each supervised target, in row-major order of `tokens.target_mask`."""
     owner = torch.full_like(batch["sequence_ids"], -1)
-    owner[:, :-1] = batch["sequence_ids"][:, 1:]  # the conversation of the token a position predicts
+    owner[:, :-1] = batch["sequence_ids"][:, 1:]  # position t predicts token t + 1
+    return owner[target_mask(batch["labels"])]
+
+
+def _owned_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p of each supervised target (N,) in row-major order, and the sequence it belongs to (N,)."""
     picked = head_logps(model, batch)  # (N,)
     if picked is None:
         picked = picked_logps(model(**model_inputs(batch)).logits, batch["labels"], chunk_size=4096)[1]
-    rows = owner[keep]
-    count = batch["sequence_lengths"].numel()
-    sums = torch.zeros(count, dtype=torch.float32, device=picked.device).index_add(0, rows, picked)
-    return sums, torch.bincount(rows, minlength=count)
+    return picked, _owners(batch)

@@ -33,6 +33,7 @@ from tunesmith.objectives.align import adapters_disabled
 from tunesmith.objectives.base import LossOutput
 from tunesmith.objectives.grpo import group_advantages, grpo_losses
 from tunesmith.objectives.head import head_logps
+from tunesmith.objectives.pairs import flat_token_logps, lay_out, sequence_token_counts
 from tunesmith.objectives.ppo import clipped_policy_losses, clipped_value_losses, gae, shaped_rewards, whiten
 from tunesmith.objectives.tokens import model_inputs, target_mask, token_entropy, token_logps
 
@@ -58,6 +59,7 @@ class Rollouts:
         self.reward_model = reward_model
         self.ref_model = ref_model
         self.samples_file = samples_file
+        self.collate_rows = lambda rows: collate(rows, tokenizer.pad_token_id)  # how sampled rows are batched
 
     def sample(self, model, prompts: list[list[int]], reference_ids: list[list[int]]
                ) -> tuple[list[Example], torch.Tensor, torch.Tensor]:
@@ -82,16 +84,16 @@ class Rollouts:
         `completion_tokens`; also returns the rows (for `write_samples`)."""
         prompts, references = split_prompts(batch)
         rows, rewards, lengths = self.sample(model, prompts, references)
-        new = {k: v.to(device) for k, v in collate(rows, self.tokenizer.pad_token_id).items()}
+        new = {k: v.to(device) for k, v in self.collate_rows(rows).items()}
         new["rewards"] = rewards.to(device)
         new["completion_tokens"] = lengths.to(device)
         return new, rows
 
     def reference_token_logps(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.ref_model is not None:
-            return completion_token_logps(self.ref_model, batch)
+            return completion_token_logps(self.ref_model, batch)[0]
         with adapters_disabled(model):
-            return completion_token_logps(model, batch)
+            return completion_token_logps(model, batch)[0]
 
     def write_samples(self, step: int, rows: list[Example], rewards: torch.Tensor) -> None:
         if self.samples_file is None:
@@ -103,13 +105,18 @@ class Rollouts:
 
 
 class GRPO(Rollouts):
-    """GRPO: group-relative advantages of G samples per prompt, no value model."""
+    """GRPO: group-relative advantages of G samples per prompt, no value model.
+
+    `padding_free`: each step's samples lie in one row (`collate_groups`), and with `share_prompts` (a model whose
+    attention reads branches: pairs.reads_branches) each prompt is computed once for its G samples."""
 
     def __init__(self, tokenizer, rollout: Rollout, reward_fns: Sequence, reward_model=None, beta: float = 0.0,
                  clip_eps: float = 0.2, normalisation: str = "sequence", ref_model=None,
-                 samples_file: Path | None = None) -> None:
+                 samples_file: Path | None = None, padding_free: bool = False, share_prompts: bool = False) -> None:
         super().__init__(tokenizer, rollout, reward_fns, reward_model, ref_model, samples_file)
         self.beta, self.clip_eps, self.normalisation = beta, clip_eps, normalisation
+        if padding_free:
+            self.collate_rows = lambda rows: collate_groups(rows, rollout.group_size, share_prompts)
 
     # -- the Objective's parts ---------------------------------------------------------------------
 
@@ -127,8 +134,7 @@ class GRPO(Rollouts):
             batch.update(new)
 
     def loss(self, model, batch: dict[str, torch.Tensor]) -> LossOutput:
-        logps = completion_token_logps(model, batch)  # (R, T)
-        mask = target_mask(batch["labels"])
+        logps, mask = completion_token_logps(model, batch)
         losses, units, metrics = grpo_losses(logps, batch["advantages"], mask, None, batch.get("ref_token_logps"),
                                              self.beta, self.clip_eps, None, self.normalisation)
         weights = units.detach()  # metrics below are unit-weighted sums, like the loss
@@ -140,8 +146,18 @@ class GRPO(Rollouts):
         return LossOutput(losses.sum(), int(round(float(units.sum()))), out)
 
     def count_units(self, batch: dict[str, torch.Tensor]) -> int:
-        mask = target_mask(batch["labels"])
-        return int(mask.sum()) if self.normalisation == "token" else int((mask.sum(-1) > 0).sum())
+        counts = sequence_token_counts(batch) if "sequence_ids" in batch else target_mask(batch["labels"]).sum(-1)
+        return int(counts.sum()) if self.normalisation == "token" else int((counts > 0).sum())
+
+
+def collate_groups(rows: Sequence[Example], group_size: int, share_prompts: bool) -> dict[str, torch.Tensor]:
+    """Sampled rows (each prompt's G completions adjacent) in one row without padding, each group's prompt once
+    when `share_prompts` (pairs.lay_out), with each row's length as `sequence_lengths` (R,)."""
+    groups = [[(i, e.input_ids, e.labels) for i, e in enumerate(rows[g:g + group_size], start=g)]
+              for g in range(0, len(rows), group_size)]
+    batch = lay_out(groups, share_prompts)
+    batch["sequence_lengths"] = torch.tensor([len(e.input_ids) for e in rows])
+    return batch
 
 
 @dataclass
@@ -224,14 +240,18 @@ class PPO(Rollouts):
         return int(target_mask(batch["labels"]).sum())
 
 
-def completion_token_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """`tokens.token_logps` (R, T) of the model on the batch: from the head on the completion positions only where
-    the model's head is a plain linear layer (`head.head_logps`: no (R, T, V) logits), else from the logits."""
+def completion_token_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs of the batch's completions (float32) and where they are: (R, T) `tokens.token_logps`
+    and `target_mask` of padded rows, or (R, C) `pairs.flat_token_logps` of `collate_groups`' row. From the head on
+    the completion positions only where the model's head is a plain linear layer (`head.head_logps`: no
+    (R, T, V) logits), else from the logits."""
+    if "sequence_ids" in batch:
+        return flat_token_logps(model, batch)
+    keep = target_mask(batch["labels"])
     picked = head_logps(model, batch)
     if picked is None:
-        return token_logps(model(**model_inputs(batch)).logits, batch["labels"])
-    keep = target_mask(batch["labels"])
-    return torch.zeros(keep.shape, dtype=torch.float32, device=picked.device).masked_scatter(keep, picked)
+        return token_logps(model(**model_inputs(batch)).logits, batch["labels"]), keep
+    return torch.zeros(keep.shape, dtype=torch.float32, device=picked.device).masked_scatter(keep, picked), keep
 
 
 def attach_value_head(model) -> torch.nn.Module:

@@ -72,8 +72,10 @@ def batch_dims(cfg: Config, batch: dict | None) -> tuple[dict, list[str]]:
         rows, seq_len = 1, rows * seq_len
     logit_positions = 0
     if spec.generates:
-        rows, seq_len = t.micro_batch_size * cfg.align.group_size, seq_len + cfg.align.max_new_tokens
-        loss_rows = rows * cfg.align.max_new_tokens
+        samples, seq_len = t.micro_batch_size * cfg.align.group_size, d.max_seq_len + cfg.align.max_new_tokens
+        rows, loss_rows = samples, samples * cfg.align.max_new_tokens
+        if flat:  # the samples end to end: an upper bound (a group's prompt is computed once)
+            rows, seq_len = 1, samples * seq_len
         notes.append("RL: the update is estimated; sampling (its KV cache) is not")
     elif batch is not None:
         seq_len, loss_rows, source = batch["seq_len"], batch["loss_rows"], "prepared data"
@@ -91,14 +93,14 @@ def batch_dims(cfg: Config, batch: dict | None) -> tuple[dict, list[str]]:
 def head_on_targets(cfg: Config) -> bool:
     """Objectives whose log-probs come from the head on the supervised positions only, chunk by chunk, like the
     fused loss, whatever train.fused_loss says: padding-free pairs and GRPO's update (objectives/rl.py)."""
-    return flat_pairs(cfg) or cfg.train.objective == "grpo"
+    return flat_pairs(cfg) or OBJECTIVES[cfg.train.objective].grouped
 
 
 def flat_pairs(cfg: Config) -> bool:
     """Padding-free pairs (objectives/pairs.py): their log-probs come from the head on the answer positions only,
     chunk by chunk, like the fused loss, whatever train.fused_loss says."""
     spec = OBJECTIVES[cfg.train.objective]
-    return cfg.data.padding_free and spec.padding_free and not spec.next_token_loss
+    return cfg.data.padding_free and spec.data == "preference" and spec.padding_free
 
 
 def lora_targets(cfg: Config, shape: ModelShape) -> tuple[str, ...]:
