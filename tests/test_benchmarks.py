@@ -93,3 +93,11 @@ def test_grpo_bench_times_both_layouts_on_the_same_loss(model_dirs, capsys):
     tokens, padded, flat = map(int, found.groups())
     assert flat == tokens - 2 * (3 - 1) * (12 - 1)  # each prompt but its last token once per group, not 3 times
     assert padded % 6 == 0 and padded > tokens and "speed-up per repeat" in out
+
+
+def test_head_bench_times_the_chunk_sizes():
+    """benchmarks/head_bench.py with few positions: every chunk size asked for and the default are timed."""
+    results = load_benchmark("head_bench").main(["--shapes", "smollm2-135m", "--positions", "40", "--rows", "8",
+                                                 "32"])
+    assert set(results) == {("smollm2-135m", 8), ("smollm2-135m", 32), ("smollm2-135m", 170)}
+    assert all(t > 0 for t in results.values())
