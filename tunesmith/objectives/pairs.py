@@ -129,7 +129,7 @@ def flat_token_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tenso
     s's supervised tokens in order, left-aligned, and the (S, C) bool mask of where they are (C: the most any
     sequence has). Computed as `flat_sequence_logps` computes them."""
     picked, owners = _owned_logps(model, batch)
-    counts = sequence_token_counts(batch)
+    counts = torch.bincount(owners, minlength=batch["sequence_lengths"].numel())
     order = torch.argsort(owners, stable=True)  # each sequence's tokens together, in their order
     starts = torch.cumsum(counts, 0) - counts
     ordinal = torch.empty_like(owners)
